@@ -1,0 +1,1 @@
+"""The ``serq`` command line (installed as ``serq_ao.cli``)."""

@@ -1,0 +1,190 @@
+"""MXFP4 (OCP Microscaling Formats v1.0): E2M1 elements with one E8M0 scale per 32.
+
+Layout, along the last dimension of a tensor of any leading shape:
+
+- ``codes``: uint8, two E2M1 codes per byte, element ``2i`` in the low nibble and ``2i + 1``
+  in the high nibble (torchao's ``pack_uint4`` order). Each code is ``sign << 3 | magnitude``
+  with magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} for codes 0..7.
+- ``scales``: uint8 holding the E8M0 biased exponent (value ``2 ** (byte - 127)``), one per
+  block of 32; ``0xFF`` is E8M0's NaN. Stored as uint8, not ``torch.float8_e8m0fnu``,
+  because Inductor on CPU cannot handle that dtype.
+
+A last dimension K that is not a multiple of 32 is padded with zeros to the next multiple;
+``dequantize_mxfp4(..., k=K)`` drops the padding again.
+
+Scale rules (``scale_mode``):
+
+- ``"floor"``: ``e = floor(log2(amax)) - 2``, the OCP spec's rule and the SERQ reference code's.
+  Elements of magnitude above ``6 * 2**e`` saturate to 6.
+- ``"rceil"``: ``e = ceil(log2(amax / 6))`` (``amax / 6`` rounded to fp32 first), torchao's
+  and cuBLAS's rule, which never clips. We compute the ceiling exactly from the fp32 bits,
+  as the hardware instruction ``cvt.rp.satfinite.ue8m0x2.f32`` does; torchao's CPU fallback
+  uses ``ceil(log2(.))`` in floating point, which can differ when ``amax / 6`` lies within a
+  few ulps above a power of two.
+
+Both are clamped to E8M0's range, ``-127 <= e <= 127``.
+
+Special values, defined here because the spec leaves them to the implementation:
+
+- an all-zero block gets scale byte 0 (``2**-127``) and all-zero codes (exact zeros back);
+- a block that contains NaN or +-inf gets the NaN scale ``0xFF`` and zero codes, and
+  dequantizes to NaN: E2M1 has no encoding for either, and silently saturating an infinity to
+  ``6 * 2**e`` would hide the problem;
+- negative zero and negatives that round to zero keep their sign bit (code 8), like torchao.
+
+Where torchao differs (documented, not copied): for blocks whose scale clamps to ``2**-127``
+(``amax < 2**-124``) torchao divides by ``2**-126`` (FLOOR) or by 1 (RCEIL) instead of the
+stored scale, so its codes no longer match its scale there. We always quantize with the
+scale we store.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BLOCK_SIZE = 32
+SCALE_MODES = ("floor", "rceil")
+E8M0_BIAS = 127
+E8M0_NAN = 255
+# Largest E2M1 magnitude is 6 = 1.5 * 2**2, hence the "- 2" of the FLOOR rule.
+E2M1_MAX = 6.0
+E2M1_EMAX = 2
+# Magnitude of each 3-bit code; the sign is bit 3.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Rounding thresholds between neighbouring magnitudes. Round-half-to-even means a value
+# exactly on a threshold goes to the neighbour with an even code (mantissa bit 0), so the
+# thresholds whose upper neighbour is even are inclusive (>=), the others exclusive (>).
+_THRESHOLDS_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)  # upper neighbour odd: a tie stays below
+_THRESHOLDS_TIE_UP = (0.75, 1.75, 3.5)  # upper neighbour even: a tie goes up
+
+_FP32_BITS_OF_2_POW_MINUS_127 = 0x00400000  # the subnormal 2**-127
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_scale_mode(scale_mode: str) -> None:
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """(..., K) float -> (..., n_blocks, 32) float32, zero-padded at the end of K."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    x = x.float()
+    pad = (-x.shape[-1]) % BLOCK_SIZE
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.unflatten(-1, (-1, BLOCK_SIZE))
+
+
+def _fp32_exponent(x: Tensor) -> Tensor:
+    """Unbiased exponent field of a non-negative fp32 tensor (subnormals and 0 give -127)."""
+    return ((x.view(torch.int32) >> 23) & 0xFF) - E8M0_BIAS
+
+
+def _shared_exponent(amax: Tensor, scale_mode: str) -> Tensor:
+    """Block max (fp32, finite, >= 0) -> unbiased scale exponent, int32, in [-127, 127]."""
+    if scale_mode == "floor":
+        # floor(log2(amax)) is the exponent field for normal numbers; subnormals and 0 read
+        # as -127 and clamp to -127 below, which is where they belong anyway.
+        exponent = _fp32_exponent(amax) - E2M1_EMAX
+    else:
+        descale = amax / E2M1_MAX
+        # ceil(log2(d)) = exponent(d) + 1 unless d is an exact power of two. A subnormal d
+        # reads exponent -127 and would round up to -126, which is right for
+        # 2**-127 < d < 2**-126 only; d <= 2**-127 must stay at -127 (the clamp floor).
+        bits = descale.view(torch.int32)
+        round_up = ((bits & 0x7FFFFF) != 0) & (bits > _FP32_BITS_OF_2_POW_MINUS_127)
+        exponent = _fp32_exponent(descale) + round_up.to(torch.int32)
+    return exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
+
+
+def _e2m1_magnitude_code(v: Tensor) -> Tensor:
+    """|v| (fp32) -> nearest E2M1 magnitude code 0..7, ties to even, saturating at 6."""
+    code = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    for threshold in _THRESHOLDS_TIE_DOWN:
+        code += (v > threshold).to(torch.uint8)
+    for threshold in _THRESHOLDS_TIE_UP:
+        code += (v >= threshold).to(torch.uint8)
+    return code
+
+
+def pack_uint4(codes: Tensor) -> Tensor:
+    """(..., 2n) uint8 nibbles -> (..., n) uint8, element 2i in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_uint4(packed: Tensor) -> Tensor:
+    """(..., n) uint8 -> (..., 2n) uint8 nibbles; inverse of :func:`pack_uint4`."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_mxfp4(x: Tensor, scale_mode: str = "floor") -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` (..., K) to MXFP4 along the last dimension.
+
+    Returns ``(codes, scales)``: codes (..., ceil(K/32) * 16) uint8, two E2M1 per byte;
+    scales (..., ceil(K/32)) uint8 E8M0. fp16/bf16/fp64 inputs are converted to fp32 first
+    (exact for fp16 and bf16).
+    """
+    _check_scale_mode(scale_mode)
+    blocks = _blocks(x)  # (..., B, 32)
+    magnitude = blocks.abs()
+    amax = magnitude.amax(dim=-1, keepdim=True)  # (..., B, 1), NaN if the block has a NaN
+    finite = torch.isfinite(amax)
+    amax = torch.where(finite, amax, torch.zeros_like(amax))
+
+    exponent = _shared_exponent(amax, scale_mode)  # (..., B, 1) int32
+    # 2**-e built from its bits (biased exponent 127 - e): a finite block has e <= 126, so
+    # the reciprocal is a normal fp32 number and multiplying by it is exact.
+    reciprocal = ((E8M0_BIAS - exponent) << 23).view(torch.float32)
+    code = _e2m1_magnitude_code(magnitude * reciprocal)
+    sign = (blocks.view(torch.int32) < 0).to(torch.uint8) << 3
+    code = torch.where(finite, code | sign, torch.zeros_like(code))
+
+    scales = torch.where(finite, exponent + E8M0_BIAS, E8M0_NAN).to(torch.uint8)
+    codes = pack_uint4(code.flatten(-2))
+    return codes, scales.squeeze(-1)
+
+
+def e8m0_to_float32(scales: Tensor) -> Tensor:
+    """uint8 E8M0 bytes -> fp32 powers of two (byte 0 -> 2**-127, 0xFF -> NaN)."""
+    as_int = scales.to(torch.int32)
+    value = (as_int << 23).view(torch.float32)
+    value = torch.where(as_int == 0, torch.full_like(value, 2.0**-127), value)
+    return torch.where(as_int == E8M0_NAN, torch.full_like(value, float("nan")), value)
+
+
+def dequantize_mxfp4(
+    codes: Tensor, scales: Tensor, k: int | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Inverse of :func:`quantize_mxfp4`: (..., K) in ``dtype`` (K = ``k``, else padded K)."""
+    if codes.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"codes and scales must be uint8, got {codes.dtype} and {scales.dtype}")
+    if codes.shape[-1] != scales.shape[-1] * BLOCK_SIZE // 2:
+        raise ValueError(
+            f"codes last dim ({codes.shape[-1]}) must be 16 x scales last dim ({scales.shape[-1]})"
+        )
+    # fp32 is exact for every MXFP4 value except those rounded past fp32's max (e.g. RCEIL of
+    # a block at fp32 max gives 4 * 2**126 = 2**128), which become inf unless dtype is fp64.
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    nibbles = unpack_uint4(codes).to(torch.int64)  # (..., B * 32)
+    table = torch.tensor(
+        E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=compute_dtype, device=codes.device
+    )
+    values = table[nibbles].unflatten(-1, (-1, BLOCK_SIZE))  # (..., B, 32)
+    scale = e8m0_to_float32(scales).to(compute_dtype).unsqueeze(-1)
+    values = (values * scale).flatten(-2)
+    if k is not None:
+        if not 0 < k <= values.shape[-1]:
+            raise ValueError(f"k must be in [1, {values.shape[-1]}], got {k}")
+        values = values[..., :k]
+    return values.to(dtype)
+
+
+def fake_quantize_mxfp4(x: Tensor, scale_mode: str = "floor") -> Tensor:
+    """Quantize and dequantize: the MXFP4 value of every element, in ``x``'s dtype and shape."""
+    codes, scales = quantize_mxfp4(x, scale_mode)
+    return dequantize_mxfp4(codes, scales, k=x.shape[-1], dtype=x.dtype)

