@@ -1,5 +1,14 @@
 """Number formats: quantize, dequantize and fake-quantize along the last dimension."""
 
+from serq_ao.formats.integer import (
+    GRANULARITIES,
+    IntQuantized,
+    dequantize_int,
+    fake_quantize_int,
+    pack_int4,
+    quantize_int,
+    unpack_int4,
+)
 from serq_ao.formats.mxfp4 import (
     BLOCK_SIZE,
     SCALE_MODES,
@@ -13,6 +22,13 @@ from serq_ao.formats.mxfp4 import (
 
 __all__ = [
     "BLOCK_SIZE",
+    "GRANULARITIES",
+    "IntQuantized",
+    "dequantize_int",
+    "fake_quantize_int",
+    "pack_int4",
+    "quantize_int",
+    "unpack_int4",
     "SCALE_MODES",
     "dequantize_mxfp4",
     "e8m0_to_float32",

@@ -4,8 +4,9 @@ The formulas are those of the GPTQ / QuaRot reference quantizers that the SERQ p
 uses, so that our fake-quantized models reproduce the paper's numbers:
 
 - symmetric: ``qmax = 2**(bits-1) - 1``, ``scale = amax / qmax``,
-  ``q = clamp(round(x / scale), -qmax - 1, qmax)``, ``x ~ q * scale``. Codes are int8. The
-  code ``-qmax - 1`` is never produced from the data (``|x| <= amax``), only allowed.
+  ``q = clamp(round(x / scale), -qmax - 1, qmax)``, ``x ~ q * scale``. Codes are int8. Since
+  ``|x| <= amax`` the code ``-qmax - 1`` is reached only where the scale is subnormal
+  (amax below ~qmax * 1.2e-38) and so rounded well off ``amax / qmax``.
 - asymmetric: the range ``[min(x, 0), max(x, 0)]`` always contains 0, so 0 (padding, ReLU
   outputs) is exact; ``scale = (xmax - xmin) / (2**bits - 1)``, ``zero = round(-xmin / scale)``,
   ``q = clamp(round(x / scale) + zero, 0, 2**bits - 1)``, ``x ~ (q - zero) * scale``. Codes
@@ -14,6 +15,11 @@ uses, so that our fake-quantized models reproduce the paper's numbers:
 ``round`` is ``torch.round`` (half to even) applied to ``x / scale``: we divide rather than
 multiply by a reciprocal because the references do, and ``x * (1 / scale)`` rounds
 differently near ties.
+
+Fake quantization is idempotent for symmetric formats (exactly, for fp32 and normal scales:
+``fl(fl(qmax * s) / qmax) == s`` when ``s = fl(amax / qmax)``), but not for asymmetric ones:
+where ``-xmin / scale`` is a rounding tie, the top of the range loses a step and a second
+pass sees a narrower range, hence a smaller scale.
 
 A group whose scale is 0 (all zeros, or so tiny that ``amax / qmax`` underflows fp32) gets
 scale 1 and zero point 0: no division by zero, and it dequantizes to exact zeros. (GPTQ
