@@ -1,0 +1,73 @@
+"""Find a model's decoder layers, record what each is called with, and export them."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LayerInputs = tuple[tuple, dict]  # (args, kwargs) of one decoder-layer call
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest ``nn.ModuleList`` of same-class blocks that contain linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(type(block) is not type(module[0]) for block in module):
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise ValueError(
+            "model has no decoder layers: expected an nn.ModuleList of blocks of one class "
+            "that contain nn.Linear modules"
+        )
+    return best
+
+
+def example_input_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    device = next(model.parameters()).device
+    return (torch.arange(length, device=device).unsqueeze(0) * 7 + 3) % vocab  # (1, T)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor | None = None) -> list[LayerInputs]:
+    """Run the model once and record the (args, kwargs) each layer receives."""
+    if input_ids is None:
+        input_ids = example_input_ids(model)
+    captured: list[LayerInputs | None] = [None] * len(layers)
+
+    def recorder(index):
+        def hook(module, args, kwargs):
+            captured[index] = (args, dict(kwargs))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, c in enumerate(captured) if c is None]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} were not called by the model's forward")
+    return captured  # type: ignore[return-value]
+
+
+def export_layer(layer: nn.Module, inputs: LayerInputs) -> torch.export.ExportedProgram:
+    args, kwargs = inputs
+    return torch.export.export(layer, args, kwargs, strict=False)
+
+
+def structure_signature(layer: nn.Module) -> tuple:
+    """Layers with equal signatures have the same dataflow (same class, same parameters)."""
+    return (type(layer), tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()))

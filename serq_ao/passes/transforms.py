@@ -1,0 +1,222 @@
+"""Apply per-group input transforms (scale s, channel order pi) to a model, exactly.
+
+For a group with input X, the consumers compute with ``X^ = (X / s)[..., pi]`` and weights
+``W^ = (W * s)[:, pi]``, so ``X^ W^T == X W^T``. The division and the gather go into the
+producer of X when the plan says that is exact (design.md section 3); what cannot be folded
+stays a pre-op of the group's linears (:class:`PreOpLinear`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from serq_ao.passes.plan import (
+    ActivationProducer,
+    AttentionProducer,
+    GatedProducer,
+    LinearGroup,
+    ModelPlan,
+    NormProducer,
+    RowRange,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputTransform:
+    """``scale`` (d_in,) > 0 divides the input; ``perm`` (d_in,) then reorders its channels."""
+
+    scale: torch.Tensor
+    perm: torch.Tensor
+
+    def __post_init__(self):
+        if self.scale.dim() != 1 or self.perm.shape != self.scale.shape:
+            raise ValueError(f"scale and perm must be 1-D of equal length, got {tuple(self.scale.shape)} and {tuple(self.perm.shape)}")
+        if not bool((self.scale > 0).all()) or not bool(torch.isfinite(self.scale).all()):
+            raise ValueError("scale must be finite and > 0")
+        if not torch.equal(torch.sort(self.perm).values, torch.arange(self.perm.numel(), device=self.perm.device)):
+            raise ValueError("perm must be a permutation of range(d_in)")
+
+    @staticmethod
+    def identity(width: int) -> "InputTransform":
+        return InputTransform(torch.ones(width), torch.arange(width))
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldRecord:
+    """Where a group's scale and order went: a producer description, or "pre-op"."""
+
+    scale: str
+    order: str
+
+
+class PreOpLinear(nn.Linear):
+    """nn.Linear whose input is first multiplied by ``input_scale_inv`` and gathered by ``input_perm``.
+
+    Either buffer may be absent. Holds the same weight and bias Parameters as the linear it
+    was made from.
+    """
+
+    def __init__(self, linear: nn.Linear, scale_inv: torch.Tensor | None, perm: torch.Tensor | None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("input_scale_inv", scale_inv)
+        self.register_buffer("input_perm", perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale_inv is not None:
+            x = x * self.input_scale_inv.to(x.dtype)
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class OutputGather(nn.Module):
+    """Wraps a module: multiplies its output by ``scale_inv`` (if given), then reorders the
+    channels (last dim) by ``perm``."""
+
+    def __init__(self, inner: nn.Module, perm: torch.Tensor, scale_inv: torch.Tensor | None = None):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("perm", perm)
+        self.register_buffer("scale_inv", scale_inv)
+
+    def forward(self, *args, **kwargs):
+        y = self.inner(*args, **kwargs)
+        if self.scale_inv is not None:
+            y = y * self.scale_inv.to(y.dtype)
+        return y.index_select(-1, self.perm)
+
+
+def transform_consumer(linear: nn.Linear, scale: torch.Tensor, perm: torch.Tensor) -> None:
+    """In place: ``W <- (W * s)[:, pi]``, the consumer side of an input transform."""
+    weight = linear.weight.data
+    linear.weight.data = (weight * scale.to(weight)).index_select(1, perm.to(weight.device)).contiguous()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _rows(model: nn.Module, rows: RowRange) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight rows, bias rows) views of a RowRange, to be edited in place."""
+    linear = model.get_submodule(rows.linear)
+    bias = linear.bias.data[rows.start : rows.stop] if linear.bias is not None else None
+    return linear.weight.data[rows.start : rows.stop], bias
+
+
+def _scale_rows(model: nn.Module, rows: RowRange, divisor: torch.Tensor) -> None:
+    weight, bias = _rows(model, rows)
+    weight /= divisor.to(weight).unsqueeze(1)
+    if bias is not None:
+        bias /= divisor.to(bias)
+
+
+def _permute_rows(model: nn.Module, rows: RowRange, order: torch.Tensor) -> None:
+    weight, bias = _rows(model, rows)
+    weight.copy_(weight.index_select(0, order.to(weight.device)))
+    if bias is not None:
+        bias.copy_(bias.index_select(0, order.to(bias.device)))
+
+
+# A (1 + w) norm folds 1/s as w' = (1 + w) / s - 1; where (1 + w) / s is small, fp32 cannot
+# hold w' to the precision of the product it stands for (cancellation against the 1). Below
+# this magnitude the scale goes into the norm's output wrapper instead.
+OFFSET_FOLD_MIN_MAGNITUDE = 2.0**-6
+
+
+def _fold_norm(model, producer: NormProducer, t: InputTransform) -> FoldRecord:
+    weight = model.get_parameter(producer.weight).data
+    offset = producer.weight_offset
+    folded = ((weight.double() + offset) / t.scale.double()).to(weight.device)
+    scale_in_weight = offset == 0 or bool((folded.abs() >= OFFSET_FOLD_MIN_MAGNITUDE).all())
+    if scale_in_weight:
+        weight.copy_(folded - offset)
+        if producer.bias is not None:
+            bias = model.get_parameter(producer.bias).data
+            bias /= t.scale.to(bias)
+    if producer.module is None:
+        return FoldRecord(producer.weight if scale_in_weight else "pre-op", "pre-op")
+    wrapper_scale_inv = None if scale_in_weight else 1.0 / t.scale.to(weight)
+    inner = model.get_submodule(producer.module)
+    _replace(model, producer.module, OutputGather(inner, t.perm.clone(), wrapper_scale_inv))
+    where = producer.weight if scale_in_weight else f"output of {producer.module}"
+    return FoldRecord(where, f"gather after {producer.module}")
+
+
+def _fold_attention(model, producer: AttentionProducer, t: InputTransform) -> FoldRecord:
+    if not producer.one_to_one:
+        return FoldRecord("pre-op", "pre-op")
+    start = producer.value.start
+    row_of = torch.tensor(producer.value_row_of_channel) - start  # channel -> row within the range
+    divisor = torch.empty_like(t.scale)
+    divisor[row_of] = t.scale  # row row_of[c] carries channel c
+    _scale_rows(model, producer.value, divisor)
+    head = row_of // producer.head_dim
+    if not torch.equal(head[t.perm], head):
+        return FoldRecord(producer.value.linear, "pre-op")
+    # channel c must now carry old channel perm[c]: row row_of[c] <- old row row_of[perm[c]]
+    order = torch.empty_like(row_of)
+    order[row_of] = row_of[t.perm]
+    _permute_rows(model, producer.value, order)
+    return FoldRecord(producer.value.linear, f"{producer.value.linear} rows (within heads)")
+
+
+def _fold(model: nn.Module, group: LinearGroup, t: InputTransform) -> FoldRecord:
+    producer = group.producer
+    if isinstance(producer, NormProducer):
+        return _fold_norm(model, producer, t)
+    if isinstance(producer, GatedProducer):
+        _scale_rows(model, producer.up, t.scale)
+        _permute_rows(model, producer.up, t.perm)
+        _permute_rows(model, producer.gate, t.perm)
+        return FoldRecord(str(producer.up), f"{producer.gate} and {producer.up} rows")
+    if isinstance(producer, ActivationProducer):
+        _scale_rows(model, producer.source, t.scale)
+        _permute_rows(model, producer.source, t.perm)
+        return FoldRecord(str(producer.source), f"{producer.source} rows")
+    if isinstance(producer, AttentionProducer):
+        return _fold_attention(model, producer, t)
+    return FoldRecord("pre-op", "pre-op")
+
+
+@torch.no_grad()
+def apply_input_transforms(
+    model: nn.Module,
+    plan: ModelPlan,
+    transforms: Mapping[str, InputTransform],
+    *,
+    fold: bool = True,
+) -> dict[str, FoldRecord]:
+    """Apply ``transforms`` (keyed by ``LinearGroup.name``) to ``model`` in place.
+
+    With ``fold=False`` nothing is folded: every group keeps its transform as a pre-op (the
+    path unknown producers always take). Returns where each group's scale and order went.
+    """
+    unknown = set(transforms) - {g.name for g in plan.groups}
+    if unknown:
+        raise KeyError(f"transforms name groups that are not in the plan: {sorted(unknown)[:3]}")
+    records = {}
+    for group in plan.groups:
+        t = transforms.get(group.name)
+        if t is None:
+            continue
+        if t.scale.numel() != group.in_features:
+            raise ValueError(f"transform of {group.name} has {t.scale.numel()} channels, expected {group.in_features}")
+        record = _fold(model, group, t) if fold else FoldRecord("pre-op", "pre-op")
+        if record.scale == "pre-op" and record.order != "pre-op":
+            raise AssertionError(f"{group.name}: an order cannot be folded without its scale")
+        scale_inv = (1.0 / t.scale) if record.scale == "pre-op" else None
+        perm = t.perm.clone() if record.order == "pre-op" else None
+        for name in group.linears:
+            linear = model.get_submodule(name)
+            transform_consumer(linear, t.scale, t.perm)
+            if scale_inv is not None or perm is not None:
+                _replace(model, name, PreOpLinear(linear, scale_inv, perm))
+        records[group.name] = record
+    return records
