@@ -13,6 +13,7 @@ from serq_ao.passes.plan import (
     plan_table,
 )
 from serq_ao.passes.planner import analyze
+from serq_ao.passes.residual import ResidualOrderError, ResidualPlan, analyze_residual, apply_residual_order
 from serq_ao.passes.transforms import (
     FoldRecord,
     InputTransform,
@@ -33,9 +34,13 @@ __all__ = [
     "NormProducer",
     "OutputGather",
     "PreOpLinear",
+    "ResidualOrderError",
+    "ResidualPlan",
     "RowRange",
     "UnknownProducer",
     "analyze",
+    "analyze_residual",
+    "apply_residual_order",
     "apply_input_transforms",
     "describe",
     "plan_table",

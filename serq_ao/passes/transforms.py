@@ -76,10 +76,10 @@ class PreOpLinear(nn.Linear):
 
 
 class OutputGather(nn.Module):
-    """Wraps a module: multiplies its output by ``scale_inv`` (if given), then reorders the
-    channels (last dim) by ``perm``."""
+    """Wraps a module: multiplies its output by ``scale_inv``, then reorders the channels
+    (last dim) by ``perm``; either may be None."""
 
-    def __init__(self, inner: nn.Module, perm: torch.Tensor, scale_inv: torch.Tensor | None = None):
+    def __init__(self, inner: nn.Module, perm: torch.Tensor | None, scale_inv: torch.Tensor | None = None):
         super().__init__()
         self.inner = inner
         self.register_buffer("perm", perm)
@@ -89,13 +89,19 @@ class OutputGather(nn.Module):
         y = self.inner(*args, **kwargs)
         if self.scale_inv is not None:
             y = y * self.scale_inv.to(y.dtype)
-        return y.index_select(-1, self.perm)
+        if self.perm is not None:
+            y = y.index_select(-1, self.perm)
+        return y
 
 
 def transform_consumer(linear: nn.Linear, scale: torch.Tensor, perm: torch.Tensor) -> None:
     """In place: ``W <- (W * s)[:, pi]``, the consumer side of an input transform."""
     weight = linear.weight.data
     linear.weight.data = (weight * scale.to(weight)).index_select(1, perm.to(weight.device)).contiguous()
+
+
+def _is_identity(perm: torch.Tensor) -> bool:
+    return torch.equal(perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -140,13 +146,16 @@ def _fold_norm(model, producer: NormProducer, t: InputTransform) -> FoldRecord:
         if producer.bias is not None:
             bias = model.get_parameter(producer.bias).data
             bias /= t.scale.to(bias)
+    if _is_identity(t.perm) and scale_in_weight:  # e.g. under a global residual order
+        return FoldRecord(producer.weight, "none needed")
     if producer.module is None:
         return FoldRecord(producer.weight if scale_in_weight else "pre-op", "pre-op")
     wrapper_scale_inv = None if scale_in_weight else 1.0 / t.scale.to(weight)
+    perm = None if _is_identity(t.perm) else t.perm.clone()
     inner = model.get_submodule(producer.module)
-    _replace(model, producer.module, OutputGather(inner, t.perm.clone(), wrapper_scale_inv))
+    _replace(model, producer.module, OutputGather(inner, perm, wrapper_scale_inv))
     where = producer.weight if scale_in_weight else f"output of {producer.module}"
-    return FoldRecord(where, f"gather after {producer.module}")
+    return FoldRecord(where, f"gather after {producer.module}" if perm is not None else "none needed")
 
 
 def _fold_attention(model, producer: AttentionProducer, t: InputTransform) -> FoldRecord:
@@ -212,7 +221,7 @@ def apply_input_transforms(
         if record.scale == "pre-op" and record.order != "pre-op":
             raise AssertionError(f"{group.name}: an order cannot be folded without its scale")
         scale_inv = (1.0 / t.scale) if record.scale == "pre-op" else None
-        perm = t.perm.clone() if record.order == "pre-op" else None
+        perm = t.perm.clone() if record.order == "pre-op" and not _is_identity(t.perm) else None
         for name in group.linears:
             linear = model.get_submodule(name)
             transform_consumer(linear, t.scale, t.perm)

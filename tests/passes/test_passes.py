@@ -201,3 +201,41 @@ def test_plan_prints_from_the_command_line(tiny_model_dir, capsys):
 
     plan = json.loads(capsys.readouterr().out)
     assert plan["layers"] == "model.layers" and len(plan["groups"]) == 8
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_global_residual_order_is_exact_and_removes_norm_gathers(name):
+    from serq_ao.passes import analyze_residual, apply_residual_order
+
+    model = build(name)
+    ids = random_ids(10)
+    reference = logits(model, ids)
+    residual = analyze_residual(model)
+    order = torch.randperm(residual.width, generator=torch.Generator().manual_seed(11))
+    apply_residual_order(model, residual, order)
+    assert relative_error(logits(model, ids), reference) < 1e-5
+    # the residual stream now carries order P: norm-fed groups take it as it is
+    plan = analyze(model)
+    transforms = random_transforms(plan, seed=12)
+    for group in plan.groups:
+        if isinstance(group.producer, NormProducer):
+            transforms[group.name] = InputTransform(transforms[group.name].scale, torch.arange(group.in_features))
+    records = apply_input_transforms(model, plan, transforms)
+    assert relative_error(logits(model, ids), reference) < 1e-5
+    # no gathers (a Gemma norm may still scale its output, see OFFSET_FOLD_MIN_MAGNITUDE)
+    assert not any(isinstance(m, OutputGather) and m.perm is not None for m in model.modules())
+    for group in plan.groups:
+        if isinstance(group.producer, NormProducer) and records[group.name].scale != "pre-op":
+            assert records[group.name].order == "none needed"
+            assert not any(isinstance(model.get_submodule(n), PreOpLinear) for n in group.linears)
+
+
+def test_residual_order_is_refused_before_any_change():
+    from serq_ao.passes import ResidualOrderError, analyze_residual
+
+    torch.manual_seed(0)
+    model = OddModel().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ResidualOrderError):
+        analyze_residual(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
