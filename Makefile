@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/serq eval ppl smollm2-135m --windows 4
+	$(BIN)/serq compare smollm2-135m --methods fp,rtn,serq --format mxfp4 --windows 4
 
 test: setup
 	$(BIN)/python -m pytest -ra

@@ -13,84 +13,41 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.console import Console  # noqa: E402
 
-import serq_ao  # noqa: F401  (silences torchao's CPU-only load messages before anything imports it)
-from serq_ao.data import CORPORA, DEFAULT_SEQLEN, CorpusMissingError
-from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundError
+import serq_ao  # noqa: E402,F401  (silences torchao's CPU-only load messages first)
+from serq_ao.cli.common import UsageError, non_negative_int, positive_int  # noqa: E402
+from serq_ao.cli.evaluate import cmd_eval_ppl  # noqa: E402
+from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
+from serq_ao.config import DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
+from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
+from serq_ao.formats import SCALE_MODES  # noqa: E402
+from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundError  # noqa: E402
 
-
-class UsageError(Exception):
-    """A mistake in the command line: one line on stderr, exit status 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
 
 
-def _progress(console: Console, quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-        transient=True,
-    )
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def cmd_eval_ppl(args: argparse.Namespace, err: Console) -> int:
-    from serq_ao.data import evaluation_windows
-    from serq_ao.eval import perplexity
-    from serq_ao.models import load_model
-
-    with err.status(f"loading {args.model}", spinner="dots") if not args.quiet else _null():
-        model, tokenizer = load_model(args.model)
-        try:
-            windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
-        except ValueError as e:  # too many windows for the corpus
-            raise UsageError(str(e)) from e
-    with _progress(err, args.quiet) as progress:
-        task = progress.add_task(f"perplexity on {args.corpus}", total=windows.shape[0])
-        result = perplexity(
-            model,
-            windows,
-            batch_size=args.batch_size,
-            on_batch=lambda k: progress.advance(task, k),
-        )
-    record = {"model": str(args.model), "corpus": args.corpus, "seqlen": args.seqlen, **result.to_dict()}
-    if args.json:
-        print(json.dumps(record))
-    else:
-        table = Table(title=f"Perplexity, {args.corpus} evaluation split")
-        for column in ("model", "ppl", "windows", "tokens", "seconds"):
-            table.add_column(column, justify="left" if column == "model" else "right")
-        table.add_row(
-            record["model"], f"{result.ppl:.2f}", str(result.windows), str(result.tokens), f"{result.seconds:.1f}"
-        )
-        Console().print(table)
-    return 0
+def _quantization_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default="mxfp4", help="mxfp4 (W4A4 MXFP4), w4a8 or w4a4 (INT)")
+    parser.add_argument("--rank", type=non_negative_int, default=DEFAULT_RANK, help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK})")
+    parser.add_argument("--scale-mode", choices=SCALE_MODES, default="floor", help="MXFP4 block scale rule")
+    parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki")
+    parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS)
+    parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _evaluation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", choices=CORPORA, default="wiki")
+    parser.add_argument("--windows", type=positive_int, default=None, help="number of evaluation windows (default: all)")
+    parser.add_argument("--seqlen", type=positive_int, default=DEFAULT_SEQLEN, help="tokens per window")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,24 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    eval_parser = commands.add_parser("eval", help="evaluate a model")
-    evals = eval_parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    ppl = evals.add_parser("ppl", help="perplexity per ../shared/protocol.md")
-    ppl.add_argument("model", help=f"a model name ({DEFAULT_MODEL}), a Hugging Face folder or a .gguf file")
-    ppl.add_argument("--corpus", choices=CORPORA, default="wiki")
-    ppl.add_argument("--windows", type=_positive_int, default=None, help="number of windows (default: all)")
-    ppl.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN, help="tokens per window")
-    ppl.add_argument("--batch-size", type=_positive_int, default=1)
-    ppl.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    ppl.add_argument("--quiet", action="store_true", help="no progress output")
+    quantize = commands.add_parser("quantize", help="quantize a model and save it to a folder")
+    quantize.add_argument("model", help=MODEL_HELP)
+    quantize.add_argument("--method", choices=METHODS, default="serq")
+    quantize.add_argument("--out", required=True, help="output folder (written atomically)")
+    _quantization_options(quantize)
+    _common(quantize)
+    quantize.set_defaults(handler=cmd_quantize)
+
+    compare = commands.add_parser("compare", help="perplexity of several methods side by side")
+    compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
+    compare.add_argument("--methods", default="fp,rtn,serq", help="comma-separated: fp, rtn, smoothquant, serq")
+    _quantization_options(compare)
+    _evaluation_options(compare)
+    _common(compare)
+    compare.set_defaults(handler=cmd_compare)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model")
+    evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    ppl = evaluations.add_parser("ppl", help="perplexity per ../shared/protocol.md")
+    ppl.add_argument("model", help=MODEL_HELP)
+    _evaluation_options(ppl)
+    ppl.add_argument("--batch-size", type=positive_int, default=1)
+    _common(ppl)
     ppl.set_defaults(handler=cmd_eval_ppl)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.debug:
         from transformers.utils import logging as hf_logging
 

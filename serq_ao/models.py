@@ -176,10 +176,17 @@ def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` in eval mode on the CPU. See :func:`resolve_model_folder`."""
+    """Load ``(model, tokenizer)`` in eval mode on the CPU. See :func:`resolve_model_folder`.
+
+    A folder written by ``serq quantize`` loads as the quantized model it holds.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from serq_ao.serialization import is_quantized_folder, load_quantized
+
     folder = resolve_model_folder(name_or_path)
+    if is_quantized_folder(folder):
+        return load_quantized(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()

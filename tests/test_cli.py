@@ -46,3 +46,44 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "serq"
     done = subprocess.run([str(script), "eval", "ppl", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--windows" in done.stdout
+
+
+QUICK = ["--calib-windows", "2", "--calib-seqlen", "32", "--quiet"]
+
+
+def test_quantize_then_eval_the_saved_folder(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "quantized"
+    code = main(["quantize", str(tiny_model_dir), "--method", "serq", "--rank", "32", "--out", str(out), "--json", *QUICK])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "serq" and summary["rank"] == 32 and summary["linears"] == 14
+    # tiny Llama: six linears with d_in 64 (28,672 weights), down_proj with d_in 128 (8,192)
+    expected_bits = (28672 * 4.25 * 96 / 64 + 8192 * 4.25 * 160 / 128) / (28672 + 8192)
+    assert summary["effective_bits"] == pytest.approx(expected_bits)
+    assert (out / "serq_config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    assert main(["eval", "ppl", str(out), "--windows", "1", "--seqlen", "32", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1
+
+
+def test_quantize_rejects_bad_rank_before_any_work(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--rank", "48", "--out", str(out), *QUICK]) == 2
+    assert "multiple of 32" in capsys.readouterr().err and not out.exists()
+    assert main(["quantize", str(tiny_model_dir), "--rank", "128", "--out", str(out), *QUICK]) == 2
+    assert "smallest d_in" in capsys.readouterr().err and not out.exists()
+
+
+def test_quantize_refuses_to_overwrite_a_foreign_folder(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["quantize", str(tiny_model_dir), "--method", "rtn", "--out", str(tmp_path), *QUICK]) == 2
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_compare_methods(tiny_model_dir, capsys):
+    argv = ["compare", str(tiny_model_dir), "--methods", "fp,rtn,serq", "--rank", "32", "--windows", "1", "--seqlen", "32", "--json", *QUICK]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in record["results"]] == ["fp", "rtn", "serq"]
+    assert record["results"][0]["bits"] == 32.0 and all(r["ppl"] > 1 for r in record["results"])
+    assert main(["compare", str(tiny_model_dir), "--methods", "fp,awq", *QUICK]) == 2

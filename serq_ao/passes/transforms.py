@@ -104,7 +104,7 @@ def _is_identity(perm: torch.Tensor) -> bool:
     return torch.equal(perm, torch.arange(perm.numel(), device=perm.device))
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -153,7 +153,7 @@ def _fold_norm(model, producer: NormProducer, t: InputTransform) -> FoldRecord:
     wrapper_scale_inv = None if scale_in_weight else 1.0 / t.scale.to(weight)
     perm = None if _is_identity(t.perm) else t.perm.clone()
     inner = model.get_submodule(producer.module)
-    _replace(model, producer.module, OutputGather(inner, perm, wrapper_scale_inv))
+    replace_module(model, producer.module, OutputGather(inner, perm, wrapper_scale_inv))
     where = producer.weight if scale_in_weight else f"output of {producer.module}"
     return FoldRecord(where, f"gather after {producer.module}" if perm is not None else "none needed")
 
@@ -226,6 +226,6 @@ def apply_input_transforms(
             linear = model.get_submodule(name)
             transform_consumer(linear, t.scale, t.perm)
             if scale_inv is not None or perm is not None:
-                _replace(model, name, PreOpLinear(linear, scale_inv, perm))
+                replace_module(model, name, PreOpLinear(linear, scale_inv, perm))
         records[group.name] = record
     return records

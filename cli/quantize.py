@@ -1,0 +1,143 @@
+"""serq quantize and serq compare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from serq_ao.cli.common import StageProgress, UsageError, progress_bar, status
+
+
+def _config(args: argparse.Namespace, method: str | None = None):
+    from serq_ao.config import SERQConfig
+
+    try:
+        return SERQConfig(method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _plan_checked(model, config):
+    from serq_ao.passes import analyze
+    from serq_ao.pipeline import check_config_for_plan
+
+    plan = analyze(model)
+    try:
+        check_config_for_plan(config, plan)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return plan
+
+
+def _calibration(tokenizer, args):
+    from serq_ao.data import calibration_batches
+
+    try:
+        return calibration_batches(tokenizer, args.calib_corpus, args.calib_windows, args.calib_seqlen)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
+    from serq_ao.models import load_model
+    from serq_ao.pipeline import quantize_model
+    from serq_ao.serialization import is_quantized_folder, save_quantized
+
+    config = _config(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_quantized_folder(out))):
+        raise UsageError(f"--out must be a new or empty folder (or an earlier serq output), got {out}")
+    with status(err, f"loading {args.model}", args.quiet):
+        model, tokenizer = load_model(args.model)
+        plan = _plan_checked(model, config)
+        batches = _calibration(tokenizer, args) if config.method != "rtn" else None
+    with progress_bar(err, args.quiet) as progress:
+        report = quantize_model(model, config, batches, plan=plan, progress=StageProgress(progress))
+    extra = {
+        "source": str(args.model),
+        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows, "seqlen": args.calib_seqlen},
+        "report": report.to_dict(),
+    }
+    with status(err, f"saving {out}", args.quiet):
+        save_quantized(model, tokenizer, out, config, extra)
+    summary = {
+        "out": str(out),
+        **config.to_dict(),
+        "effective_bits": report.effective_bits,
+        "linears": len(report.linears),
+        "seconds": report.seconds,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    table = Table(title=f"Quantized {args.model} -> {out}")
+    table.add_column("method")
+    table.add_column("format")
+    table.add_column("rank", justify="right")
+    table.add_column("bits/weight", justify="right")
+    table.add_column("linears", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_row(config.method, config.format, str(config.correction_rank), f"{report.effective_bits:.2f}", str(len(report.linears)), f"{report.seconds['total']:.1f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, err: Console) -> int:
+    """Quantize the same model with several methods and put their perplexities side by side."""
+    from serq_ao.calibration import calibrate
+    from serq_ao.data import evaluation_windows
+    from serq_ao.eval import perplexity
+    from serq_ao.models import load_model
+    from serq_ao.pipeline import quantize_model
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    allowed = ("fp", "rtn", "smoothquant", "serq")
+    bad = [m for m in methods if m not in allowed]
+    if bad or not methods:
+        raise UsageError(f"--methods must be a comma-separated list of {allowed}, got {args.methods!r}")
+    configs = {m: _config(args, m) for m in methods if m != "fp"}
+    rows, stats = [], None
+    with progress_bar(err, args.quiet) as progress:
+        for method in methods:
+            model, tokenizer = load_model(args.model)
+            windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
+            bits, quant_seconds = 32.0, 0.0
+            if method != "fp":
+                config = configs[method]
+                plan = _plan_checked(model, config)
+                if stats is None and config.method != "rtn":
+                    batches = _calibration(tokenizer, args)
+                    task = progress.add_task("calibrate", total=batches.shape[0])
+                    stats = calibrate(model, plan, batches, on_batch=lambda k: progress.advance(task, k))
+                started = time.perf_counter()
+                report = quantize_model(model, config, stats if config.method != "rtn" else None, plan=plan)
+                bits, quant_seconds = report.effective_bits, time.perf_counter() - started
+            task = progress.add_task(f"perplexity {method}", total=windows.shape[0])
+            result = perplexity(model, windows, on_batch=lambda k: progress.advance(task, k))
+            rows.append({"method": method, "bits": bits, "ppl": result.ppl, "quantize_seconds": quant_seconds, "eval_seconds": result.seconds})
+    record = {
+        "model": str(args.model),
+        "format": args.format,
+        "rank": args.rank,
+        "scale_mode": args.scale_mode,
+        "corpus": args.corpus,
+        "windows": int(windows.shape[0]),
+        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows},
+        "results": rows,
+    }
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    table = Table(title=f"{args.model}: {args.format} W4A4/W4A8, perplexity on {args.corpus} ({record['windows']} windows)")
+    for column in ("method", "bits/weight", "perplexity", "quantize s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        name = f"serq (r={args.rank})" if row["method"] == "serq" else row["method"]
+        table.add_row(name, f"{row['bits']:.2f}", f"{row['ppl']:.2f}", f"{row['quantize_seconds']:.1f}")
+    Console().print(table)
+    return 0

@@ -1,0 +1,77 @@
+"""Calibration statistics: per linear group, max |x| of every input channel.
+
+Forward pre-hooks on the first linear of each group see the group's input; any batch size
+and sequence length works. The statistics are a small object that saves and loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from serq_ao.passes import ModelPlan
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """``amax[group name]``: (d_in,) float32, max |x| per input channel over ``tokens`` tokens."""
+
+    amax: dict[str, torch.Tensor]
+    tokens: int
+    seconds: float = 0.0
+
+    def scales(self, group: str) -> torch.Tensor:
+        """Flattening scales s = max |x|; a channel that was zero on every token gets 1."""
+        amax = self.amax[group]
+        return torch.where(amax > 0, amax, torch.ones_like(amax))
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"amax": self.amax, "tokens": self.tokens, "seconds": self.seconds}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationStats":
+        data = torch.load(path, weights_only=True)
+        return cls(data["amax"], data["tokens"], data.get("seconds", 0.0))
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    plan: ModelPlan,
+    batches: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> CalibrationStats:
+    """Run ``batches`` (n, L) of input ids through ``model`` and record per-group max |x|."""
+    start = time.perf_counter()
+    amax: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def observer(name: str):
+        def hook(module, args):
+            x = args[0].detach()
+            current = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()  # (d_in,)
+            amax[name] = current if name not in amax else torch.maximum(amax[name], current)
+
+        return hook
+
+    for group in plan.groups:
+        handles.append(model.get_submodule(group.linears[0]).register_forward_pre_hook(observer(group.name)))
+    tokens = 0
+    device = next(model.parameters()).device
+    try:
+        for batch in batches.split(batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+            tokens += batch.numel()
+            if on_batch is not None:
+                on_batch(batch.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CalibrationStats(amax, tokens, time.perf_counter() - start)

@@ -1,0 +1,68 @@
+"""SERQConfig: what to quantize and how. A validated, JSON-serializable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from serq_ao.formats.mxfp4 import SCALE_MODES
+
+METHODS = ("rtn", "smoothquant", "serq")
+FORMATS = ("mxfp4", "w4a8", "w4a4")
+RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
+# The paper uses r = 128 for 4k-wide models (3% of d_in). For small models a smaller rank
+# buys most of the gain: on smollm2-135m (d_in 576) the SERQ authors' code gives MXFP4
+# perplexity 38.94 / 37.97 / 36.66 at r = 32 / 64 / 128 (protocol.md), so 64 (11% of 576)
+# is the knee, at 4.72 effective bits.
+DEFAULT_RANK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SERQConfig:
+    """How to quantize every linear inside the decoder layers (lm_head and embeddings stay fp).
+
+    - ``method``: ``"serq"`` (flattening + saliency order + one correction matrix of rank
+      ``rank``), ``"rtn"`` (round to nearest, no transform) or ``"smoothquant"`` (scales
+      ``max|x|**alpha / max|w|**(1 - alpha)``, folded the same way, then RTN).
+    - ``format``: ``"mxfp4"`` (MXFP4 weights and activations), ``"w4a8"`` / ``"w4a4"`` (INT4
+      weights in groups of 128, INT8 / INT4 asymmetric per-token activations in groups of 128).
+    - ``rank``: multiple of 32, 0 allowed (plain flattening); used by ``serq`` only.
+    - ``scale_mode``: MXFP4 block scale rule, ``"floor"`` (OCP spec, SERQ reference) or
+      ``"rceil"`` (torchao's default).
+    """
+
+    method: str = "serq"
+    format: str = "mxfp4"
+    rank: int = DEFAULT_RANK
+    scale_mode: str = "floor"
+    smoothquant_alpha: float = 0.5
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0 or self.rank % RANK_MULTIPLE:
+            raise ValueError(f"rank must be a non-negative multiple of {RANK_MULTIPLE} (0, 32, 64, ...), got {self.rank!r}")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
+
+    @property
+    def correction_rank(self) -> int:
+        """The rank actually used: only SERQ has a correction matrix."""
+        return self.rank if self.method == "serq" else 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SERQConfig":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown SERQConfig fields: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,161 @@
+"""quantize_model: calibrate, transform (exactly, via the passes), reconstruct, quantize.
+
+Every linear inside the decoder layers becomes a :class:`FakeQuantLinear` (the evaluation
+mode); lm_head and the embeddings stay in full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from serq_ao.calibration import CalibrationStats, calibrate
+from serq_ao.config import SERQConfig
+from serq_ao.passes import InputTransform, ModelPlan, analyze, apply_input_transforms
+from serq_ao.passes.transforms import replace_module
+from serq_ao.reconstruct import (
+    effective_bits,
+    flattening_scales,
+    saliency_order,
+    serq_reconstruct,
+    smoothquant_scales,
+)
+from serq_ao.simulate import FakeQuantLinear
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearReport:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    bits: float  # effective storage bits per original weight
+    pre_op: bool  # does the linear still transform its input at run time?
+
+
+@dataclasses.dataclass
+class QuantizationReport:
+    config: SERQConfig
+    linears: list[LinearReport]
+    calibration_tokens: int
+    seconds: dict[str, float]
+
+    @property
+    def effective_bits(self) -> float:
+        """Bits per weight over all quantized linears, weighted by their sizes."""
+        weights = [r.in_features * r.out_features for r in self.linears]
+        return sum(r.bits * w for r, w in zip(self.linears, weights)) / sum(weights)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "effective_bits": self.effective_bits,
+            "calibration_tokens": self.calibration_tokens,
+            "seconds": self.seconds,
+            "linears": [dataclasses.asdict(r) for r in self.linears],
+        }
+
+
+def check_config_for_plan(config: SERQConfig, plan: ModelPlan) -> None:
+    """Reject a rank that does not fit some linear, before any work starts."""
+    narrowest = min(plan.groups, key=lambda g: g.in_features)
+    if config.correction_rank > narrowest.in_features:
+        raise ValueError(
+            f"rank ({config.rank}) must be at most the smallest d_in of the model's linears "
+            f"({narrowest.in_features}, {narrowest.name})"
+        )
+
+
+def _transforms(model: nn.Module, plan: ModelPlan, config: SERQConfig, stats: CalibrationStats) -> dict[str, InputTransform]:
+    transforms = {}
+    for group in plan.groups:
+        if config.method == "serq":
+            scales = flattening_scales(stats.amax[group.name])
+            transforms[group.name] = InputTransform(scales, saliency_order(scales))
+        elif config.method == "smoothquant":
+            weights = [model.get_submodule(n).weight for n in group.linears]
+            scales = smoothquant_scales(stats.amax[group.name], weights, config.smoothquant_alpha)
+            transforms[group.name] = InputTransform(scales, torch.arange(group.in_features))
+    return transforms
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: SERQConfig,
+    calibration: torch.Tensor | CalibrationStats | None,
+    *,
+    plan: ModelPlan | None = None,
+    progress: Progress | None = None,
+) -> QuantizationReport:
+    """Quantize ``model`` in place per ``config``.
+
+    ``calibration``: input ids (n, L) to calibrate on, or statistics from :func:`calibrate`
+    on this same, untransformed model. RTN needs none (pass None).
+    """
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    plan = plan if plan is not None else analyze(model)
+    check_config_for_plan(config, plan)
+    report = progress or (lambda stage, done, total: None)
+
+    stats = None
+    if config.method != "rtn":
+        if calibration is None:
+            raise ValueError(f"method {config.method!r} needs calibration data")
+        if isinstance(calibration, CalibrationStats):
+            stats = calibration
+        else:
+            total = calibration.shape[0]
+            counter = iter(range(1, total + 1))
+            stats = calibrate(model, plan, calibration, on_batch=lambda k: report("calibrate", next(counter), total))
+        seconds["calibration"] = stats.seconds
+
+    transform_start = time.perf_counter()
+    transforms = _transforms(model, plan, config, stats) if stats is not None else {}
+    if transforms:
+        apply_input_transforms(model, plan, transforms)
+    seconds["transform"] = time.perf_counter() - transform_start
+
+    quantize_start = time.perf_counter()
+    linears: list[LinearReport] = []
+    names = [name for group in plan.groups for name in group.linears]
+    for done, name in enumerate(names, 1):
+        linear = model.get_submodule(name)
+        main, correction = serq_reconstruct(linear.weight.data.float(), config.correction_rank, config.format, config.scale_mode)
+        scale_inv = getattr(linear, "input_scale_inv", None)
+        perm = getattr(linear, "input_perm", None)
+        replacement = FakeQuantLinear(
+            main,
+            correction,
+            None if linear.bias is None else linear.bias.data.clone(),
+            fmt=config.format,
+            scale_mode=config.scale_mode,
+            input_scale_inv=scale_inv,
+            input_perm=perm,
+        )
+        replace_module(model, name, replacement)
+        linears.append(
+            LinearReport(
+                name,
+                linear.in_features,
+                linear.out_features,
+                config.correction_rank,
+                effective_bits(config.format, linear.in_features, config.correction_rank),
+                scale_inv is not None or perm is not None,
+            )
+        )
+        report("quantize", done, len(names))
+    seconds["quantize"] = time.perf_counter() - quantize_start
+    seconds["total"] = time.perf_counter() - started
+    tokens = stats.tokens if stats is not None else 0
+    return QuantizationReport(config, linears, tokens, seconds)

@@ -1,0 +1,67 @@
+"""The per-linear math of each method, as pure functions of tensors (no modules, no hooks)."""
+
+from __future__ import annotations
+
+import torch
+
+from serq_ao.simulate import quantize_correction, quantize_weight
+
+
+# Flattening maps each channel's calibration maximum to |x / s| = 1.0, a power of two: the
+# FLOOR block-scale rule is discontinuous there. Exactly 1.0 gives e = -2 and the element
+# lands on the grid (4 * 2**-2); one ulp below (as folding 1/s into a norm weight can round)
+# gives e = -3 and clips it from ~8 to 6, a 25% error on the most salient value, for tokens
+# such as the BOS position that recur in every window. Shrinking s by 2**-20 puts that value
+# just above 1.0 whichever way fp32 rounds, matching runtime division, at a cost of 1e-6.
+FLATTEN_SHRINK = 1.0 - 2.0**-20
+
+
+def flattening_scales(amax: torch.Tensor) -> torch.Tensor:
+    """s = max |x| per channel (1 for a channel that was always zero), see FLATTEN_SHRINK."""
+    return torch.where(amax > 0, amax, torch.ones_like(amax)) * FLATTEN_SHRINK
+
+
+def saliency_order(scales: torch.Tensor) -> torch.Tensor:
+    """pi: channels by flattening scale, largest first (stable, so ties keep channel order)."""
+    return torch.sort(scales, descending=True, stable=True).indices
+
+
+def smoothquant_scales(amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|x_j|**alpha / max|w_j|**(1 - alpha), max|w_j| over all rows of
+    the group's linears; channels with a zero statistic get 1."""
+    weight_amax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).float()
+    scales = amax.float().clamp(min=0) ** alpha / weight_amax.clamp(min=1e-12) ** (1 - alpha)
+    return torch.where((amax > 0) & (weight_amax > 0), scales, torch.ones_like(scales))
+
+
+def serq_reconstruct(
+    weight: torch.Tensor, rank: int, fmt: str, scale_mode: str = "floor"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Single-matrix error reconstruction on a flattened, saliency-ordered weight W^ (d_out, K).
+
+    ``R = Q(W^[:, :r])``; the main weight keeps the residual on those columns,
+    ``W^[:, :r] -= R``, then ``W^q = Q(W^)``. Returns dequantized (W^q, R), R None for r = 0.
+    The salient columns are thus quantized twice; R needs no SVD.
+    """
+    if rank == 0:
+        return quantize_weight(weight, fmt, scale_mode), None
+    if rank > weight.shape[1]:
+        raise ValueError(f"rank ({rank}) must be at most d_in ({weight.shape[1]})")
+    correction = quantize_correction(weight[:, :rank], fmt, scale_mode)  # (d_out, r)
+    residual = weight.clone()
+    residual[:, :rank] -= correction
+    return quantize_weight(residual, fmt, scale_mode), correction
+
+
+def effective_bits(fmt: str, d_in: int, rank: int) -> float:
+    """Storage bits per original weight: main weight plus R, scales included.
+
+    MXFP4: 4 bits + 8-bit scale per 32 = 4.25, for d_in + r columns. INT4 groups of 128 with
+    an fp16 scale: 4.125; R per row with an fp16 scale: 4 + 16 / r.
+    """
+    if fmt == "mxfp4":
+        return 4.25 * (d_in + rank) / d_in
+    groups = -(-d_in // 128)
+    main = 4 + 16 * groups / d_in
+    correction = (4 * rank + (16 if rank else 0)) / d_in
+    return main + correction

@@ -1,0 +1,125 @@
+"""Save a quantized model to a folder and load it back as the same model.
+
+The folder is a Hugging Face folder (config.json, tokenizer files) plus ``model.safetensors``
+holding the quantized model's state and ``serq_config.json`` describing which modules were
+replaced, so that the architecture can be rebuilt before the state is loaded. It is written
+to a temporary folder first and renamed into place: an interrupted save leaves no folder.
+(The packed torchao format replaces the dequantized weights stored here.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+from torch import nn
+
+from serq_ao.config import SERQConfig
+from serq_ao.passes import OutputGather
+from serq_ao.passes.transforms import replace_module
+from serq_ao.simulate import FakeQuantLinear
+
+QUANTIZATION_FILE = "serq_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / QUANTIZATION_FILE).is_file()
+
+
+def _structure(model: nn.Module) -> dict[str, dict]:
+    structure = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantLinear):
+            structure[name] = {
+                "kind": "fake_quant_linear",
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "rank": module.rank,
+                "format": module.fmt,
+                "scale_mode": module.scale_mode,
+                "buffers": [b for b in ("bias", "input_scale_inv", "input_perm") if getattr(module, b) is not None],
+            }
+        elif isinstance(module, OutputGather):
+            structure[name] = {
+                "kind": "output_gather",
+                "width": next(b for b in (module.perm, module.scale_inv) if b is not None).numel(),
+                "buffers": [b for b in ("perm", "scale_inv") if getattr(module, b) is not None],
+            }
+    return structure
+
+
+def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, config: SERQConfig, extra: dict | None = None) -> Path:
+    """Write the quantized ``model`` and its tokenizer to the folder ``out``.
+
+    An existing folder is replaced only if it is itself a quantized-model folder.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not is_quantized_folder(out):
+        raise FileExistsError(f"out must be a new or empty folder (or an earlier serq output), got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_safetensors_model(model, str(tmp / WEIGHTS_FILE))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "structure": _structure(model),
+            **(extra or {}),
+        }
+        (tmp / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=1))  # written last
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
+    empty = torch.empty
+    if spec["kind"] == "fake_quant_linear":
+        d_out, d_in, rank = spec["out_features"], spec["in_features"], spec["rank"]
+        buffers = set(spec["buffers"])
+        return FakeQuantLinear(
+            empty(d_out, d_in),
+            empty(d_out, rank) if rank else None,
+            empty(d_out) if "bias" in buffers else None,
+            fmt=spec["format"],
+            scale_mode=spec["scale_mode"],
+            input_scale_inv=empty(d_in) if "input_scale_inv" in buffers else None,
+            input_perm=empty(d_in, dtype=torch.long) if "input_perm" in buffers else None,
+        )
+    if spec["kind"] == "output_gather":
+        width, buffers = spec["width"], set(spec["buffers"])
+        perm = empty(width, dtype=torch.long) if "perm" in buffers else None
+        return OutputGather(parent, perm, empty(width) if "scale_inv" in buffers else None)
+    raise ValueError(f"unknown module kind {spec['kind']!r} in {QUANTIZATION_FILE}")
+
+
+def load_quantized(path: str | os.PathLike):
+    """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    meta = json.loads((path / QUANTIZATION_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} was written by an incompatible serq-ao (format {meta.get('format_version')})")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    for name, spec in meta["structure"].items():
+        replace_module(model, name, _placeholder(spec, model.get_submodule(name)))
+    missing, unexpected = load_safetensors_model(model, str(path / WEIGHTS_FILE), strict=True)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.serq_config = SERQConfig.from_dict(meta["config"])
+    return model, tokenizer

@@ -1,0 +1,117 @@
+"""Each step of the methods against a plain float64 reference of its formula."""
+
+import pytest
+import torch
+
+from serq_ao.formats import fake_quantize_int, fake_quantize_mxfp4
+from serq_ao.reconstruct import effective_bits, saliency_order, serq_reconstruct, smoothquant_scales
+from serq_ao.simulate import FakeQuantLinear
+
+
+def random_linear(d_out=48, d_in=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) * 0.05
+    x = torch.randn(20, d_in, generator=g, dtype=torch.float64)
+    x[:, torch.randperm(d_in, generator=g)[:8]] *= 30  # a few salient channels
+    return weight, x
+
+
+def q_mx(t):  # the format is tested on its own; here it is part of the formula
+    return fake_quantize_mxfp4(t.float()).double()
+
+
+def reference_serq_output(weight, x, rank):
+    """Straight from design.md section 2, in float64."""
+    s = x.abs().amax(0)
+    pi = torch.sort(s, descending=True, stable=True).indices
+    w_hat = (weight * s)[:, pi]
+    # X / s is rounded to fp32 exactly as the pre-op does (multiply by fp32 1/s): each
+    # channel's max token lands on 1.0 or one ulp below, and the FLOOR block scale jumps by 2
+    # between the two, so the reference must take the same side
+    x_hat = (x.float() * (1 / s).float()).double()[:, pi]
+    r_q = q_mx(w_hat[:, :rank]) if rank else None
+    w_res = w_hat.clone()
+    if rank:
+        w_res[:, :rank] -= r_q
+    w_q = q_mx(w_res)
+    x_q = q_mx(x_hat)
+    y = x_q @ w_q.T
+    if rank:
+        y = y + x_q[:, :rank] @ r_q.T
+    return y, s, pi
+
+
+@pytest.mark.parametrize("rank", [0, 32, 128, 256])
+def test_serq_linear_matches_float64_formula(rank):
+    weight, x = random_linear()
+    expected, s, pi = reference_serq_output(weight, x, rank)
+    w_hat = (weight.float() * s.float())[:, pi]
+    main, correction = serq_reconstruct(w_hat, rank, "mxfp4")
+    linear = FakeQuantLinear(main, correction, None, fmt="mxfp4", input_scale_inv=(1 / s).float(), input_perm=pi)
+    got = linear(x.float()).double()
+    assert (got - expected).abs().max() / expected.abs().max() < 1e-5
+
+
+def test_reconstruction_reduces_the_error_on_salient_channels():
+    weight, x = random_linear(seed=1)
+    exact = x @ weight.T
+    errors = {}
+    for rank in (0, 32, 128):
+        y, _, _ = reference_serq_output(weight, x, rank)
+        errors[rank] = ((y - exact).norm() / exact.norm()).item()
+    assert errors[128] < errors[32] < errors[0]
+
+
+def test_residual_keeps_what_r_missed():
+    weight, _ = random_linear(seed=2)
+    w = weight.float()
+    main, correction = serq_reconstruct(w, 64, "mxfp4")
+    # R is Q(W[:, :r]); the main weight quantizes W - R there and W elsewhere
+    assert torch.equal(correction, fake_quantize_mxfp4(w[:, :64]))
+    residual = w.clone()
+    residual[:, :64] -= correction
+    assert torch.equal(main, fake_quantize_mxfp4(residual))
+    # INT: R per output row, main in groups of 128
+    main, correction = serq_reconstruct(w, 64, "w4a8")
+    assert torch.equal(correction, fake_quantize_int(w[:, :64], 4, granularity="channel"))
+    residual = w.clone()
+    residual[:, :64] -= correction
+    assert torch.equal(main, fake_quantize_int(residual, 4, granularity=128))
+
+
+def test_int_activation_path_matches_float64_formula():
+    weight, x = random_linear(seed=3)
+    w = weight.float()
+    main, correction = serq_reconstruct(w, 32, "w4a4")
+    linear = FakeQuantLinear(main, correction, None, fmt="w4a4")
+    x_q = fake_quantize_int(x.float(), 4, symmetric=False, granularity=128).double()
+    expected = x_q @ main.double().T + x_q[:, :32] @ correction.double().T
+    assert torch.allclose(linear(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_smoothquant_scales_match_formula():
+    g = torch.Generator().manual_seed(4)
+    amax = torch.rand(16, generator=g, dtype=torch.float64) * 10
+    amax[3] = 0
+    weights = [torch.randn(8, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    got = smoothquant_scales(amax.float(), [w.float() for w in weights], 0.5)
+    w_max = torch.cat(weights).abs().amax(0)
+    expected = amax.sqrt() / w_max.sqrt()
+    expected[3] = 1.0
+    assert torch.allclose(got.double(), expected, rtol=1e-6)
+
+
+def test_saliency_order_is_descending_and_stable():
+    scales = torch.tensor([1.0, 5.0, 3.0, 5.0, 0.5])
+    assert saliency_order(scales).tolist() == [1, 3, 2, 0, 4]
+
+
+def test_effective_bits():
+    assert effective_bits("mxfp4", 576, 0) == 4.25
+    assert effective_bits("mxfp4", 576, 64) == pytest.approx(4.25 * 640 / 576)
+    assert effective_bits("w4a8", 256, 0) == pytest.approx(4 + 16 * 2 / 256)
+
+
+def test_rank_larger_than_d_in_is_rejected():
+    with pytest.raises(ValueError, match="rank"):
+        serq_reconstruct(torch.randn(4, 32), 64, "mxfp4")
