@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="perplexity of several methods side by side")
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
-    compare.add_argument("--methods", default="fp,rtn,serq", help="comma-separated: fp, rtn, smoothquant, serq")
+    compare.add_argument("--methods", default="fp,rtn,serq", help="comma-separated, from: fp, " + ", ".join(METHODS))
     _quantization_options(compare)
     _evaluation_options(compare)
     _common(compare)

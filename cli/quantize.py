@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serq_ao.cli.common import StageProgress, UsageError, progress_bar, status
+from serq_ao.config import METHODS
 
 
 def _config(args: argparse.Namespace, method: str | None = None):
@@ -96,7 +97,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     from serq_ao.pipeline import quantize_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    allowed = ("fp", "rtn", "smoothquant", "serq")
+    allowed = ("fp", *METHODS)
     bad = [m for m in methods if m not in allowed]
     if bad or not methods:
         raise UsageError(f"--methods must be a comma-separated list of {allowed}, got {args.methods!r}")

@@ -1,4 +1,4 @@
-"""Calibration statistics: per linear group, max |x| of every input channel.
+"""Calibration statistics: per linear group, max |x| and mean |x| of every input channel.
 
 Forward pre-hooks on the first linear of each group see the group's input; any batch size
 and sequence length works. The statistics are a small object that saves and loads.
@@ -19,11 +19,13 @@ from serq_ao.passes import ModelPlan
 
 @dataclasses.dataclass
 class CalibrationStats:
-    """``amax[group name]``: (d_in,) float32, max |x| per input channel over ``tokens`` tokens."""
+    """Per group name, (d_in,) float32 over ``tokens`` tokens: ``amax`` max |x| per input
+    channel (SERQ, SmoothQuant), ``abs_mean`` mean |x| (L2QER)."""
 
     amax: dict[str, torch.Tensor]
     tokens: int
     seconds: float = 0.0
+    abs_mean: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def scales(self, group: str) -> torch.Tensor:
         """Flattening scales s = max |x|; a channel that was zero on every token gets 1."""
@@ -31,12 +33,12 @@ class CalibrationStats:
         return torch.where(amax > 0, amax, torch.ones_like(amax))
 
     def save(self, path: str | Path) -> None:
-        torch.save({"amax": self.amax, "tokens": self.tokens, "seconds": self.seconds}, path)
+        torch.save({"amax": self.amax, "abs_mean": self.abs_mean, "tokens": self.tokens, "seconds": self.seconds}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStats":
         data = torch.load(path, weights_only=True)
-        return cls(data["amax"], data["tokens"], data.get("seconds", 0.0))
+        return cls(data["amax"], data["tokens"], data.get("seconds", 0.0), data.get("abs_mean", {}))
 
 
 @torch.no_grad()
@@ -51,13 +53,16 @@ def calibrate(
     """Run ``batches`` (n, L) of input ids through ``model`` and record per-group max |x|."""
     start = time.perf_counter()
     amax: dict[str, torch.Tensor] = {}
+    abs_sum: dict[str, torch.Tensor] = {}
     handles = []
 
     def observer(name: str):
         def hook(module, args):
-            x = args[0].detach()
-            current = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()  # (d_in,)
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()  # (tokens, d_in)
+            current = x.amax(dim=0).cpu()
             amax[name] = current if name not in amax else torch.maximum(amax[name], current)
+            total = x.double().sum(dim=0).cpu()
+            abs_sum[name] = total if name not in abs_sum else abs_sum[name] + total
 
         return hook
 
@@ -74,4 +79,5 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-    return CalibrationStats(amax, tokens, time.perf_counter() - start)
+    abs_mean = {name: (total / tokens).float() for name, total in abs_sum.items()}
+    return CalibrationStats(amax, tokens, time.perf_counter() - start, abs_mean)

@@ -7,7 +7,8 @@ import json
 
 from serq_ao.formats.mxfp4 import SCALE_MODES
 
-METHODS = ("rtn", "smoothquant", "serq")
+METHODS = ("rtn", "smoothquant", "lqer", "l2qer", "serq")
+LOWRANK_METHODS = ("lqer", "l2qer")
 FORMATS = ("mxfp4", "w4a8", "w4a4")
 RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 # The paper uses r = 128 for 4k-wide models (3% of d_in). For small models a smaller rank
@@ -22,8 +23,10 @@ class SERQConfig:
     """How to quantize every linear inside the decoder layers (lm_head and embeddings stay fp).
 
     - ``method``: ``"serq"`` (flattening + saliency order + one correction matrix of rank
-      ``rank``), ``"rtn"`` (round to nearest, no transform) or ``"smoothquant"`` (scales
-      ``max|x|**alpha / max|w|**(1 - alpha)``, folded the same way, then RTN).
+      ``rank``), ``"rtn"`` (round to nearest, no transform), ``"smoothquant"`` (scales
+      ``max|x|**alpha / max|w|**(1 - alpha)``, folded the same way, then RTN), ``"lqer"``
+      and ``"l2qer"`` (RTN plus INT8 SVD factors of rank ``lowrank_rank`` of the weight error,
+      plain or scaled by mean |x|; their intermediate product is quantized to INT8).
     - ``format``: ``"mxfp4"`` (MXFP4 weights and activations), ``"w4a8"`` / ``"w4a4"`` (INT4
       weights in groups of 128, INT8 / INT4 asymmetric per-token activations in groups of 128).
     - ``rank``: multiple of 32, 0 allowed (plain flattening); used by ``serq`` only.
@@ -36,6 +39,7 @@ class SERQConfig:
     rank: int = DEFAULT_RANK
     scale_mode: str = "floor"
     smoothquant_alpha: float = 0.5
+    lowrank_rank: int = 32
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -46,6 +50,8 @@ class SERQConfig:
             raise ValueError(f"rank must be a non-negative multiple of {RANK_MULTIPLE} (0, 32, 64, ...), got {self.rank!r}")
         if self.scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        if not isinstance(self.lowrank_rank, int) or isinstance(self.lowrank_rank, bool) or self.lowrank_rank < 1:
+            raise ValueError(f"lowrank_rank must be a positive integer, got {self.lowrank_rank!r}")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
 

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from serq_ao.calibration import CalibrationStats, calibrate
-from serq_ao.config import SERQConfig
+from serq_ao.config import LOWRANK_METHODS, SERQConfig
 from serq_ao.passes import InputTransform, ModelPlan, analyze, apply_input_transforms
 from serq_ao.passes.transforms import replace_module
 from serq_ao.reconstruct import (
     effective_bits,
     flattening_scales,
+    lowrank_bits,
+    lowrank_error_factors,
     saliency_order,
     serq_reconstruct,
     smoothquant_scales,
@@ -131,7 +133,15 @@ def quantize_model(
     names = [name for group in plan.groups for name in group.linears]
     for done, name in enumerate(names, 1):
         linear = model.get_submodule(name)
-        main, correction = serq_reconstruct(linear.weight.data.float(), config.correction_rank, config.format, config.scale_mode)
+        weight = linear.weight.data.float()
+        main, correction = serq_reconstruct(weight, config.correction_rank, config.format, config.scale_mode)
+        lowrank_a = lowrank_b = None
+        bits = effective_bits(config.format, linear.in_features, config.correction_rank)
+        if config.method in LOWRANK_METHODS:
+            group_name = plan.group_of(name).name
+            input_scale = stats.abs_mean[group_name] if config.method == "l2qer" else None
+            lowrank_a, lowrank_b = lowrank_error_factors(weight, main, config.lowrank_rank, input_scale)
+            bits += lowrank_bits(linear.in_features, linear.out_features, config.lowrank_rank)
         scale_inv = getattr(linear, "input_scale_inv", None)
         perm = getattr(linear, "input_perm", None)
         replacement = FakeQuantLinear(
@@ -142,6 +152,8 @@ def quantize_model(
             scale_mode=config.scale_mode,
             input_scale_inv=scale_inv,
             input_perm=perm,
+            lowrank_a=lowrank_a,
+            lowrank_b=lowrank_b,
         )
         replace_module(model, name, replacement)
         linears.append(
@@ -150,7 +162,7 @@ def quantize_model(
                 linear.in_features,
                 linear.out_features,
                 config.correction_rank,
-                effective_bits(config.format, linear.in_features, config.correction_rank),
+                bits,
                 scale_inv is not None or perm is not None,
             )
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from serq_ao.formats import fake_quantize_int
 from serq_ao.simulate import quantize_correction, quantize_weight
 
 
@@ -51,6 +52,37 @@ def serq_reconstruct(
     residual = weight.clone()
     residual[:, :rank] -= correction
     return quantize_weight(residual, fmt, scale_mode), correction
+
+
+def lowrank_error_factors(
+    weight: torch.Tensor, weight_q: torch.Tensor, rank: int, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LQER: the rank-k SVD of the quantization error ``E = W - Q(W) ~ A @ B``.
+
+    L2QER (``input_scale`` s, e.g. mean |x| per input channel): the SVD of ``E diag(s)``,
+    so the channels that carry large activations are reconstructed first, then
+    ``B <- B diag(s)^-1``. Returns A (d_out, k) and B (k, d_in), each quantized to symmetric
+    INT8 per row, as LQER stores them.
+    """
+    if not 0 < rank <= min(weight.shape):
+        raise ValueError(f"rank must be in [1, {min(weight.shape)}], got {rank}")
+    error = (weight.double() - weight_q.double())  # (d_out, d_in)
+    if input_scale is not None:
+        scale = input_scale.double().clamp(min=1e-8)
+        error = error * scale
+    u, singular, vh = torch.linalg.svd(error, full_matrices=False)
+    a, b = u[:, :rank] * singular[:rank], vh[:rank]
+    if input_scale is not None:
+        b = b / scale
+    return (
+        fake_quantize_int(a.float(), 8, granularity="channel"),
+        fake_quantize_int(b.float(), 8, granularity="channel"),
+    )
+
+
+def lowrank_bits(d_in: int, d_out: int, rank: int) -> float:
+    """Bits per original weight added by INT8 factors A, B with one fp16 scale per row."""
+    return (8 * rank * (d_in + d_out) + 16 * (d_out + rank)) / (d_in * d_out)
 
 
 def effective_bits(fmt: str, d_in: int, rank: int) -> float:

@@ -46,6 +46,7 @@ def _structure(model: nn.Module) -> dict[str, dict]:
                 "format": module.fmt,
                 "scale_mode": module.scale_mode,
                 "buffers": [b for b in ("bias", "input_scale_inv", "input_perm") if getattr(module, b) is not None],
+                "lowrank": 0 if module.lowrank_b is None else module.lowrank_b.shape[0],
             }
         elif isinstance(module, OutputGather):
             structure[name] = {
@@ -99,6 +100,8 @@ def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
             scale_mode=spec["scale_mode"],
             input_scale_inv=empty(d_in) if "input_scale_inv" in buffers else None,
             input_perm=empty(d_in, dtype=torch.long) if "input_perm" in buffers else None,
+            lowrank_a=empty(d_out, spec["lowrank"]) if spec.get("lowrank") else None,
+            lowrank_b=empty(spec["lowrank"], d_in) if spec.get("lowrank") else None,
         )
     if spec["kind"] == "output_gather":
         width, buffers = spec["width"], set(spec["buffers"])

@@ -44,7 +44,8 @@ class FakeQuantLinear(nn.Module):
 
     Buffers: ``weight`` (d_out, d_in) dequantized W^q; ``correction`` (d_out, r) dequantized
     R or None; ``bias`` or None; ``input_scale_inv`` and ``input_perm``, the group's pre-op,
-    or None where the transform was folded into the producer.
+    or None where the transform was folded into the producer; ``lowrank_a`` (d_out, k) and
+    ``lowrank_b`` (k, d_in), the LQER/L2QER factors, or None.
     """
 
     def __init__(
@@ -57,6 +58,8 @@ class FakeQuantLinear(nn.Module):
         scale_mode: str = "floor",
         input_scale_inv: torch.Tensor | None = None,
         input_perm: torch.Tensor | None = None,
+        lowrank_a: torch.Tensor | None = None,
+        lowrank_b: torch.Tensor | None = None,
     ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -69,6 +72,8 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.clone())
         self.register_buffer("input_scale_inv", input_scale_inv)
         self.register_buffer("input_perm", input_perm)
+        self.register_buffer("lowrank_a", None if lowrank_a is None else lowrank_a.clone())
+        self.register_buffer("lowrank_b", None if lowrank_b is None else lowrank_b.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale_inv is not None:
@@ -79,8 +84,15 @@ class FakeQuantLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.correction is not None:
             y = y + F.linear(x[..., : self.rank], self.correction)
+        if self.lowrank_b is not None:  # LQER: Q8(Q(X) B^T) A^T
+            inner = fake_quantize_int(F.linear(x, self.lowrank_b), 8, granularity="token")
+            y = y + F.linear(inner, self.lowrank_a)
         return y
 
     def extra_repr(self) -> str:
         preop = [n for n in ("input_scale_inv", "input_perm") if getattr(self, n) is not None]
-        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, rank={self.rank}, pre-op={preop or None}"
+        lowrank = 0 if self.lowrank_b is None else self.lowrank_b.shape[0]
+        return (
+            f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, rank={self.rank}, "
+            f"lowrank={lowrank}, pre-op={preop or None}"
+        )

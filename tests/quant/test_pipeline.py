@@ -94,7 +94,7 @@ def test_pipeline_equals_naive_runtime_implementation(arch, fmt, scale_mode):
     assert ((got - expected).norm() / expected.norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("method", ["rtn", "smoothquant", "serq"])
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "lqer", "l2qer", "serq"])
 @pytest.mark.parametrize("fmt", ["mxfp4", "w4a8", "w4a4"])
 def test_every_linear_is_quantized_and_output_stays_close(method, fmt):
     model = make_tiny_llama()
@@ -161,3 +161,18 @@ def test_config_round_trips_through_json():
     assert SERQConfig.from_dict(__import__("json").loads(config.to_json())) == config
     with pytest.raises(ValueError, match="unknown SERQConfig fields"):
         SERQConfig.from_dict({"ranks": 3})
+
+
+@pytest.mark.parametrize("method", ["lqer", "l2qer"])
+def test_lowrank_methods_reload_and_cost_their_bits(method, tmp_path):
+    from serq_ao.models import load_model
+    from serq_ao.serialization import save_quantized
+    from tests.conftest import make_byte_tokenizer
+
+    model = make_tiny_llama()
+    report = quantize_model(model, SERQConfig(method=method, format="mxfp4", lowrank_rank=8), ids(7))
+    assert report.effective_bits > 4.25 + 1  # tiny linears make INT8 factors expensive
+    save_quantized(model, make_byte_tokenizer(), tmp_path / "q", report.config)
+    reloaded, _ = load_model(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(model(ids(8)).logits, reloaded(ids(8)).logits)

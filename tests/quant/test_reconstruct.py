@@ -115,3 +115,24 @@ def test_effective_bits():
 def test_rank_larger_than_d_in_is_rejected():
     with pytest.raises(ValueError, match="rank"):
         serq_reconstruct(torch.randn(4, 32), 64, "mxfp4")
+
+
+def test_lowrank_factors_match_float64_svd():
+    from serq_ao.reconstruct import lowrank_error_factors
+
+    weight, x = random_linear(seed=5)
+    w = weight.float()
+    w_q = fake_quantize_mxfp4(w)
+    error = weight - w_q.double()
+    a, b = lowrank_error_factors(w, w_q, 8)
+    u, s, vh = torch.linalg.svd(error, full_matrices=False)
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    # INT8 factors: close to the best rank-8 approximation, and it removes error
+    assert ((a.double() @ b.double() - best).norm() / best.norm()) < 0.02
+    assert (error - a.double() @ b.double()).norm() < 0.95 * error.norm()
+    # L2QER weighs channels by activation size: it reconstructs the output better on x
+    scale = x.abs().mean(0)
+    a2, b2 = lowrank_error_factors(w, w_q, 8, scale.float())
+    plain = (x @ (error - a.double() @ b.double()).T).norm()
+    scaled = (x @ (error - a2.double() @ b2.double()).T).norm()
+    assert scaled < plain

@@ -1,0 +1,170 @@
+"""Accuracy of every method and format on the default model, per ../shared/protocol.md.
+
+    .venv/bin/python benchmarks/accuracy.py                      # everything (hours on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py --formats mxfp4 --methods rtn,serq --ranks 64
+
+Each cell (method, format, rank, calibration corpus) is quantized from a fresh copy of the
+model, evaluated on 32 wiki windows, and appended to
+benchmarks/results/accuracy_smollm2.cells.jsonl as soon as it is done, so an interrupted run
+resumes where it stopped (``--fresh`` starts over). Calibration statistics are computed once
+per corpus and shared by all cells. The tables (.json and .md) are rebuilt from all cells at
+the end of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import serq_ao  # noqa: E402,F401
+from serq_ao.calibration import CalibrationStats, calibrate  # noqa: E402
+from serq_ao.config import FORMATS, METHODS, SERQConfig  # noqa: E402
+from serq_ao.data import calibration_batches, evaluation_windows  # noqa: E402
+from serq_ao.eval import perplexity  # noqa: E402
+from serq_ao.models import load_model  # noqa: E402
+from serq_ao.passes import analyze  # noqa: E402
+from serq_ao.pipeline import quantize_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "smollm2-135m"
+ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq"]
+
+
+def cell_key(cell: dict) -> tuple:
+    return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"])
+
+
+def load_cells(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def statistics(corpus: str, windows: int, cache: Path) -> CalibrationStats:
+    path = cache / f"calibration_{MODEL}_{corpus}_{windows}.pt"
+    if path.exists():
+        return CalibrationStats.load(path)
+    model, tokenizer = load_model(MODEL)
+    stats = calibrate(model, analyze(model), calibration_batches(tokenizer, corpus, windows))
+    stats.save(path)
+    return stats
+
+
+def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, args, cache: Path) -> dict:
+    model, tokenizer = load_model(MODEL)
+    windows = evaluation_windows(tokenizer, "wiki", n_windows=args.windows)
+    bits, seconds = 32.0, 0.0
+    if method != "fp":
+        config = SERQConfig(method=method, format=fmt, rank=rank, scale_mode=scale_mode)
+        stats = statistics(corpus, args.calib_windows, cache) if method != "rtn" else None
+        started = time.perf_counter()
+        report = quantize_model(model, config, stats)
+        # calibration is shared between cells; count it in every cell's wall time
+        seconds = time.perf_counter() - started + (stats.seconds if stats is not None else 0.0)
+        bits = report.effective_bits
+    result = perplexity(model, windows)
+    return {
+        "method": method,
+        "format": fmt,
+        "rank": rank,
+        "calib_corpus": corpus,
+        "scale_mode": scale_mode,
+        "ppl": result.ppl,
+        "windows": result.windows,
+        "tokens": result.tokens,
+        "bits": bits,
+        "quantize_seconds": seconds,
+        "eval_seconds": result.seconds,
+    }
+
+
+def tables(cells: list[dict]) -> str:
+    """Markdown: the method x format table, the rank sweep and the calibration check."""
+    by_key = {cell_key(c): c for c in cells}
+    lines = ["## Perplexity, smollm2-135m, wiki, 32 windows (bits per weight, quantization seconds)", ""]
+    lines += ["| method | " + " | ".join(f.upper() if f != "mxfp4" else "MXFP4 W4A4" for f in FORMATS) + " |"]
+    lines += ["|---|" + "---:|" * len(FORMATS)]
+    for method in ROW_ORDER:
+        row = []
+        for fmt in FORMATS:
+            rank = 64 if method == "serq" else 0
+            fmt_key = "fp" if method == "fp" else fmt
+            cell = by_key.get((method, fmt_key, rank, "wiki", "floor"))
+            row.append(f"{cell['ppl']:.2f} ({cell['bits']:.2f} b, {cell['quantize_seconds']:.0f} s)" if cell else "—")
+        name = "SERQ (r = 64)" if method == "serq" else {"fp": "FP32"}.get(method, method.upper() if method != "smoothquant" else "SmoothQuant")
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    sweep = sorted((c for c in cells if c["method"] == "serq" and c["format"] == "mxfp4" and c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor"), key=lambda c: c["rank"])
+    if sweep:
+        lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]
+        lines += [f"| {c['rank']} | {c['bits']:.2f} | {c['ppl']:.2f} |" for c in sweep]
+    other = [c for c in cells if c["calib_corpus"] != "wiki" or c["scale_mode"] != "floor"]
+    if other:
+        lines += ["", "## Other settings", "", "| method | format | rank | calibration | scale rule | perplexity |", "|---|---|---:|---|---|---:|"]
+        lines += [f"| {c['method']} | {c['format']} | {c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | {c['ppl']:.2f} |" for c in other]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(ROW_ORDER))
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--ranks", default="64", help="SERQ ranks (comma-separated)")
+    parser.add_argument("--calib-corpora", default="wiki")
+    parser.add_argument("--scale-modes", default="floor")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fresh", action="store_true", help="forget earlier cells")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in ("fp", *METHODS)]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; allowed: fp, {', '.join(METHODS)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cells_path = RESULTS / "accuracy_smollm2.cells.jsonl"
+    cache = RESULTS / ".cache"
+    cache.mkdir(exist_ok=True)
+    if args.fresh and cells_path.exists():
+        cells_path.unlink()
+    done = {cell_key(c) for c in load_cells(cells_path)}
+    plan = []
+    for method in methods:
+        for fmt in (["fp"] if method == "fp" else args.formats.split(",")):
+            for rank in ([int(r) for r in args.ranks.split(",")] if method == "serq" else [0]):
+                for corpus in (["wiki"] if method in ("fp", "rtn") else args.calib_corpora.split(",")):
+                    for mode in (["floor"] if fmt != "mxfp4" else args.scale_modes.split(",")):
+                        plan.append((method, fmt, rank, corpus, mode))
+    for index, cell_args in enumerate(plan, 1):
+        key = (cell_args[0], cell_args[1], cell_args[2], cell_args[3], cell_args[4])
+        if key in done:
+            continue
+        print(f"[{index}/{len(plan)}] {key}", file=sys.stderr, flush=True)
+        cell = run_cell(*cell_args, args, cache)
+        with open(cells_path, "a") as f:
+            f.write(json.dumps(cell) + "\n")
+    cells = load_cells(cells_path)
+    summary = {
+        "model": MODEL,
+        "protocol": "../shared/protocol.md: wiki evaluation split, 32 windows of 1024 + BOS, fp32",
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "processor": platform.machine()},
+        "cells": cells,
+    }
+    (RESULTS / "accuracy_smollm2.json").write_text(json.dumps(summary, indent=1))
+    markdown = tables(cells)
+    (RESULTS / "accuracy_smollm2.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
