@@ -39,6 +39,7 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="mxfp4", help="mxfp4 (W4A4 MXFP4), w4a8 or w4a4 (INT)")
     parser.add_argument("--rank", type=non_negative_int, default=DEFAULT_RANK, help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK})")
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default="floor", help="MXFP4 block scale rule")
+    parser.add_argument("--gptq", action="store_true", help="GPTQ for the main weights, layer by layer")
     parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki")
     parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS)
     parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN)

@@ -18,7 +18,9 @@ def _config(args: argparse.Namespace, method: str | None = None):
     from serq_ao.config import SERQConfig
 
     try:
-        return SERQConfig(method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode)
+        return SERQConfig(
+            method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode, gptq=args.gptq
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -56,7 +58,7 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
     with status(err, f"loading {args.model}", args.quiet):
         model, tokenizer = load_model(args.model)
         plan = _plan_checked(model, config)
-        batches = _calibration(tokenizer, args) if config.method != "rtn" else None
+        batches = _calibration(tokenizer, args) if config.method != "rtn" or config.gptq else None
     with progress_bar(err, args.quiet) as progress:
         report = quantize_model(model, config, batches, plan=plan, progress=StageProgress(progress))
     extra = {
@@ -111,12 +113,18 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
             if method != "fp":
                 config = configs[method]
                 plan = _plan_checked(model, config)
-                if stats is None and config.method != "rtn":
-                    batches = _calibration(tokenizer, args)
-                    task = progress.add_task("calibrate", total=batches.shape[0])
-                    stats = calibrate(model, plan, batches, on_batch=lambda k: progress.advance(task, k))
+                if config.gptq:  # GPTQ runs the layers on the ids itself
+                    calibration = _calibration(tokenizer, args)
+                elif config.method != "rtn":
+                    if stats is None:
+                        batches = _calibration(tokenizer, args)
+                        task = progress.add_task("calibrate", total=batches.shape[0])
+                        stats = calibrate(model, plan, batches, on_batch=lambda k: progress.advance(task, k))
+                    calibration = stats
+                else:
+                    calibration = None
                 started = time.perf_counter()
-                report = quantize_model(model, config, stats if config.method != "rtn" else None, plan=plan)
+                report = quantize_model(model, config, calibration, plan=plan)
                 bits, quant_seconds = report.effective_bits, time.perf_counter() - started
             task = progress.add_task(f"perplexity {method}", total=windows.shape[0])
             result = perplexity(model, windows, on_batch=lambda k: progress.advance(task, k))
@@ -126,6 +134,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
         "format": args.format,
         "rank": args.rank,
         "scale_mode": args.scale_mode,
+        "gptq": args.gptq,
         "corpus": args.corpus,
         "windows": int(windows.shape[0]),
         "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows},

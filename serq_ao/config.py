@@ -32,6 +32,8 @@ class SERQConfig:
     - ``rank``: multiple of 32, 0 allowed (plain flattening); used by ``serq`` only.
     - ``scale_mode``: MXFP4 block scale rule, ``"floor"`` (OCP spec, SERQ reference) or
       ``"rceil"`` (torchao's default).
+    - ``gptq``: quantize main weights with GPTQ, layer by layer, each layer calibrated on the
+      outputs of the already quantized layers before it (any method).
     """
 
     method: str = "serq"
@@ -40,6 +42,7 @@ class SERQConfig:
     scale_mode: str = "floor"
     smoothquant_alpha: float = 0.5
     lowrank_rank: int = 32
+    gptq: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -52,6 +55,8 @@ class SERQConfig:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
         if not isinstance(self.lowrank_rank, int) or isinstance(self.lowrank_rank, bool) or self.lowrank_rank < 1:
             raise ValueError(f"lowrank_rank must be a positive integer, got {self.lowrank_rank!r}")
+        if not isinstance(self.gptq, bool):
+            raise ValueError(f"gptq must be True or False, got {self.gptq!r}")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
 

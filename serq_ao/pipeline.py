@@ -16,6 +16,7 @@ from torch import nn
 
 from serq_ao.calibration import CalibrationStats, calibrate
 from serq_ao.config import LOWRANK_METHODS, SERQConfig
+from serq_ao.gptq import gptq_quantize
 from serq_ao.passes import InputTransform, ModelPlan, analyze, apply_input_transforms
 from serq_ao.passes.transforms import replace_module
 from serq_ao.reconstruct import (
@@ -27,6 +28,7 @@ from serq_ao.reconstruct import (
     serq_reconstruct,
     smoothquant_scales,
 )
+from serq_ao.sequential import quantize_layers_sequentially, record_layer_calls
 from serq_ao.simulate import FakeQuantLinear
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,47 @@ def _transforms(model: nn.Module, plan: ModelPlan, config: SERQConfig, stats: Ca
     return transforms
 
 
+def _quantize_linear(
+    model: nn.Module,
+    name: str,
+    config: SERQConfig,
+    plan: ModelPlan,
+    stats: CalibrationStats | None,
+    hessian: torch.Tensor | None = None,
+) -> LinearReport:
+    """Replace the linear ``name`` (already transformed) by its FakeQuantLinear."""
+    linear = model.get_submodule(name)
+    weight = linear.weight.data.float()
+    rank = config.correction_rank
+    main, correction = serq_reconstruct(weight, rank, config.format, config.scale_mode)
+    if hessian is not None:  # GPTQ replaces round-to-nearest for the main weight
+        residual = weight.clone()
+        if correction is not None:
+            residual[:, :rank] -= correction
+        main, _ = gptq_quantize(residual, hessian, config.format, scale_mode=config.scale_mode)
+    lowrank_a = lowrank_b = None
+    bits = effective_bits(config.format, linear.in_features, rank)
+    if config.method in LOWRANK_METHODS:
+        input_scale = stats.abs_mean[plan.group_of(name).name] if config.method == "l2qer" else None
+        lowrank_a, lowrank_b = lowrank_error_factors(weight, main, config.lowrank_rank, input_scale)
+        bits += lowrank_bits(linear.in_features, linear.out_features, config.lowrank_rank)
+    scale_inv = getattr(linear, "input_scale_inv", None)
+    perm = getattr(linear, "input_perm", None)
+    replacement = FakeQuantLinear(
+        main,
+        correction,
+        None if linear.bias is None else linear.bias.data,
+        fmt=config.format,
+        scale_mode=config.scale_mode,
+        input_scale_inv=scale_inv,
+        input_perm=perm,
+        lowrank_a=lowrank_a,
+        lowrank_b=lowrank_b,
+    )
+    replace_module(model, name, replacement)
+    return LinearReport(name, linear.in_features, linear.out_features, rank, bits, scale_inv is not None or perm is not None)
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -102,72 +145,56 @@ def quantize_model(
     """Quantize ``model`` in place per ``config``.
 
     ``calibration``: input ids (n, L) to calibrate on, or statistics from :func:`calibrate`
-    on this same, untransformed model. RTN needs none (pass None).
+    on this same, untransformed model. RTN needs none (pass None); GPTQ needs input ids.
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     plan = plan if plan is not None else analyze(model)
     check_config_for_plan(config, plan)
     report = progress or (lambda stage, done, total: None)
+    needs_ids = config.gptq
+    if (config.method != "rtn" or needs_ids) and calibration is None:
+        raise ValueError(f"method {config.method!r}{' with GPTQ' if needs_ids else ''} needs calibration data")
+    if needs_ids and isinstance(calibration, CalibrationStats):
+        raise ValueError("GPTQ needs calibration input ids (it runs the layers), not statistics")
 
-    stats = None
-    if config.method != "rtn":
-        if calibration is None:
-            raise ValueError(f"method {config.method!r} needs calibration data")
+    stats, layer_calls = None, None
+    if needs_ids:
+        total = calibration.shape[0]
+        counter = iter(range(1, total + 1))
+        stats, hidden, calls = record_layer_calls(model, plan, calibration, on_batch=lambda k: report("calibrate", next(counter), total))
+        layer_calls = (hidden, calls)
+    elif config.method != "rtn":
         if isinstance(calibration, CalibrationStats):
             stats = calibration
         else:
             total = calibration.shape[0]
             counter = iter(range(1, total + 1))
             stats = calibrate(model, plan, calibration, on_batch=lambda k: report("calibrate", next(counter), total))
+    if stats is not None:
         seconds["calibration"] = stats.seconds
 
     transform_start = time.perf_counter()
-    transforms = _transforms(model, plan, config, stats) if stats is not None else {}
+    transforms = _transforms(model, plan, config, stats) if stats is not None and config.method in ("serq", "smoothquant") else {}
     if transforms:
         apply_input_transforms(model, plan, transforms)
     seconds["transform"] = time.perf_counter() - transform_start
 
     quantize_start = time.perf_counter()
     linears: list[LinearReport] = []
-    names = [name for group in plan.groups for name in group.linears]
-    for done, name in enumerate(names, 1):
-        linear = model.get_submodule(name)
-        weight = linear.weight.data.float()
-        main, correction = serq_reconstruct(weight, config.correction_rank, config.format, config.scale_mode)
-        lowrank_a = lowrank_b = None
-        bits = effective_bits(config.format, linear.in_features, config.correction_rank)
-        if config.method in LOWRANK_METHODS:
-            group_name = plan.group_of(name).name
-            input_scale = stats.abs_mean[group_name] if config.method == "l2qer" else None
-            lowrank_a, lowrank_b = lowrank_error_factors(weight, main, config.lowrank_rank, input_scale)
-            bits += lowrank_bits(linear.in_features, linear.out_features, config.lowrank_rank)
-        scale_inv = getattr(linear, "input_scale_inv", None)
-        perm = getattr(linear, "input_perm", None)
-        replacement = FakeQuantLinear(
-            main,
-            correction,
-            None if linear.bias is None else linear.bias.data.clone(),
-            fmt=config.format,
-            scale_mode=config.scale_mode,
-            input_scale_inv=scale_inv,
-            input_perm=perm,
-            lowrank_a=lowrank_a,
-            lowrank_b=lowrank_b,
+    if layer_calls is not None:
+        quantize_layers_sequentially(
+            model,
+            plan,
+            *layer_calls,
+            lambda name, hessian: linears.append(_quantize_linear(model, name, config, plan, stats, hessian)),
+            on_layer=lambda done, total: report("gptq", done, total),
         )
-        replace_module(model, name, replacement)
-        linears.append(
-            LinearReport(
-                name,
-                linear.in_features,
-                linear.out_features,
-                config.correction_rank,
-                bits,
-                scale_inv is not None or perm is not None,
-            )
-        )
-        report("quantize", done, len(names))
+    else:
+        names = [name for group in plan.groups for name in group.linears]
+        for done, name in enumerate(names, 1):
+            linears.append(_quantize_linear(model, name, config, plan, stats))
+            report("quantize", done, len(names))
     seconds["quantize"] = time.perf_counter() - quantize_start
     seconds["total"] = time.perf_counter() - started
-    tokens = stats.tokens if stats is not None else 0
-    return QuantizationReport(config, linears, tokens, seconds)
+    return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds)

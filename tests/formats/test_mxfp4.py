@@ -214,3 +214,12 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(fake_quantize_mxfp4, fullgraph=True, backend="aot_eager")
     for mode in ("floor", "rceil"):
         assert torch.equal(compiled(x, mode), fake_quantize_mxfp4(x, mode))
+
+
+@pytest.mark.parametrize("scale_mode", ["floor", "rceil"])
+def test_round_with_fixed_block_scales_equals_fake_quantization(scale_mode):
+    from serq_ao.formats.mxfp4 import mxfp4_block_scales, round_to_e2m1
+
+    x = random_with_outliers((8, 96), torch.float32, seed=12)
+    scales = mxfp4_block_scales(x, scale_mode).repeat_interleave(32, dim=-1)
+    assert torch.equal(round_to_e2m1(x, scales), fake_quantize_mxfp4(x, scale_mode))

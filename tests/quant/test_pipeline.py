@@ -176,3 +176,28 @@ def test_lowrank_methods_reload_and_cost_their_bits(method, tmp_path):
     reloaded, _ = load_model(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(model(ids(8)).logits, reloaded(ids(8)).logits)
+
+
+@pytest.mark.parametrize("method, fmt", [("serq", "mxfp4"), ("rtn", "w4a8"), ("l2qer", "w4a4")])
+def test_gptq_pipeline_quantizes_every_linear_and_lowers_the_error(method, fmt):
+    calibration = ids(9, n=8)
+    errors = {}
+    for gptq in (False, True):
+        model = make_tiny_llama()
+        with torch.no_grad():
+            reference = model(calibration).logits
+        report = quantize_model(model, SERQConfig(method=method, format=fmt, rank=32, gptq=gptq), calibration)
+        assert len(report.linears) == 14
+        assert sum(isinstance(m, FakeQuantLinear) for m in model.modules()) == 14
+        with torch.no_grad():
+            errors[gptq] = ((model(calibration).logits - reference).norm() / reference.norm()).item()
+    assert errors[True] < errors[False], errors
+
+
+def test_gptq_needs_input_ids():
+    model = make_tiny_llama()
+    stats = calibrate(model, analyze(model), ids(10))
+    with pytest.raises(ValueError, match="GPTQ needs calibration input ids"):
+        quantize_model(model, SERQConfig(gptq=True, rank=32), stats)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_model(model, SERQConfig(method="rtn", gptq=True), None)
