@@ -35,7 +35,7 @@ from serq_ao.pipeline import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"
-ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq"]
+ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq", "serq+gptq"]
 
 
 def cell_key(cell: dict) -> tuple:
@@ -63,12 +63,17 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
     windows = evaluation_windows(tokenizer, "wiki", n_windows=args.windows)
     bits, seconds = 32.0, 0.0
     if method != "fp":
-        config = SERQConfig(method=method, format=fmt, rank=rank, scale_mode=scale_mode)
-        stats = statistics(corpus, args.calib_windows, cache) if method != "rtn" else None
+        base, gptq = method.removesuffix("+gptq"), method.endswith("+gptq")
+        config = SERQConfig(method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq)
+        if gptq:  # GPTQ calibrates inside, on the layers' own inputs
+            calibration = calibration_batches(tokenizer, corpus, args.calib_windows)
+        else:
+            calibration = statistics(corpus, args.calib_windows, cache) if base != "rtn" else None
         started = time.perf_counter()
-        report = quantize_model(model, config, stats)
-        # calibration is shared between cells; count it in every cell's wall time
-        seconds = time.perf_counter() - started + (stats.seconds if stats is not None else 0.0)
+        report = quantize_model(model, config, calibration)
+        # shared statistics were computed once; count them in every cell's wall time
+        shared = calibration.seconds if isinstance(calibration, CalibrationStats) else 0.0
+        seconds = time.perf_counter() - started + shared
         bits = report.effective_bits
     result = perplexity(model, windows)
     return {
@@ -95,11 +100,12 @@ def tables(cells: list[dict]) -> str:
     for method in ROW_ORDER:
         row = []
         for fmt in FORMATS:
-            rank = 64 if method == "serq" else 0
+            rank = 64 if method.startswith("serq") else 0
             fmt_key = "fp" if method == "fp" else fmt
             cell = by_key.get((method, fmt_key, rank, "wiki", "floor"))
             row.append(f"{cell['ppl']:.2f} ({cell['bits']:.2f} b, {cell['quantize_seconds']:.0f} s)" if cell else "—")
-        name = "SERQ (r = 64)" if method == "serq" else {"fp": "FP32"}.get(method, method.upper() if method != "smoothquant" else "SmoothQuant")
+        names = {"fp": "FP32", "smoothquant": "SmoothQuant", "serq": "SERQ (r = 64)", "serq+gptq": "SERQ + GPTQ (r = 64)"}
+        name = names.get(method, method.upper())
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     sweep = sorted((c for c in cells if c["method"] == "serq" and c["format"] == "mxfp4" and c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor"), key=lambda c: c["rank"])
     if sweep:
@@ -114,7 +120,7 @@ def tables(cells: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(ROW_ORDER))
+    parser.add_argument("--methods", default=",".join(ROW_ORDER), help="from: " + ", ".join(ROW_ORDER))
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--ranks", default="64", help="SERQ ranks (comma-separated)")
     parser.add_argument("--calib-corpora", default="wiki")
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in ("fp", *METHODS)]
+    unknown = [m for m in methods if m.removesuffix("+gptq") not in ("fp", *METHODS)]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; allowed: fp, {', '.join(METHODS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = []
     for method in methods:
         for fmt in (["fp"] if method == "fp" else args.formats.split(",")):
-            for rank in ([int(r) for r in args.ranks.split(",")] if method == "serq" else [0]):
+            for rank in ([int(r) for r in args.ranks.split(",")] if method.startswith("serq") else [0]):
                 for corpus in (["wiki"] if method in ("fp", "rtn") else args.calib_corpora.split(",")):
                     for mode in (["floor"] if fmt != "mxfp4" else args.scale_modes.split(",")):
                         plan.append((method, fmt, rank, corpus, mode))

@@ -41,6 +41,32 @@ class CalibrationStats:
         return cls(data["amax"], data["tokens"], data.get("seconds", 0.0), data.get("abs_mean", {}))
 
 
+class StatisticsObserver:
+    """Forward pre-hooks that accumulate max |x| and sum |x| per input channel, per group."""
+
+    def __init__(self):
+        self.amax: dict[str, torch.Tensor] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
+
+    def hook(self, name: str):
+        def observe(module, args):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()  # (tokens, d_in)
+            current = x.amax(dim=0).cpu()
+            self.amax[name] = current if name not in self.amax else torch.maximum(self.amax[name], current)
+            total = x.double().sum(dim=0).cpu()
+            self.abs_sum[name] = total if name not in self.abs_sum else self.abs_sum[name] + total
+
+        return observe
+
+    def attach(self, model: nn.Module, plan: ModelPlan) -> list:
+        """Hooks on the first linear of every group (it sees the group's input); returns handles."""
+        return [model.get_submodule(g.linears[0]).register_forward_pre_hook(self.hook(g.name)) for g in plan.groups]
+
+    def statistics(self, tokens: int, seconds: float) -> CalibrationStats:
+        abs_mean = {name: (total / tokens).float() for name, total in self.abs_sum.items()}
+        return CalibrationStats(self.amax, tokens, seconds, abs_mean)
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -50,24 +76,10 @@ def calibrate(
     batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> CalibrationStats:
-    """Run ``batches`` (n, L) of input ids through ``model`` and record per-group max |x|."""
+    """Run ``batches`` (n, L) of input ids through ``model`` and record per-group statistics."""
     start = time.perf_counter()
-    amax: dict[str, torch.Tensor] = {}
-    abs_sum: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def observer(name: str):
-        def hook(module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()  # (tokens, d_in)
-            current = x.amax(dim=0).cpu()
-            amax[name] = current if name not in amax else torch.maximum(amax[name], current)
-            total = x.double().sum(dim=0).cpu()
-            abs_sum[name] = total if name not in abs_sum else abs_sum[name] + total
-
-        return hook
-
-    for group in plan.groups:
-        handles.append(model.get_submodule(group.linears[0]).register_forward_pre_hook(observer(group.name)))
+    observer = StatisticsObserver()
+    handles = observer.attach(model, plan)
     tokens = 0
     device = next(model.parameters()).device
     try:
@@ -79,5 +91,4 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-    abs_mean = {name: (total / tokens).float() for name, total in abs_sum.items()}
-    return CalibrationStats(amax, tokens, time.perf_counter() - start, abs_mean)
+    return observer.statistics(tokens, time.perf_counter() - start)

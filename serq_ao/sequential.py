@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from serq_ao.calibration import CalibrationStats
+from serq_ao.calibration import CalibrationStats, StatisticsObserver
 from serq_ao.passes import ModelPlan
 from serq_ao.passes.trace import find_decoder_layers
 
@@ -32,18 +32,9 @@ def record_layer_calls(
 ) -> tuple[CalibrationStats, list[torch.Tensor], list[list[dict]]]:
     """Full-precision pass: statistics, layer-0 hidden states per batch, kwargs per layer and batch."""
     _, layers = find_decoder_layers(model)
-    amax: dict[str, torch.Tensor] = {}
-    abs_sum: dict[str, torch.Tensor] = {}
+    observer = StatisticsObserver()
     hidden: list[torch.Tensor] = []
     calls: list[list[dict]] = [[] for _ in layers]
-
-    def observer(name):
-        def hook(module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()
-            amax[name] = x.amax(0) if name not in amax else torch.maximum(amax[name], x.amax(0))
-            abs_sum[name] = x.double().sum(0) + abs_sum.get(name, 0)
-
-        return hook
 
     def recorder(index):
         def hook(module, args, kwargs):
@@ -55,7 +46,7 @@ def record_layer_calls(
 
         return hook
 
-    handles = [model.get_submodule(g.linears[0]).register_forward_pre_hook(observer(g.name)) for g in plan.groups]
+    handles = observer.attach(model, plan)
     handles += [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
     started, tokens = time.perf_counter(), 0
     try:
@@ -67,9 +58,7 @@ def record_layer_calls(
     finally:
         for handle in handles:
             handle.remove()
-    abs_mean = {name: (total / tokens).float() for name, total in abs_sum.items()}
-    stats = CalibrationStats({k: v.cpu() for k, v in amax.items()}, tokens, time.perf_counter() - started, abs_mean)
-    return stats, hidden, calls
+    return observer.statistics(tokens, time.perf_counter() - started), hidden, calls
 
 
 def transformed_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
