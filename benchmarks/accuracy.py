@@ -39,7 +39,7 @@ ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq", "serq+gptq"]
 
 
 def cell_key(cell: dict) -> tuple:
-    return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"])
+    return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"], cell.get("folds", "all"))
 
 
 def load_cells(path: Path) -> list[dict]:
@@ -64,7 +64,9 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
     bits, seconds = 32.0, 0.0
     if method != "fp":
         base, gptq = method.removesuffix("+gptq"), method.endswith("+gptq")
-        config = SERQConfig(method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq)
+        config = SERQConfig(
+            method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=args.folds == "all"
+        )
         if gptq:  # GPTQ calibrates inside, on the layers' own inputs
             calibration = calibration_batches(tokenizer, corpus, args.calib_windows)
         else:
@@ -82,6 +84,7 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
         "rank": rank,
         "calib_corpus": corpus,
         "scale_mode": scale_mode,
+        "folds": args.folds,
         "ppl": result.ppl,
         "windows": result.windows,
         "tokens": result.tokens,
@@ -102,19 +105,24 @@ def tables(cells: list[dict]) -> str:
         for fmt in FORMATS:
             rank = 64 if method.startswith("serq") else 0
             fmt_key = "fp" if method == "fp" else fmt
-            cell = by_key.get((method, fmt_key, rank, "wiki", "floor"))
+            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all"))
             row.append(f"{cell['ppl']:.2f} ({cell['bits']:.2f} b, {cell['quantize_seconds']:.0f} s)" if cell else "—")
         names = {"fp": "FP32", "smoothquant": "SmoothQuant", "serq": "SERQ (r = 64)", "serq+gptq": "SERQ + GPTQ (r = 64)"}
         name = names.get(method, method.upper())
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    sweep = sorted((c for c in cells if c["method"] == "serq" and c["format"] == "mxfp4" and c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor"), key=lambda c: c["rank"])
+    default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and c.get("folds", "all") == "all"]
+    sweep = sorted((c for c in default if c["method"] == "serq" and c["format"] == "mxfp4"), key=lambda c: c["rank"])
     if sweep:
         lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]
         lines += [f"| {c['rank']} | {c['bits']:.2f} | {c['ppl']:.2f} |" for c in sweep]
-    other = [c for c in cells if c["calib_corpus"] != "wiki" or c["scale_mode"] != "floor"]
+    other = [c for c in cells if c not in default]
     if other:
-        lines += ["", "## Other settings", "", "| method | format | rank | calibration | scale rule | perplexity |", "|---|---|---:|---|---|---:|"]
-        lines += [f"| {c['method']} | {c['format']} | {c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | {c['ppl']:.2f} |" for c in other]
+        lines += ["", "## Other settings", "", "| method | format | rank | calibration | scale rule | folds into | perplexity |", "|---|---|---:|---|---|---|---:|"]
+        lines += [
+            f"| {c['method']} | {c['format']} | {c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | "
+            f"{'norms and linears' if c.get('folds', 'all') == 'all' else 'norms only'} | {c['ppl']:.2f} |"
+            for c in other
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-modes", default="floor")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--folds", choices=("all", "norms"), default="all", help="norms: keep 1/s of linear-produced inputs a run-time pre-op (no quantized weight absorbs it)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="forget earlier cells")
     args = parser.parse_args(argv)
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     for mode in (["floor"] if fmt != "mxfp4" else args.scale_modes.split(",")):
                         plan.append((method, fmt, rank, corpus, mode))
     for index, cell_args in enumerate(plan, 1):
-        key = (cell_args[0], cell_args[1], cell_args[2], cell_args[3], cell_args[4])
+        key = (*cell_args, args.folds)
         if key in done:
             continue
         print(f"[{index}/{len(plan)}] {key}", file=sys.stderr, flush=True)

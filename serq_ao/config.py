@@ -34,6 +34,9 @@ class SERQConfig:
       ``"rceil"`` (torchao's default).
     - ``gptq``: quantize main weights with GPTQ, layer by layer, each layer calibrated on the
       outputs of the already quantized layers before it (any method).
+    - ``fold_into_linears``: fold 1/s into producing linears (up rows, ReLU inputs, MHA value
+      rows), whose quantized weights then include it; False keeps those scales as run-time
+      pre-ops, so that no quantized weight absorbs them. Norms are folded either way.
     """
 
     method: str = "serq"
@@ -43,6 +46,7 @@ class SERQConfig:
     smoothquant_alpha: float = 0.5
     lowrank_rank: int = 32
     gptq: bool = False
+    fold_into_linears: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -55,6 +59,8 @@ class SERQConfig:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
         if not isinstance(self.lowrank_rank, int) or isinstance(self.lowrank_rank, bool) or self.lowrank_rank < 1:
             raise ValueError(f"lowrank_rank must be a positive integer, got {self.lowrank_rank!r}")
+        if not isinstance(self.fold_into_linears, bool):
+            raise ValueError(f"fold_into_linears must be True or False, got {self.fold_into_linears!r}")
         if not isinstance(self.gptq, bool):
             raise ValueError(f"gptq must be True or False, got {self.gptq!r}")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:

@@ -177,7 +177,7 @@ def quantize_model(
     transform_start = time.perf_counter()
     transforms = _transforms(model, plan, config, stats) if stats is not None and config.method in ("serq", "smoothquant") else {}
     if transforms:
-        apply_input_transforms(model, plan, transforms)
+        apply_input_transforms(model, plan, transforms, fold=True if config.fold_into_linears else ("norm",))
     seconds["transform"] = time.perf_counter() - transform_start
 
     quantize_start = time.perf_counter()

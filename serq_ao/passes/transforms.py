@@ -9,7 +9,7 @@ stays a pre-op of the group's linears (:class:`PreOpLinear`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Collection, Mapping
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from serq_ao.passes.plan import (
     NormProducer,
     RowRange,
 )
+
+
+PRODUCER_KINDS = ("norm", "gated", "activation", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,13 +203,21 @@ def apply_input_transforms(
     plan: ModelPlan,
     transforms: Mapping[str, InputTransform],
     *,
-    fold: bool = True,
+    fold: bool | Collection[str] = True,
 ) -> dict[str, FoldRecord]:
     """Apply ``transforms`` (keyed by ``LinearGroup.name``) to ``model`` in place.
 
-    With ``fold=False`` nothing is folded: every group keeps its transform as a pre-op (the
-    path unknown producers always take). Returns where each group's scale and order went.
+    ``fold``: True folds wherever the plan allows; False folds nothing, every group keeps its
+    transform as a pre-op (the path unknown producers always take); a collection of producer
+    kinds ("norm", "gated", "activation", "attention") folds only into those. Returns where
+    each group's scale and order went.
     """
+    if fold is True or fold is False:
+        fold_kinds = set(PRODUCER_KINDS) if fold else set()
+    else:
+        fold_kinds = set(fold)
+        if not fold_kinds <= set(PRODUCER_KINDS):
+            raise ValueError(f"fold must be a bool or a collection of {PRODUCER_KINDS}, got {sorted(fold_kinds)}")
     unknown = set(transforms) - {g.name for g in plan.groups}
     if unknown:
         raise KeyError(f"transforms name groups that are not in the plan: {sorted(unknown)[:3]}")
@@ -217,7 +228,7 @@ def apply_input_transforms(
             continue
         if t.scale.numel() != group.in_features:
             raise ValueError(f"transform of {group.name} has {t.scale.numel()} channels, expected {group.in_features}")
-        record = _fold(model, group, t) if fold else FoldRecord("pre-op", "pre-op")
+        record = _fold(model, group, t) if group.producer.kind in fold_kinds else FoldRecord("pre-op", "pre-op")
         if record.scale == "pre-op" and record.order != "pre-op":
             raise AssertionError(f"{group.name}: an order cannot be folded without its scale")
         scale_inv = (1.0 / t.scale) if record.scale == "pre-op" else None

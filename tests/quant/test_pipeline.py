@@ -201,3 +201,26 @@ def test_gptq_needs_input_ids():
         quantize_model(model, SERQConfig(gptq=True, rank=32), stats)
     with pytest.raises(ValueError, match="needs calibration data"):
         quantize_model(model, SERQConfig(method="rtn", gptq=True), None)
+
+
+def test_without_folding_into_linears_the_pipeline_is_the_runtime_reference():
+    """fold_into_linears=False divides at run time wherever a linear produces the input: then
+    the naive implementation (told not to pre-divide rows) must agree as closely."""
+    config = SERQConfig(method="serq", format="mxfp4", rank=32, fold_into_linears=False, scale_mode="rceil")
+    calibration, evaluation = ids(0, vocab=64), ids(1, vocab=64) + 64
+    model = make_tiny_llama()
+    quantize_model(model, config, calibration)
+    reference = make_tiny_llama()
+    plan = analyze(reference)
+    stats = calibrate(reference, plan, calibration)
+    for group in plan.groups:
+        scales = flattening_scales(stats.amax[group.name])
+        for name in group.linears:
+            parent, _, child = name.rpartition(".")
+            module = NaiveSERQLinear(reference.get_submodule(name), scales, saliency_order(scales), True, config)
+            setattr(reference.get_submodule(parent), child, module)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.input_scale_inv is not None and down.input_perm is not None  # run-time pre-op
+    with torch.no_grad():
+        got, expected = model(evaluation).logits, reference(evaluation).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 5e-3
