@@ -87,3 +87,13 @@ def test_compare_methods(tiny_model_dir, capsys):
     assert [r["method"] for r in record["results"]] == ["fp", "rtn", "serq"]
     assert record["results"][0]["bits"] == 32.0 and all(r["ppl"] > 1 for r in record["results"])
     assert main(["compare", str(tiny_model_dir), "--methods", "fp,awq", *QUICK]) == 2
+
+
+def test_quantize_with_gptq(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    argv = ["quantize", str(tiny_model_dir), "--method", "rtn", "--format", "w4a8", "--gptq", "--out", str(out), "--json", *QUICK]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["gptq"] is True and summary["linears"] == 14
+    saved = json.loads((out / "serq_config.json").read_text())
+    assert saved["config"]["gptq"] is True and saved["calibration"]["windows"] == 2
