@@ -97,8 +97,10 @@ def quantize_layers_sequentially(
 
         def accumulate(group_name):
             def hook(module, args):
-                x = transformed_input(module, args[0]).reshape(-1, args[0].shape[-1]).double()
-                hessians[group_name] = x.T @ x + hessians.get(group_name, 0)
+                # fp32 products (as in the GPTQ reference), summed per batch; GPTQ itself
+                # then works in fp64
+                x = transformed_input(module, args[0]).reshape(-1, args[0].shape[-1]).float()
+                hessians[group_name] = (x.T @ x).double() + hessians.get(group_name, 0)
 
             return hook
 
