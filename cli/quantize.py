@@ -143,8 +143,9 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     if args.json:
         print(json.dumps(record))
         return 0
-    table = Table(title=f"{args.model}: {args.format} W4A4/W4A8, perplexity on {args.corpus} ({record['windows']} windows)")
-    for column in ("method", "bits/weight", "perplexity", "quantize s"):
+    label = {"mxfp4": "MXFP4 W4A4", "w4a8": "INT W4A8", "w4a4": "INT W4A4"}[args.format]
+    table = Table(title=f"{args.model}, {label}: perplexity on {args.corpus} ({record['windows']} windows)")
+    for column in ("method", "bits/weight", "perplexity", "quantize s (calibration apart)"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         name = f"serq (r={args.rank})" if row["method"] == "serq" else row["method"]
