@@ -21,6 +21,7 @@ from rich.console import Console  # noqa: E402
 import serq_ao  # noqa: E402,F401  (silences torchao's CPU-only load messages first)
 from serq_ao.cli.common import UsageError, non_negative_int, positive_int  # noqa: E402
 from serq_ao.cli.evaluate import cmd_eval_ppl  # noqa: E402
+from serq_ao.cli.inspect import cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
 from serq_ao.config import DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(compare)
     _common(compare)
     compare.set_defaults(handler=cmd_compare)
+
+    inspect = commands.add_parser("inspect", help="the dataflow plan: linear groups, producers, what folds")
+    inspect.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
+    inspect.add_argument("--layers", type=non_negative_int, default=1, help="decoder layers to show (0: all)")
+    _common(inspect)
+    inspect.set_defaults(handler=cmd_inspect)
 
     evaluate = commands.add_parser("eval", help="evaluate a model")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")

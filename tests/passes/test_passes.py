@@ -193,10 +193,10 @@ def test_offset_norm_folds_moderate_scales_into_its_weight():
 def test_plan_prints_from_the_command_line(tiny_model_dir, capsys):
     from serq_ao.passes.__main__ import main
 
-    assert main([str(tiny_model_dir)]) == 0
+    assert main([str(tiny_model_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "input_layernorm" in out and "silu" in out
-    assert main([str(tiny_model_dir), "--json"]) == 0
+    assert main([str(tiny_model_dir), "--json", "--quiet"]) == 0
     import json
 
     plan = json.loads(capsys.readouterr().out)
@@ -239,3 +239,10 @@ def test_residual_order_is_refused_before_any_change():
     with pytest.raises(ResidualOrderError):
         analyze_residual(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_serq_inspect_usage_error(capsys):
+    from serq_ao.cli.main import main
+
+    assert main(["inspect", "no-such-model", "--quiet"]) == 2
+    assert "model must be one of" in capsys.readouterr().err
