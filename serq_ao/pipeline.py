@@ -29,7 +29,7 @@ from serq_ao.reconstruct import (
     smoothquant_scales,
 )
 from serq_ao.sequential import quantize_layers_sequentially, record_layer_calls
-from serq_ao.simulate import FakeQuantLinear
+from serq_ao.simulate import FakeQuantLinear, quantize_correction
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,10 @@ def _quantize_linear(
     linear = model.get_submodule(name)
     weight = linear.weight.data.float()
     rank = config.correction_rank
-    main, correction = serq_reconstruct(weight, rank, config.format, config.scale_mode)
-    if hessian is not None:  # GPTQ replaces round-to-nearest for the main weight
+    if hessian is None:
+        main, correction = serq_reconstruct(weight, rank, config.format, config.scale_mode)
+    else:  # GPTQ replaces round-to-nearest for the main weight; R is taken out first
+        correction = quantize_correction(weight[:, :rank], config.format, config.scale_mode) if rank else None
         residual = weight.clone()
         if correction is not None:
             residual[:, :rank] -= correction
