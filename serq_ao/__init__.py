@@ -10,3 +10,21 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
+
+from serq_ao.calibration import CalibrationStats, calibrate  # noqa: E402
+from serq_ao.config import SERQConfig  # noqa: E402
+from serq_ao.packing import pack_model, storage_report  # noqa: E402
+from serq_ao.pipeline import QuantizationReport, quantize_, quantize_model  # noqa: E402
+from serq_ao.torchao_config import SERQLinearConfig  # noqa: E402
+
+__all__ = [
+    "CalibrationStats",
+    "QuantizationReport",
+    "SERQConfig",
+    "SERQLinearConfig",
+    "calibrate",
+    "pack_model",
+    "quantize_",
+    "quantize_model",
+    "storage_report",
+]

@@ -1,7 +1,8 @@
 """quantize_model: calibrate, transform (exactly, via the passes), reconstruct, quantize.
 
 Every linear inside the decoder layers becomes a :class:`FakeQuantLinear` (the evaluation
-mode); lm_head and the embeddings stay in full precision.
+mode); lm_head and the embeddings stay in full precision. :func:`quantize_` does the same and
+then packs the weights (:mod:`serq_ao.packing`): the deployable model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from serq_ao.calibration import CalibrationStats, calibrate
 from serq_ao.config import LOWRANK_METHODS, SERQConfig
 from serq_ao.gptq import gptq_quantize
+from serq_ao.packing import pack_model
 from serq_ao.passes import InputTransform, ModelPlan, analyze, apply_input_transforms
 from serq_ao.passes.transforms import replace_module
 from serq_ao.reconstruct import (
@@ -200,3 +202,27 @@ def quantize_model(
     seconds["quantize"] = time.perf_counter() - quantize_start
     seconds["total"] = time.perf_counter() - started
     return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds)
+
+
+def quantize_(
+    model: nn.Module,
+    config: SERQConfig,
+    calibration: torch.Tensor | CalibrationStats | None = None,
+    *,
+    plan: ModelPlan | None = None,
+    progress: Progress | None = None,
+) -> QuantizationReport:
+    """Quantize ``model`` in place and leave packed weights (SERQMXFP4Tensor / SERQIntTensor).
+
+    The numbers are those of :func:`quantize_model`'s evaluation mode; ``calibration`` as
+    there. The config is kept as ``model.serq_config`` (saving and ``save_pretrained`` read it).
+    """
+    if config.method in LOWRANK_METHODS:
+        raise ValueError(
+            f"method {config.method!r} has no packed format (its INT8 factors need a second "
+            "low-rank GEMM): use quantize_model for its evaluation mode"
+        )
+    report = quantize_model(model, config, calibration, plan=plan, progress=progress)
+    pack_model(model)
+    model.serq_config = config
+    return report

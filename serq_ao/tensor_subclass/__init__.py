@@ -1,5 +1,14 @@
-"""Packed SERQ weight tensor subclasses (torchao TorchAOBaseTensor)."""
+"""Packed SERQ weight tensor subclasses (torchao TorchAOBaseTensor), one per format family."""
 
+import torch
+
+from serq_ao.tensor_subclass.common import stored_bits_per_weight
+from serq_ao.tensor_subclass.serq_int_tensor import SERQIntTensor
 from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
-__all__ = ["SERQMXFP4Tensor"]
+PACKED_TENSOR_CLASSES = (SERQMXFP4Tensor, SERQIntTensor)
+
+# torch.load(weights_only=True) rebuilds only allow-listed classes.
+torch.serialization.add_safe_globals(list(PACKED_TENSOR_CLASSES))
+
+__all__ = ["PACKED_TENSOR_CLASSES", "SERQIntTensor", "SERQMXFP4Tensor", "stored_bits_per_weight"]

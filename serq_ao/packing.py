@@ -1,0 +1,133 @@
+"""Evaluation mode -> packed mode: FakeQuantLinear modules become nn.Linear with packed weights.
+
+The packed weight (:class:`SERQMXFP4Tensor` or :class:`SERQIntTensor`) holds the codes, the
+scales and the group's remaining pre-op; ``nn.Linear.forward`` reaches its custom op through
+``F.linear``, so the model code is untouched and compiles and exports as usual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from serq_ao.passes.transforms import replace_module
+from serq_ao.simulate import ACTIVATION_BITS, INT_GROUP_SIZE, FakeQuantLinear
+from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, SERQIntTensor, SERQMXFP4Tensor, stored_bits_per_weight
+
+
+def is_packed_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and isinstance(module.weight, PACKED_TENSOR_CLASSES)
+
+
+def pack_weight(
+    main: torch.Tensor,
+    correction: torch.Tensor | None,
+    fmt: str,
+    *,
+    scale_mode: str = "floor",
+    input_scale_inv: torch.Tensor | None = None,
+    input_perm: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SERQMXFP4Tensor | SERQIntTensor:
+    """The packed weight of dequantized W^q (N, d_in) and R (N, r) in format ``fmt``."""
+    if fmt == "mxfp4":
+        return SERQMXFP4Tensor.from_dequantized(
+            main, correction, scale_mode=scale_mode, input_scale_inv=input_scale_inv, input_perm=input_perm, dtype=dtype
+        )
+    if fmt in ("w4a8", "w4a4"):
+        return SERQIntTensor.from_dequantized(
+            main, correction, activation_bits=ACTIVATION_BITS[fmt], group_size=INT_GROUP_SIZE,
+            input_scale_inv=input_scale_inv, input_perm=input_perm, dtype=dtype,
+        )
+    raise ValueError(f"fmt must be one of ('mxfp4', 'w4a8', 'w4a4'), got {fmt!r}")
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear around a packed weight (no float weight is ever allocated)."""
+    d_out, d_in = weight.shape
+    linear = nn.Linear(d_in, d_out, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return linear
+
+
+def pack_linear(module: FakeQuantLinear) -> nn.Linear:
+    if module.lowrank_b is not None:
+        raise ValueError(
+            "LQER / L2QER models have no packed format (their INT8 factors need a second, "
+            "low-rank GEMM); keep them in evaluation mode (serq_ao.quantize_model)"
+        )
+    weight = pack_weight(
+        module.weight, module.correction, module.fmt, scale_mode=module.scale_mode,
+        input_scale_inv=module.input_scale_inv, input_perm=module.input_perm,
+    )
+    return packed_linear(weight, module.bias)
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module) -> nn.Module:
+    """In place: replace every FakeQuantLinear by an nn.Linear with a packed weight."""
+    names = [name for name, module in model.named_modules() if isinstance(module, FakeQuantLinear)]
+    lowrank = [n for n in names if model.get_submodule(n).lowrank_b is not None]
+    if lowrank:  # refuse before touching anything
+        pack_linear(model.get_submodule(lowrank[0]))
+    for name in names:
+        replace_module(model, name, pack_linear(model.get_submodule(name)))
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearStorage:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    bits_per_weight: float  # everything the packed weight stores, per original weight
+    pre_op_bits_per_weight: float  # of which the pre-op vectors (1/s, pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageReport:
+    linears: list[LinearStorage]
+    model_bytes: int  # every parameter and buffer, packed weights at their stored size
+    unquantized_bytes: int  # of which the tensors that stay in full precision
+
+    def to_dict(self) -> dict:
+        return {
+            "model_bytes": self.model_bytes,
+            "unquantized_bytes": self.unquantized_bytes,
+            "linears": [dataclasses.asdict(s) for s in self.linears],
+        }
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if isinstance(tensor, PACKED_TENSOR_CLASSES):
+        names = list(tensor.tensor_data_names) + list(tensor.optional_tensor_data_names)
+        return sum(_tensor_bytes(t) for t in (getattr(tensor, n) for n in names) if t is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+def storage_report(model: nn.Module) -> StorageReport:
+    """Bits per weight of every packed linear, and the bytes of the whole model (tied
+    tensors counted once)."""
+    linears = []
+    for name, module in model.named_modules():
+        if is_packed_linear(module):
+            weight = module.weight
+            pre_op = [t for t in (weight.input_scale_inv, weight.input_perm) if t is not None]
+            pre_op_bits = sum(8 * _tensor_bytes(t) for t in pre_op) / weight.numel()
+            linears.append(LinearStorage(name, module.in_features, module.out_features, weight.rank,
+                                         stored_bits_per_weight(weight), pre_op_bits))
+    seen, total, unquantized = set(), 0, 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = _tensor_bytes(tensor)
+        total += size
+        if not isinstance(tensor, PACKED_TENSOR_CLASSES):
+            unquantized += size
+    return StorageReport(linears, total, unquantized)

@@ -1,0 +1,35 @@
+"""What the packed weight subclasses share: the stored pre-op and the check that packing is exact."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compact_perm(perm: torch.Tensor | None) -> torch.Tensor | None:
+    """Store a channel order in int16 where it fits (the ops widen it to int32 to gather)."""
+    if perm is None:
+        return None
+    dtype = torch.int16 if perm.numel() <= torch.iinfo(torch.int16).max + 1 else torch.int32
+    return perm.to(dtype).contiguous()
+
+
+def check_exact(what: str, packed: torch.Tensor, original: torch.Tensor, rtol: float = 0.0) -> None:
+    """Packing takes values already on the format's grid; anything else is a caller's bug.
+
+    ``rtol`` admits a last-bit difference where the original was computed in float64.
+    """
+    error = (packed - original.float()).abs()
+    bound = rtol * original.float().abs()
+    if bool((error > bound).any()):
+        raise ValueError(
+            f"{what} is not on the quantization grid (max error {error.max().item():.3g}): pack "
+            "weights produced by serq_ao's quantizers (simulate.quantize_weight / quantize_correction)"
+        )
+
+
+def stored_bits_per_weight(tensor: torch.Tensor) -> float:
+    """Bits stored by a packed weight (codes, scales, pre-op vectors) per original weight."""
+    names = list(tensor.tensor_data_names) + list(tensor.optional_tensor_data_names)
+    stored = [getattr(tensor, n) for n in names if getattr(tensor, n) is not None]
+    bits = sum(t.numel() * t.element_size() * 8 for t in stored)
+    return bits / (tensor.shape[0] * tensor.shape[1])
