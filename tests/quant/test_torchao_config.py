@@ -1,0 +1,84 @@
+"""SERQLinearConfig through torchao's own quantize_ (a registered handler)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torchao.quantization import FqnToConfig, quantize_
+
+from serq_ao import SERQLinearConfig
+from serq_ao.reconstruct import flattening_scales, saliency_order, serq_reconstruct
+from serq_ao.simulate import quantize_activation
+from serq_ao.tensor_subclass import SERQIntTensor, SERQMXFP4Tensor
+
+
+def naive(linear, amax, rank, fmt):
+    """SERQ on a lone linear written out: divide, gather, quantize, two matmuls."""
+    scales = flattening_scales(amax)
+    perm = saliency_order(scales)
+    main, correction = serq_reconstruct((linear.weight.detach() * scales)[:, perm], rank, fmt)
+
+    def forward(x):
+        # times 1/s, as every pre-op in serq_ao: x / s differs in the last bit, which
+        # occasionally moves an activation across an INT8 rounding boundary
+        x_q = quantize_activation((x * (1 / scales))[..., perm], fmt)
+        y = x_q @ main.T + linear.bias.detach()
+        return y if correction is None else y + x_q[..., :rank] @ correction.T
+
+    return forward
+
+
+@pytest.mark.parametrize("fmt, rank", [("mxfp4", 64), ("w4a8", 32), ("w4a4", 0)])
+def test_lone_linear_matches_the_method_written_out(fmt, rank):
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(160, 48)
+    x = torch.randn(64, 160, generator=g) * torch.logspace(-1, 1, 160)  # channels of very different sizes
+    amax = x.abs().amax(dim=0)
+    expected = naive(linear, amax, rank, fmt)(x)
+    model = nn.Sequential(linear)
+    quantize_(model, SERQLinearConfig(input_amax=amax, rank=rank, format=fmt))
+    assert isinstance(model[0].weight, SERQMXFP4Tensor if fmt == "mxfp4" else SERQIntTensor)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_linear_gets_its_own_statistics_through_fqn_to_config():
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    x = torch.randn(32, 64, generator=g)
+    amax_0 = x.abs().amax(0)
+    amax_2 = model[1](model[0](x)).abs().amax(0).detach()
+    first, second = naive(model[0], amax_0, 32, "mxfp4"), naive(model[2], amax_2, 32, "mxfp4")
+    with torch.no_grad():
+        expected = second(torch.relu(first(x)))
+    quantize_(model, FqnToConfig({"0": SERQLinearConfig(input_amax=amax_0, rank=32),
+                                  "2": SERQLinearConfig(input_amax=amax_2, rank=32)}), filter_fn=None)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_serializes_to_json():
+    config = SERQLinearConfig(input_amax=torch.rand(40), rank=32, format="w4a8")
+    back = SERQLinearConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert torch.equal(back.input_amax, config.input_amax) and back.rank == 32 and back.format == "w4a8"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=32), "needs input_amax"),
+    (dict(input_amax=torch.rand(8), rank=48), "multiple of 32"),
+    (dict(input_amax=torch.rand(8), format="int4"), "format must be one of"),
+    (dict(input_amax=torch.rand(8), scale_mode="even"), "scale_mode must be one of"),
+    (dict(input_amax=torch.rand(2, 8)), "1-D"),
+    (dict(input_amax=torch.tensor([1.0, float("nan")])), "finite"),
+])
+def test_bad_configs_are_refused_when_made(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SERQLinearConfig(**kwargs)
+
+
+def test_statistics_of_the_wrong_width_and_too_large_a_rank_are_refused():
+    with pytest.raises(ValueError, match=r"input_amax must have shape \(64,\)"):
+        quantize_(nn.Sequential(nn.Linear(64, 8)), SERQLinearConfig(input_amax=torch.rand(32), rank=0))
+    with pytest.raises(ValueError, match="at most the linear's in_features"):
+        quantize_(nn.Sequential(nn.Linear(64, 8)), SERQLinearConfig(input_amax=torch.rand(64), rank=96))
