@@ -47,8 +47,10 @@ def _calibration(tokenizer, args):
 
 
 def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
+    from serq_ao.config import LOWRANK_METHODS
     from serq_ao.models import load_model
-    from serq_ao.pipeline import quantize_model
+    from serq_ao.packing import storage_report
+    from serq_ao.pipeline import quantize_, quantize_model
     from serq_ao.serialization import is_quantized_folder, save_quantized
 
     config = _config(args)
@@ -59,12 +61,16 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
         model, tokenizer = load_model(args.model)
         plan = _plan_checked(model, config)
         batches = _calibration(tokenizer, args) if config.method != "rtn" or config.gptq else None
+    # packed weights where the method has a packed format; LQER / L2QER stay in evaluation mode
+    quantize = quantize_model if config.method in LOWRANK_METHODS else quantize_
     with progress_bar(err, args.quiet) as progress:
-        report = quantize_model(model, config, batches, plan=plan, progress=StageProgress(progress))
+        report = quantize(model, config, batches, plan=plan, progress=StageProgress(progress))
+    storage = storage_report(model)
     extra = {
         "source": str(args.model),
         "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows, "seqlen": args.calib_seqlen},
         "report": report.to_dict(),
+        "storage": storage.to_dict(),
     }
     with status(err, f"saving {out}", args.quiet):
         save_quantized(model, tokenizer, out, config, extra)
@@ -73,6 +79,8 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
         **config.to_dict(),
         "effective_bits": report.effective_bits,
         "linears": len(report.linears),
+        "packed": bool(storage.linears),
+        "model_bytes": storage.model_bytes,
         "seconds": report.seconds,
     }
     if args.json:
@@ -84,8 +92,11 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
     table.add_column("rank", justify="right")
     table.add_column("bits/weight", justify="right")
     table.add_column("linears", justify="right")
+    table.add_column("stored as")
     table.add_column("seconds", justify="right")
-    table.add_row(config.method, config.format, str(config.correction_rank), f"{report.effective_bits:.2f}", str(len(report.linears)), f"{report.seconds['total']:.1f}")
+    stored = f"packed, {storage.model_bytes / 2**20:.1f} MiB" if storage.linears else "evaluation mode"
+    table.add_row(config.method, config.format, str(config.correction_rank), f"{report.effective_bits:.2f}",
+                  str(len(report.linears)), stored, f"{report.seconds['total']:.1f}")
     Console().print(table)
     return 0
 

@@ -13,9 +13,12 @@ __version__ = "0.1.0"
 
 from serq_ao.calibration import CalibrationStats, calibrate  # noqa: E402
 from serq_ao.config import SERQConfig  # noqa: E402
+from serq_ao.hf_quantizer import register as _register_with_transformers  # noqa: E402
 from serq_ao.packing import pack_model, storage_report  # noqa: E402
 from serq_ao.pipeline import QuantizationReport, quantize_, quantize_model  # noqa: E402
 from serq_ao.torchao_config import SERQLinearConfig  # noqa: E402
+
+_register_with_transformers()
 
 __all__ = [
     "CalibrationStats",

@@ -14,10 +14,12 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from serq_ao.calibration import CalibrationStats, calibrate
 from serq_ao.config import LOWRANK_METHODS, SERQConfig
 from serq_ao.gptq import gptq_quantize
+from serq_ao.hf_quantizer import attach_quantizer
 from serq_ao.packing import pack_model
 from serq_ao.passes import InputTransform, ModelPlan, analyze, apply_input_transforms
 from serq_ao.passes.transforms import replace_module
@@ -215,7 +217,9 @@ def quantize_(
     """Quantize ``model`` in place and leave packed weights (SERQMXFP4Tensor / SERQIntTensor).
 
     The numbers are those of :func:`quantize_model`'s evaluation mode; ``calibration`` as
-    there. The config is kept as ``model.serq_config`` (saving and ``save_pretrained`` read it).
+    there. The config is kept as ``model.serq_config``; a transformers model also gets its
+    ``quantization_config`` and quantizer, so that ``save_pretrained`` writes the packed format
+    and ``from_pretrained`` (with serq_ao imported) loads it.
     """
     if config.method in LOWRANK_METHODS:
         raise ValueError(
@@ -225,4 +229,6 @@ def quantize_(
     report = quantize_model(model, config, calibration, plan=plan, progress=progress)
     pack_model(model)
     model.serq_config = config
+    if isinstance(model, PreTrainedModel):
+        attach_quantizer(model, config)  # so that save_pretrained writes the packed format
     return report

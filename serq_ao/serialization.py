@@ -1,10 +1,17 @@
 """Save a quantized model to a folder and load it back as the same model.
 
-The folder is a Hugging Face folder (config.json, tokenizer files) plus ``model.safetensors``
-holding the quantized model's state and ``serq_config.json`` describing which modules were
-replaced, so that the architecture can be rebuilt before the state is loaded. It is written
-to a temporary folder first and renamed into place: an interrupted save leaves no folder.
-(The packed torchao format replaces the dequantized weights stored here.)
+Two kinds of folder, both Hugging Face folders (config.json, tokenizer files, safetensors),
+both written to a temporary folder first and renamed into place, so that an interrupted save
+leaves no folder:
+
+- packed (format 2, :func:`serq_ao.quantize_`): written by ``save_pretrained`` with the
+  "serq" quantizer (:mod:`serq_ao.hf_quantizer`); ``config.json`` holds the
+  ``quantization_config`` and ``AutoModelForCausalLM.from_pretrained`` loads it (with serq_ao
+  imported). ``serq_report.json`` records how it was made.
+- evaluation mode (format 1, :func:`serq_ao.quantize_model`, needed for LQER / L2QER, which
+  have no packed format): dequantized weights in ``model.safetensors`` and
+  ``serq_config.json`` describing which modules were replaced, so that the architecture can
+  be rebuilt before the state is loaded.
 """
 
 from __future__ import annotations
@@ -21,17 +28,31 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from serq_ao.config import SERQConfig
+from serq_ao.hf_quantizer import QUANT_METHOD, attach_quantizer
+from serq_ao.packing import is_packed_linear
 from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
 from serq_ao.simulate import FakeQuantLinear
 
 QUANTIZATION_FILE = "serq_config.json"
+REPORT_FILE = "serq_report.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
 
+def is_packed_folder(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    except ValueError:
+        return False
+    return quantization.get("quant_method") == QUANT_METHOD
+
+
 def is_quantized_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / QUANTIZATION_FILE).is_file()
+    return (Path(path) / QUANTIZATION_FILE).is_file() or is_packed_folder(path)
 
 
 def _structure(model: nn.Module) -> dict[str, dict]:
@@ -58,7 +79,7 @@ def _structure(model: nn.Module) -> dict[str, dict]:
 
 
 def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, config: SERQConfig, extra: dict | None = None) -> Path:
-    """Write the quantized ``model`` and its tokenizer to the folder ``out``.
+    """Write the quantized ``model`` (packed or evaluation mode) and its tokenizer to ``out``.
 
     An existing folder is replaced only if it is itself a quantized-model folder.
     """
@@ -68,9 +89,16 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, config: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if any(is_packed_linear(m) for m in model.modules()):
+            if getattr(model, "hf_quantizer", None) is None:
+                attach_quantizer(model, config)
+            model.save_pretrained(tmp)
+            (tmp / REPORT_FILE).write_text(json.dumps(extra or {}, indent=1))
+            _replace(tmp, out)
+            return out
+        model.config.save_pretrained(tmp)
         save_safetensors_model(model, str(tmp / WEIGHTS_FILE))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -79,12 +107,16 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, config: 
             **(extra or {}),
         }
         (tmp / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=1))  # written last
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
 
 
 def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
@@ -115,6 +147,9 @@ def load_quantized(path: str | os.PathLike):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    if is_packed_folder(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return model, AutoTokenizer.from_pretrained(path)
     meta = json.loads((path / QUANTIZATION_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} was written by an incompatible serq-ao (format {meta.get('format_version')})")

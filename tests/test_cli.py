@@ -60,10 +60,21 @@ def test_quantize_then_eval_the_saved_folder(tiny_model_dir, tmp_path, capsys):
     # tiny Llama: six linears with d_in 64 (28,672 weights), down_proj with d_in 128 (8,192)
     expected_bits = (28672 * 4.25 * 96 / 64 + 8192 * 4.25 * 160 / 128) / (28672 + 8192)
     assert summary["effective_bits"] == pytest.approx(expected_bits)
-    assert (out / "serq_config.json").is_file() and (out / "model.safetensors").is_file()
+    # the packed format: a transformers folder whose config names the "serq" quantizer
+    assert summary["packed"] and summary["model_bytes"] > 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "serq"
+    assert (out / "model.safetensors").is_file() and (out / "serq_report.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     assert main(["eval", "ppl", str(out), "--windows", "1", "--seqlen", "32", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] > 1
+
+
+def test_lowrank_methods_are_saved_in_evaluation_mode(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "lqer"
+    assert main(["quantize", str(tiny_model_dir), "--method", "l2qer", "--out", str(out), "--json", *QUICK]) == 0
+    assert not json.loads(capsys.readouterr().out)["packed"]
+    assert (out / "serq_config.json").is_file()
+    assert main(["eval", "ppl", str(out), "--windows", "1", "--seqlen", "32", "--json", "--quiet"]) == 0
 
 
 def test_quantize_rejects_bad_rank_before_any_work(tiny_model_dir, tmp_path, capsys):
@@ -95,5 +106,6 @@ def test_quantize_with_gptq(tiny_model_dir, tmp_path, capsys):
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["gptq"] is True and summary["linears"] == 14
-    saved = json.loads((out / "serq_config.json").read_text())
-    assert saved["config"]["gptq"] is True and saved["calibration"]["windows"] == 2
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["serq_config"]["gptq"] is True
+    assert json.loads((out / "serq_report.json").read_text())["calibration"]["windows"] == 2

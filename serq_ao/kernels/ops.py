@@ -30,8 +30,11 @@ def padded_in_features(in_features: int, multiple: int = BLOCK_SIZE) -> int:
 
 
 def _apply_pre_op(x: Tensor, input_scale_inv: Tensor | None, input_perm: Tensor | None) -> Tensor:
+    """In float32 whatever x's dtype: flattening maps each channel's maximum to just above 1.0,
+    where the MXFP4 block scale jumps, and a bf16 product would land on either side of it."""
+    x = x.float()
     if input_scale_inv is not None:
-        x = x * input_scale_inv.to(x.dtype)
+        x = x * input_scale_inv.float()
     if input_perm is not None:
         x = x.index_select(-1, input_perm.to(torch.int32))  # stored as int16 where it fits
     return x
@@ -72,9 +75,9 @@ def serq_linear_mxfp4(
     input_perm: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    x = _apply_pre_op(x, input_scale_inv, input_perm)
+    x_hat = _apply_pre_op(x, input_scale_inv, input_perm)
     main, correction = split_mxfp4_weight(qdata, scale, in_features, rank)
-    x_q = fake_quantize_mxfp4(x.float(), scale_mode)
+    x_q = fake_quantize_mxfp4(x_hat, scale_mode)
     return _corrected_linear(x_q, main, correction, bias).to(x.dtype)
 
 
@@ -97,12 +100,12 @@ def serq_linear_int(
     input_perm: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    x = _apply_pre_op(x, input_scale_inv, input_perm)
+    x_hat = _apply_pre_op(x, input_scale_inv, input_perm)
     main = dequantize_int4_groups(qdata, scale, in_features)
     correction = None
     if correction_qdata is not None:
         correction = dequantize_int4_groups(correction_qdata, correction_scale, 2 * correction_qdata.shape[1])
-    x_q = fake_quantize_int(x.float(), activation_bits, symmetric=False, granularity=group_size)
+    x_q = fake_quantize_int(x_hat, activation_bits, symmetric=False, granularity=group_size)
     return _corrected_linear(x_q, main, correction, bias).to(x.dtype)
 
 

@@ -19,3 +19,27 @@ def test_serq_mxfp4_beats_rtn_mxfp4_on_the_default_model():
         quantize_model(model, SERQConfig(method=method, format="mxfp4", rank=64), calibration)
         results[method] = perplexity(model, evaluation_windows(tokenizer, n_windows=3)).ppl
     assert results["serq"] < 0.75 * results["rtn"], results
+
+
+def test_packed_default_model_has_the_evaluation_modes_perplexity_and_fits_the_budget():
+    import copy
+
+    from serq_ao.packing import pack_model, storage_report
+
+    model, tokenizer = load_model("smollm2-135m")
+    quantize_model(model, SERQConfig(rank=64), calibration_batches(tokenizer, "wiki", n_windows=8))
+    windows = evaluation_windows(tokenizer, n_windows=4)
+    simulated = perplexity(model, windows).ppl
+    packed_model = pack_model(copy.deepcopy(model))
+    del model
+    packed = perplexity(packed_model, windows).ppl
+    assert abs(packed - simulated) <= 1e-4 * simulated, (packed, simulated)
+
+    report = storage_report(packed_model)
+    assert len(report.linears) == 30 * 7
+    for linear in report.linears:
+        budget = 4.25 * (1 + linear.rank / linear.in_features) + 0.01
+        # o_proj keeps its pre-op (GQA stops the fold): 1/s and pi cost (32 + 16) / 576 bits
+        # per weight on top, more than 0.01 can hold (see the storage notes in README)
+        assert linear.bits_per_weight - linear.pre_op_bits_per_weight <= budget, linear
+        assert linear.pre_op_bits_per_weight == 0 or linear.name.endswith("o_proj"), linear

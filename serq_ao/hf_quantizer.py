@@ -1,0 +1,178 @@
+"""transformers integration: ``save_pretrained`` / ``from_pretrained`` of packed SERQ models.
+
+Importing serq_ao registers the quantization method ``"serq"``: a config
+(:class:`SERQHfConfig`, written to config.json as ``quantization_config``) and an
+:class:`SERQHfQuantizer`. Saving writes every packed weight as plain tensors
+(``<linear>.weight_qdata``, ``<linear>.weight_scale``, ...) with its class and attributes in
+the safetensors metadata (:mod:`serq_ao.tensor_subclass.flatten`). Loading first re-creates
+the output wrappers that hold folded orders (:class:`OutputGather`), then a weight converter
+gathers each linear's fields back into its packed weight.
+
+transformers only knows "serq" once serq_ao has been imported: without the import it warns
+"Unknown quantization type" and loads random weights, so import serq_ao first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from serq_ao.config import SERQConfig
+from serq_ao.passes import OutputGather
+from serq_ao.passes.transforms import replace_module
+from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
+from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten_state_dict
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "serq"
+FORMAT_VERSION = 2  # 1: the evaluation-mode folders of serq_ao.serialization
+# every field a packed weight may store, as "weight_<field>" in the checkpoint
+SERIALIZED_FIELDS = sorted({f for cls in PACKED_TENSOR_CLASSES for f in [*cls.tensor_data_names, *cls.optional_tensor_data_names]})
+
+
+class SERQHfConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a packed SERQ model.
+
+    - ``serq_config``: the :class:`SERQConfig` it was quantized with, as a dict.
+    - ``output_gathers``: module name -> ``{"width": int, "buffers": [...]}`` for every norm
+      (or other producer) wrapped in an :class:`OutputGather` holding a folded order.
+    - ``packed_linears``: names of the linears whose weights are packed.
+    """
+
+    def __init__(self, serq_config: dict | None = None, output_gathers: dict | None = None,
+                 packed_linears: list | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = QUANT_METHOD
+        if format_version != FORMAT_VERSION:
+            raise ValueError(f"this serq-ao reads quantization format {FORMAT_VERSION}, the checkpoint has {format_version}")
+        self.format_version = format_version
+        self.serq_config = SERQConfig.from_dict(serq_config or {}).to_dict()  # validates
+        self.output_gathers = dict(output_gathers or {})
+        self.packed_linears = list(packed_linears or [])
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: SERQConfig) -> "SERQHfConfig":
+        gathers, linears = {}, []
+        for name, module in model.named_modules():
+            if isinstance(module, OutputGather):
+                present = [b for b in ("perm", "scale_inv") if getattr(module, b) is not None]
+                width = next(getattr(module, b) for b in present).numel()
+                gathers[name] = {"width": width, "buffers": present}
+            elif isinstance(module, nn.Linear) and isinstance(module.weight, PACKED_TENSOR_CLASSES):
+                linears.append(name)
+        return cls(config.to_dict(), gathers, linears)
+
+
+class SERQDeserialize(ConversionOps):
+    """``{"weight_qdata": [t], "weight_scale": [t], ...}`` -> ``{"<linear>.weight": packed}``."""
+
+    def __init__(self, hf_quantizer: "SERQHfQuantizer"):
+        # the attribute name matters: transformers then leaves the float fields' dtype alone
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, source_patterns=None, model=None, full_layer_name=None, **kwargs):
+        param = full_layer_name.rsplit(".", 1)[1]
+        description = self.hf_quantizer.packed_descriptions.get(full_layer_name)
+        if description is None:
+            raise ValueError(f"the checkpoint has no packed-weight metadata for {full_layer_name}")
+        fields = {key.removeprefix(f"{param}_"): tensors[0] for key, tensors in input_dict.items()}
+        if self.hf_quantizer.load_dtype is not None:  # the logical dtype follows from_pretrained(dtype=...)
+            description = {**description, "attributes": {**description["attributes"],
+                                                         "dtype": str(self.hf_quantizer.load_dtype).removeprefix("torch.")}}
+        return {full_layer_name: build_packed(description, fields)}
+
+
+class SERQHfQuantizer(HfQuantizer):
+    """Loads and saves packed SERQ models (quantize with :func:`serq_ao.quantize_`)."""
+
+    requires_calibration = True  # from_pretrained cannot quantize a float checkpoint by itself
+    serialized_names = {"weight": [f"weight_{f}" for f in SERIALIZED_FIELDS]}
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.load_dtype = None
+        self.packed_descriptions: dict[str, dict] = {}
+
+    def validate_environment(self, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("serq models cannot be offloaded to disk (device_map with 'disk')")
+
+    def update_dtype(self, dtype):
+        self.load_dtype = dtype  # not passed to the later hooks, so keep it
+        return dtype
+
+    def get_load_operations(self):
+        return {"deserialize": SERQDeserialize}
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        # the model is still on the meta device: re-create the wrappers so that their keys exist
+        for name, spec in self.quantization_config.output_gathers.items():
+            width = spec["width"]
+            perm = torch.empty(width, dtype=torch.long) if "perm" in spec["buffers"] else None
+            scale_inv = torch.empty(width) if "scale_inv" in spec["buffers"] else None
+            replace_module(model, name, OutputGather(model.get_submodule(name), perm, scale_inv))
+        for path in checkpoint_files or []:
+            if str(path).endswith(".safetensors"):
+                with safe_open(path, framework="pt") as handle:
+                    for key, text in (handle.metadata() or {}).items():
+                        if METADATA_MARK in text:
+                            self.packed_descriptions[key] = json.loads(text)[METADATA_MARK]
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # save_pretrained would try to reverse our converters; get_state_dict_and_metadata
+        # writes the flat format itself
+        model._weight_conversions = [
+            c for c in getattr(model, "_weight_conversions", [])
+            if not any(isinstance(op, SERQDeserialize) for op in getattr(c, "operations", []))
+        ]
+        missing = [n for n in self.quantization_config.packed_linears
+                   if not isinstance(model.get_submodule(n).weight, PACKED_TENSOR_CLASSES)]
+        if missing:
+            raise ValueError(f"the checkpoint did not provide packed weights for {missing[:3]} ({len(missing)} linears)")
+        model.serq_config = SERQConfig.from_dict(self.quantization_config.serq_config)
+        return model
+
+    def param_needs_quantization(self, model, param_name, **kwargs):
+        module, _, param = param_name.rpartition(".")
+        return param == "weight" and module in self.quantization_config.packed_linears
+
+    def get_state_dict_and_metadata(self, model):
+        return flatten_state_dict(model.state_dict())
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def attach_quantizer(model: nn.Module, config: SERQConfig) -> None:
+    """Make a model packed by :func:`serq_ao.quantize_` saveable with ``save_pretrained``,
+    as if ``from_pretrained`` had loaded it."""
+    hf_config = SERQHfConfig.from_model(model, config)
+    model.config.quantization_config = hf_config
+    model.hf_quantizer = SERQHfQuantizer(hf_config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def register() -> None:
+    """Register "serq" with transformers (once; registering twice would raise)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(SERQHfConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(SERQHfQuantizer)

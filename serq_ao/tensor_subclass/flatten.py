@@ -1,0 +1,112 @@
+"""Packed weights as plain tensors and string metadata, for safetensors and transformers.
+
+safetensors stores plain tensors only. A packed weight under the key ``prefix.weight`` is
+stored as one plain tensor per field, ``prefix.weight_qdata``, ``prefix.weight_scale``, ...
+(absent optional fields are not stored), and its class and non-tensor attributes go into the
+metadata under the key ``prefix.weight`` as JSON. The flat keys are valid module buffer
+names, so a model whose packed linears are replaced by :class:`FlatPackedLinear` loads them
+with a plain ``load_state_dict`` (which is how ``from_pretrained`` rebuilds a model).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from serq_ao.tensor_subclass.serq_int_tensor import SERQIntTensor
+from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
+
+CLASSES = {cls.__name__: cls for cls in (SERQMXFP4Tensor, SERQIntTensor)}
+METADATA_MARK = "serq_packed"
+
+
+def _field_names(cls) -> list[str]:
+    return list(cls.tensor_data_names) + list(cls.optional_tensor_data_names)
+
+
+def _attributes(tensor) -> dict:
+    attributes = {}
+    for name in tensor.tensor_attribute_names:
+        value = getattr(tensor, name)
+        if name == "shape":
+            value = list(value)
+        elif name == "dtype":
+            value = str(value).removeprefix("torch.")
+        attributes[name] = value
+    return attributes
+
+
+def describe_packed(tensor) -> dict:
+    """Class, attributes and the present fields' shapes and dtypes of a packed weight (JSON-ready)."""
+    fields = {}
+    for name in _field_names(type(tensor)):
+        field = getattr(tensor, name)
+        if field is not None:
+            fields[name] = [list(field.shape), str(field.dtype).removeprefix("torch.")]
+    return {"class": type(tensor).__name__, "attributes": _attributes(tensor), "fields": fields}
+
+
+def flatten_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (plain tensors, safetensors metadata)."""
+    tensors, metadata = {}, {}
+    for key, value in state.items():
+        if isinstance(value, tuple(CLASSES.values())):
+            description = describe_packed(value)
+            for field in description["fields"]:
+                tensors[f"{key}_{field}"] = getattr(value, field)
+            metadata[key] = json.dumps({METADATA_MARK: description})
+        else:
+            tensors[key] = value
+    return tensors, metadata
+
+
+def build_packed(description: dict, fields: dict[str, torch.Tensor]):
+    """The packed weight described by :func:`describe_packed`, from its field tensors."""
+    name = description["class"]
+    if name not in CLASSES:
+        raise ValueError(f"unknown packed weight class {name!r}; known: {sorted(CLASSES)}")
+    cls = CLASSES[name]
+    attributes = dict(description["attributes"])
+    attributes["shape"] = torch.Size(attributes["shape"])
+    attributes["dtype"] = getattr(torch, attributes["dtype"])
+    missing = [f for f in description["fields"] if f not in fields]
+    if missing:
+        raise ValueError(f"packed weight lacks the fields {missing}")
+    return cls(**{f: fields.get(f) for f in _field_names(cls)}, **attributes)
+
+
+def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_state_dict`."""
+    state = dict(tensors)
+    for key, text in (metadata or {}).items():
+        try:
+            description = json.loads(text)
+        except (TypeError, ValueError):
+            continue
+        if not isinstance(description, dict) or METADATA_MARK not in description:
+            continue
+        description = description[METADATA_MARK]
+        fields = {f: state.pop(f"{key}_{f}") for f in description["fields"] if f"{key}_{f}" in state}
+        state[key] = build_packed(description, fields)
+    return state
+
+
+class FlatPackedLinear(nn.Module):
+    """Stand-in for a packed nn.Linear while a checkpoint loads: one buffer per stored field
+    (``weight_qdata``, ...), then :meth:`to_linear` assembles the packed weight."""
+
+    def __init__(self, description: dict, bias_shape: list[int] | None, device: torch.device | str | None = None):
+        super().__init__()
+        self.description = description
+        for field, (shape, dtype) in description["fields"].items():
+            self.register_buffer(f"weight_{field}", torch.empty(shape, dtype=getattr(torch, dtype), device=device))
+        bias = None if bias_shape is None else torch.empty(bias_shape, device=device)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def to_linear(self) -> nn.Linear:
+        from serq_ao.packing import packed_linear
+
+        fields = {f: getattr(self, f"weight_{f}") for f in self.description["fields"]}
+        return packed_linear(build_packed(self.description, fields), self.bias)

@@ -1,0 +1,122 @@
+"""Packed models saved and reloaded: torch.save, safetensors, save_pretrained / from_pretrained."""
+
+import copy
+import io
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import serq_ao
+from serq_ao.config import SERQConfig
+from serq_ao.hf_quantizer import SERQHfConfig
+from serq_ao.passes import OutputGather
+from serq_ao.serialization import load_quantized, save_quantized
+from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, SERQIntTensor, SERQMXFP4Tensor
+from serq_ao.tensor_subclass.flatten import flatten_state_dict, unflatten_state_dict
+from tests.conftest import make_tiny_llama
+
+CALIBRATION = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+CONFIGS = {
+    "mxfp4": SERQConfig(rank=32),
+    "w4a4-preops": SERQConfig(rank=32, format="w4a4", fold_into_linears=False),
+}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS, use_cache=False).logits
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def packed(request):
+    model = make_tiny_llama()
+    serq_ao.quantize_(model, CONFIGS[request.param], CALIBRATION)
+    return model
+
+
+def packed_weights(model):
+    return {n: p for n, p in model.named_parameters() if isinstance(p, PACKED_TENSOR_CLASSES)}
+
+
+def test_save_pretrained_then_from_pretrained_gives_identical_logits(packed, tmp_path):
+    packed.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "serq" and config["format_version"] == 2
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert torch.equal(logits(loaded), logits(packed))
+    assert packed_weights(loaded).keys() == packed_weights(packed).keys()
+    for name, weight in packed_weights(loaded).items():
+        assert type(weight) is type(packed_weights(packed)[name])
+    assert isinstance(loaded.model.layers[0].input_layernorm, OutputGather)
+    assert loaded.serq_config == packed.serq_config
+    # a loaded model saves again, to the same thing
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(logits(again), logits(packed))
+
+
+def test_from_pretrained_in_bfloat16_runs_the_packed_weights_in_bfloat16(packed, tmp_path):
+    packed.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    weight = next(iter(packed_weights(loaded).values()))
+    assert weight.dtype == torch.bfloat16 and weight.qdata.dtype == torch.uint8
+    assert weight.scale.dtype == packed_weights(packed)[next(iter(packed_weights(loaded)))].scale.dtype  # not cast
+    out = logits(loaded)
+    assert out.dtype == torch.bfloat16
+    reference, unquantized = logits(packed), logits(make_tiny_llama())
+    # bf16 moves activations across 4-bit rounding boundaries (folded norm weights are bf16
+    # too), so it adds error of its own; it must stay below the quantization error itself
+    bf16_error = (out.float() - reference).norm() / reference.norm()
+    assert bf16_error < (reference - unquantized).norm() / unquantized.norm()
+
+
+def test_safetensors_round_trip(packed, tmp_path):
+    tensors, metadata = flatten_state_dict(packed.state_dict())
+    assert not any(isinstance(t, PACKED_TENSOR_CLASSES) for t in tensors.values())
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items() if k != "lm_head.weight"}, path, metadata=metadata)
+    with safe_open(path, framework="pt") as handle:
+        state = unflatten_state_dict(load_file(path), handle.metadata())
+    fresh = copy.deepcopy(packed)
+    fresh.load_state_dict(state, assign=True, strict=False)
+    fresh.tie_weights()
+    assert torch.equal(logits(fresh), logits(packed))
+    for name, weight in packed_weights(fresh).items():
+        assert weight is not packed_weights(packed)[name]
+        assert torch.equal(weight.qdata, packed_weights(packed)[name].qdata)
+
+
+def test_torch_save_and_load_weights_only(packed):
+    buffer = io.BytesIO()
+    torch.save(packed.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    kinds = {type(v) for v in state.values()}
+    assert kinds & {SERQMXFP4Tensor, SERQIntTensor}
+    fresh = copy.deepcopy(packed)
+    fresh.load_state_dict(state, assign=True)
+    assert torch.equal(logits(fresh), logits(packed))
+
+
+def test_save_quantized_writes_the_packed_folder_atomically(packed, tmp_path, byte_tokenizer):
+    out = save_quantized(packed, byte_tokenizer, tmp_path / "q", packed.serq_config, {"source": "tiny"})
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+    model, tokenizer = load_quantized(out)
+    assert torch.equal(logits(model), logits(packed)) and tokenizer is not None
+    assert json.loads((out / "serq_report.json").read_text()) == {"source": "tiny"}
+
+
+def test_a_float_checkpoint_cannot_be_quantized_by_from_pretrained(tiny_model_dir):
+    with pytest.raises(ValueError):
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=SERQHfConfig())
+
+
+def test_an_unknown_format_version_is_refused():
+    with pytest.raises(ValueError, match="quantization format"):
+        SERQHfConfig(format_version=99)
