@@ -41,6 +41,7 @@ scale we store.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK_SIZE = 32
@@ -102,14 +103,31 @@ def _shared_exponent(amax: Tensor, scale_mode: str) -> Tensor:
     return exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(name: str, values, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, cached outside of tracing (building one per call costs more
+    than using it on a decode-sized input)."""
+    key = (name, dtype, torch.device(device))
+    if not torch.compiler.is_compiling() and key in _CONSTANTS:
+        return _CONSTANTS[key]
+    tensor = values() if callable(values) else torch.tensor(values, dtype=dtype, device=device)
+    if not torch.compiler.is_compiling():
+        _CONSTANTS[key] = tensor
+    return tensor
+
+
 def _e2m1_magnitude_code(v: Tensor) -> Tensor:
-    """|v| (fp32) -> nearest E2M1 magnitude code 0..7, ties to even, saturating at 6."""
-    code = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
-    for threshold in _THRESHOLDS_TIE_DOWN:
-        code += (v > threshold).to(torch.uint8)
-    for threshold in _THRESHOLDS_TIE_UP:
-        code += (v >= threshold).to(torch.uint8)
-    return code
+    """|v| (fp32) -> nearest E2M1 magnitude code 0..7, ties to even, saturating at 6.
+
+    The code is the number of midpoints below v, counting a tie as below where the upper
+    neighbour is even (``v >= t``) and as above where it is odd (``v > t``)."""
+    tie_down = _constant("tie_down", _THRESHOLDS_TIE_DOWN, v.dtype, v.device)
+    tie_up = _constant("tie_up", _THRESHOLDS_TIE_UP, v.dtype, v.device)
+    # bucketize counts boundaries < v (right=False) or <= v (right=True)
+    code = torch.bucketize(v, tie_down, right=False) + torch.bucketize(v, tie_up, right=True)
+    return code.to(torch.uint8)
 
 
 def pack_uint4(codes: Tensor) -> Tensor:
@@ -157,6 +175,17 @@ def e8m0_to_float32(scales: Tensor) -> Tensor:
     return torch.where(as_int == E8M0_NAN, torch.full_like(value, float("nan")), value)
 
 
+def _byte_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(256, 2): the two E2M1 values (low nibble first) that each byte of packed codes holds."""
+
+    def build():
+        values = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=dtype, device=device)
+        byte = torch.arange(256, device=device)
+        return torch.stack((values[byte & 0xF], values[byte >> 4]), dim=-1)
+
+    return _constant("byte_table", build, dtype, device)
+
+
 def dequantize_mxfp4(
     codes: Tensor, scales: Tensor, k: int | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -170,11 +199,10 @@ def dequantize_mxfp4(
     # fp32 is exact for every MXFP4 value except those rounded past fp32's max (e.g. RCEIL of
     # a block at fp32 max gives 4 * 2**126 = 2**128), which become inf unless dtype is fp64.
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    nibbles = unpack_uint4(codes).to(torch.int64)  # (..., B * 32)
-    table = torch.tensor(
-        E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=compute_dtype, device=codes.device
-    )
-    values = table[nibbles].unflatten(-1, (-1, BLOCK_SIZE))  # (..., B, 32)
+    # One lookup per byte (both of its codes at once) instead of unpacking the nibbles: the
+    # packed linears dequantize their weight on every call, and this is 5-8x faster on CPU.
+    values = F.embedding(codes.to(torch.int32), _byte_table(compute_dtype, codes.device))  # (..., K/2, 2)
+    values = values.reshape(*codes.shape[:-1], -1, BLOCK_SIZE)  # (..., B, 32)
     scale = e8m0_to_float32(scales).to(compute_dtype).unsqueeze(-1)
     values = (values * scale).flatten(-2)
     if k is not None:

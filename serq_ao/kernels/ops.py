@@ -56,10 +56,27 @@ def split_mxfp4_weight(qdata: Tensor, scale: Tensor, in_features: int, rank: int
     return weight[:, :in_features], (weight[:, kp : kp + rank] if rank else None)
 
 
+_INT4_BYTE_TABLES: dict[torch.device, Tensor] = {}
+
+
+def _signed_int4_byte_table(device: torch.device) -> Tensor:
+    """(256, 2) float32: the two signed INT4 codes (low nibble first) of each byte (cached
+    outside of tracing)."""
+    device = torch.device(device)
+    if not torch.compiler.is_compiling() and device in _INT4_BYTE_TABLES:
+        return _INT4_BYTE_TABLES[device]
+    table = unpack_int4(torch.arange(256, dtype=torch.uint8, device=device), signed=True).float().view(256, 2)
+    if not torch.compiler.is_compiling():
+        _INT4_BYTE_TABLES[device] = table
+    return table
+
+
 def dequantize_int4_groups(qdata: Tensor, scale: Tensor, columns: int) -> Tensor:
-    """(N, G * g / 2) packed signed INT4 codes and (N, G) scales -> (N, columns) float32."""
-    codes = unpack_int4(qdata, signed=True).float()  # (N, G * g)
-    groups = codes.unflatten(-1, (scale.shape[-1], -1)) * scale.unsqueeze(-1)  # (N, G, g)
+    """(N, G * g / 2) packed signed INT4 codes and (N, G) scales -> (N, columns) float32.
+
+    One table lookup per byte (see formats.mxfp4.dequantize_mxfp4): this runs on every call."""
+    codes = F.embedding(qdata.to(torch.int32), _signed_int4_byte_table(qdata.device))  # (N, G * g / 2, 2)
+    groups = codes.reshape(qdata.shape[0], scale.shape[-1], -1) * scale.unsqueeze(-1)  # (N, G, g)
     return groups.flatten(-2)[:, :columns]
 
 

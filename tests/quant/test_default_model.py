@@ -21,10 +21,14 @@ def test_serq_mxfp4_beats_rtn_mxfp4_on_the_default_model():
     assert results["serq"] < 0.75 * results["rtn"], results
 
 
-def test_packed_default_model_has_the_evaluation_modes_perplexity_and_fits_the_budget():
+def test_packed_default_model_has_the_evaluation_modes_perplexity_and_fits_the_budget(tmp_path):
     import copy
 
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from serq_ao.packing import pack_model, storage_report
+    from serq_ao.serialization import save_quantized
 
     model, tokenizer = load_model("smollm2-135m")
     quantize_model(model, SERQConfig(rank=64), calibration_batches(tokenizer, "wiki", n_windows=8))
@@ -34,6 +38,12 @@ def test_packed_default_model_has_the_evaluation_modes_perplexity_and_fits_the_b
     del model
     packed = perplexity(packed_model, windows).ppl
     assert abs(packed - simulated) <= 1e-4 * simulated, (packed, simulated)
+
+    save_quantized(packed_model, tokenizer, tmp_path / "q", SERQConfig(rank=64))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        window = windows[:1, :256]
+        assert torch.equal(reloaded(window).logits, packed_model(window).logits)
 
     report = storage_report(packed_model)
     assert len(report.linears) == 30 * 7
