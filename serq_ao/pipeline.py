@@ -20,7 +20,7 @@ from serq_ao.calibration import CalibrationStats, calibrate
 from serq_ao.config import LOWRANK_METHODS, SERQConfig
 from serq_ao.gptq import gptq_quantize
 from serq_ao.hf_quantizer import attach_quantizer
-from serq_ao.packing import pack_model
+from serq_ao.packing import is_packed_linear, pack_model
 from serq_ao.passes import InputTransform, ModelPlan, analyze, apply_input_transforms
 from serq_ao.passes.transforms import replace_module
 from serq_ao.reconstruct import (
@@ -155,6 +155,8 @@ def quantize_model(
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    if any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules()):
+        raise ValueError("model is already quantized: quantize a fresh copy of the float model")
     plan = plan if plan is not None else analyze(model)
     check_config_for_plan(config, plan)
     report = progress or (lambda stage, done, total: None)

@@ -118,16 +118,28 @@ def _constant(name: str, values, dtype: torch.dtype, device: torch.device) -> Te
     return tensor
 
 
+# Below this many elements one bucketize per threshold set beats seven comparisons (fewer
+# kernel launches); above it the vectorized comparisons win by ~5x.
+_BUCKETIZE_MAX_NUMEL = 8192
+
+
 def _e2m1_magnitude_code(v: Tensor) -> Tensor:
     """|v| (fp32) -> nearest E2M1 magnitude code 0..7, ties to even, saturating at 6.
 
     The code is the number of midpoints below v, counting a tie as below where the upper
     neighbour is even (``v >= t``) and as above where it is odd (``v > t``)."""
-    tie_down = _constant("tie_down", _THRESHOLDS_TIE_DOWN, v.dtype, v.device)
-    tie_up = _constant("tie_up", _THRESHOLDS_TIE_UP, v.dtype, v.device)
-    # bucketize counts boundaries < v (right=False) or <= v (right=True)
-    code = torch.bucketize(v, tie_down, right=False) + torch.bucketize(v, tie_up, right=True)
-    return code.to(torch.uint8)
+    if v.numel() <= _BUCKETIZE_MAX_NUMEL:
+        tie_down = _constant("tie_down", _THRESHOLDS_TIE_DOWN, v.dtype, v.device)
+        tie_up = _constant("tie_up", _THRESHOLDS_TIE_UP, v.dtype, v.device)
+        # bucketize counts boundaries < v (right=False) or <= v (right=True)
+        code = torch.bucketize(v, tie_down, right=False) + torch.bucketize(v, tie_up, right=True)
+        return code.to(torch.uint8)
+    code = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    for threshold in _THRESHOLDS_TIE_DOWN:
+        code += (v > threshold).to(torch.uint8)
+    for threshold in _THRESHOLDS_TIE_UP:
+        code += (v >= threshold).to(torch.uint8)
+    return code
 
 
 def pack_uint4(codes: Tensor) -> Tensor:

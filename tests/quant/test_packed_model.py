@@ -43,6 +43,11 @@ def mxfp4_pair():
     return quantized_pair(SERQConfig(rank=32))
 
 
+@pytest.fixture(scope="module", params=["mxfp4", "w4a8"])
+def any_pair(request, mxfp4_pair):
+    return mxfp4_pair if request.param == "mxfp4" else quantized_pair(SERQConfig(rank=32, format="w4a8"))
+
+
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(ids, use_cache=False).logits
@@ -72,6 +77,12 @@ def test_quantize_packs_and_records_the_config():
     assert sum(is_packed_linear(m) for m in model.modules()) == 14
 
 
+def test_a_quantized_model_is_not_quantized_again(mxfp4_pair):
+    for model in mxfp4_pair:
+        with pytest.raises(ValueError, match="already quantized"):
+            serq_ao.quantize_(model, SERQConfig(rank=32), CALIBRATION)
+
+
 def test_lowrank_methods_are_refused_before_any_work():
     model = make_tiny_llama()
     before = model.model.layers[0].mlp.up_proj.weight.clone()
@@ -95,8 +106,8 @@ def test_storage_report_stays_within_the_mxfp4_budget(mxfp4_pair):
     assert report.unquantized_bytes < report.model_bytes < dense
 
 
-def test_compiles_fullgraph_without_graph_breaks(mxfp4_pair):
-    _, packed = mxfp4_pair
+def test_compiles_fullgraph_without_graph_breaks(any_pair):
+    _, packed = any_pair
     explanation = torch._dynamo.explain(Logits(packed))(IDS)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()
@@ -105,8 +116,8 @@ def test_compiles_fullgraph_without_graph_breaks(mxfp4_pair):
     assert torch.allclose(compiled, logits(packed), rtol=1e-4, atol=1e-4)
 
 
-def test_exports_one_op_per_linear_and_runs_through_aoti(mxfp4_pair, tmp_path):
-    _, packed = mxfp4_pair
+def test_exports_one_op_per_linear_and_runs_through_aoti(any_pair, tmp_path):
+    _, packed = any_pair
     program = torch.export.export(Logits(packed), (IDS,))
     serq_nodes = [n for n in program.graph.nodes if n.op == "call_function" and "serq.linear" in str(n.target)]
     assert len(serq_nodes) == 14
