@@ -164,7 +164,7 @@ def main() -> None:
         table.add_row(phase, *(f"{seconds(m, phase, mode) * 1e3:.1f}" for m in ("fp", "serq") for mode in ("eager", "compiled")),
                       *(f"{ratio[k]:.2f}" for k in ("fp_compiled_over_eager", "serq_compiled_over_eager",
                                                       "serq_over_fp_eager", "serq_over_fp_compiled")))
-    Console().print(table)
+    Console(width=200).print(table)
     print(f"model bytes: FP {fp_bytes / 2**20:.1f} MiB, SERQ {storage.model_bytes / 2**20:.1f} MiB; wrote {args.out}")
 
 
