@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/serq compare smollm2-135m --methods fp,rtn,serq --format mxfp4 --windows 4
 
+# Triton's interpreter must be switched on before triton is first imported, so the kernel
+# tests run in a pytest process of their own (tests/conftest.py keeps them out of the first).
 test: setup
 	$(BIN)/python -m pytest -ra
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret

@@ -1,5 +1,7 @@
 """Shared fixtures: a real byte-level tokenizer and a tiny random Llama, both made here."""
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -8,6 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import serq_ao  # noqa: F401  (quiet torchao before anything imports it)
 
 BYTE_VOCAB = 256
+
+# Triton kernel tests need TRITON_INTERPRET=1 from the start of the process: the Makefile
+# runs them in a pytest process of their own.
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["kernels_interpret"]
 
 
 def make_byte_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:

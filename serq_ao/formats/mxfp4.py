@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
 BLOCK_SIZE = 32
@@ -106,14 +107,20 @@ def _shared_exponent(amax: Tensor, scale_mode: str) -> Tensor:
 _CONSTANTS: dict[tuple, Tensor] = {}
 
 
-def _constant(name: str, values, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _tracing() -> bool:
+    """Under dynamo, or any dispatch mode (fake tensors, make_fx): constants must be made
+    afresh there, and what is made there must not be kept."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def cached_constant(name: str, values, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant tensor, cached outside of tracing (building one per call costs more
     than using it on a decode-sized input)."""
     key = (name, dtype, torch.device(device))
-    if not torch.compiler.is_compiling() and key in _CONSTANTS:
+    if not _tracing() and key in _CONSTANTS:
         return _CONSTANTS[key]
     tensor = values() if callable(values) else torch.tensor(values, dtype=dtype, device=device)
-    if not torch.compiler.is_compiling():
+    if not _tracing() and type(tensor) is torch.Tensor:
         _CONSTANTS[key] = tensor
     return tensor
 
@@ -129,8 +136,8 @@ def _e2m1_magnitude_code(v: Tensor) -> Tensor:
     The code is the number of midpoints below v, counting a tie as below where the upper
     neighbour is even (``v >= t``) and as above where it is odd (``v > t``)."""
     if v.numel() <= _BUCKETIZE_MAX_NUMEL:
-        tie_down = _constant("tie_down", _THRESHOLDS_TIE_DOWN, v.dtype, v.device)
-        tie_up = _constant("tie_up", _THRESHOLDS_TIE_UP, v.dtype, v.device)
+        tie_down = cached_constant("tie_down", _THRESHOLDS_TIE_DOWN, v.dtype, v.device)
+        tie_up = cached_constant("tie_up", _THRESHOLDS_TIE_UP, v.dtype, v.device)
         # bucketize counts boundaries < v (right=False) or <= v (right=True)
         code = torch.bucketize(v, tie_down, right=False) + torch.bucketize(v, tie_up, right=True)
         return code.to(torch.uint8)
@@ -195,7 +202,7 @@ def _byte_table(dtype: torch.dtype, device: torch.device) -> Tensor:
         byte = torch.arange(256, device=device)
         return torch.stack((values[byte & 0xF], values[byte >> 4]), dim=-1)
 
-    return _constant("byte_table", build, dtype, device)
+    return cached_constant("byte_table", build, dtype, device)
 
 
 def dequantize_mxfp4(

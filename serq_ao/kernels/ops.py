@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from serq_ao.formats.integer import fake_quantize_int, unpack_int4
-from serq_ao.formats.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, fake_quantize_mxfp4
+from serq_ao.formats.mxfp4 import BLOCK_SIZE, cached_constant, dequantize_mxfp4, fake_quantize_mxfp4
 
 
 def padded_in_features(in_features: int, multiple: int = BLOCK_SIZE) -> int:
@@ -56,19 +56,13 @@ def split_mxfp4_weight(qdata: Tensor, scale: Tensor, in_features: int, rank: int
     return weight[:, :in_features], (weight[:, kp : kp + rank] if rank else None)
 
 
-_INT4_BYTE_TABLES: dict[torch.device, Tensor] = {}
-
-
 def _signed_int4_byte_table(device: torch.device) -> Tensor:
-    """(256, 2) float32: the two signed INT4 codes (low nibble first) of each byte (cached
-    outside of tracing)."""
-    device = torch.device(device)
-    if not torch.compiler.is_compiling() and device in _INT4_BYTE_TABLES:
-        return _INT4_BYTE_TABLES[device]
-    table = unpack_int4(torch.arange(256, dtype=torch.uint8, device=device), signed=True).float().view(256, 2)
-    if not torch.compiler.is_compiling():
-        _INT4_BYTE_TABLES[device] = table
-    return table
+    """(256, 2) float32: the two signed INT4 codes (low nibble first) of each byte."""
+
+    def build():
+        return unpack_int4(torch.arange(256, dtype=torch.uint8, device=device), signed=True).float().view(256, 2)
+
+    return cached_constant("signed_int4_byte_table", build, torch.float32, device)
 
 
 def dequantize_int4_groups(qdata: Tensor, scale: Tensor, columns: int) -> Tensor:
