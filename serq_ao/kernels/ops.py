@@ -11,8 +11,12 @@ when the group kept a pre-op (either part may be absent).
   (N, r/2) with one fp32 scale per row (N, 1). Activations are quantized asymmetrically per
   token in groups of ``group_size`` to ``activation_bits``.
 
-The bodies here are the plain-PyTorch references (the kernels issue adds the Triton path for
-CUDA); they compute exactly what :class:`serq_ao.simulate.FakeQuantLinear` computes.
+The MXFP4 ops are ``torch.library.triton_op``s: on CUDA their bodies launch the Triton
+kernels (:mod:`serq_ao.kernels.triton_quantize`, :mod:`serq_ao.kernels.triton_gemm`), which
+Inductor sees and schedules; elsewhere they run the plain-PyTorch reference, which computes
+exactly what :class:`serq_ao.simulate.FakeQuantLinear` computes. ``serq::linear_int`` has
+only the reference. The two kernels are also ops of their own
+(``serq::quantize_activation_mxfp4``, ``serq::mxfp4_gemm``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from serq_ao.formats.integer import fake_quantize_int, unpack_int4
-from serq_ao.formats.mxfp4 import BLOCK_SIZE, cached_constant, dequantize_mxfp4, fake_quantize_mxfp4
+from serq_ao.formats.mxfp4 import BLOCK_SIZE, cached_constant, dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
 
 
 def padded_in_features(in_features: int, multiple: int = BLOCK_SIZE) -> int:
@@ -74,7 +78,77 @@ def dequantize_int4_groups(qdata: Tensor, scale: Tensor, columns: int) -> Tensor
     return groups.flatten(-2)[:, :columns]
 
 
-@torch.library.custom_op("serq::linear_mxfp4", mutates_args=())
+_GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def triton_quantize_activation_mxfp4(
+    x: Tensor, scale_mode: str, input_scale_inv: Tensor | None, input_perm: Tensor | None, launcher=None
+) -> tuple[Tensor, Tensor]:
+    """The Triton path of ``serq::quantize_activation_mxfp4``: x (..., K) -> codes, scales."""
+    from serq_ao.kernels.triton_quantize import launch_quantize_activation
+
+    x2d = x.reshape(-1, x.shape[-1])  # (M, K)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    kp = padded_in_features(x.shape[-1])
+    codes = x.new_empty((x2d.shape[0], kp // 2), dtype=torch.uint8)
+    scales = x.new_empty((x2d.shape[0], kp // BLOCK_SIZE), dtype=torch.uint8)
+    if x2d.shape[0]:
+        launch_quantize_activation(x2d, input_scale_inv, input_perm, codes, scales, rceil=scale_mode == "rceil",
+                                   launcher=launcher)
+    return codes.view(*x.shape[:-1], -1), scales.view(*x.shape[:-1], -1)
+
+
+def triton_mxfp4_gemm(
+    a_codes: Tensor, a_scales: Tensor, w_codes: Tensor, w_scales: Tensor, in_features_padded: int, rank: int,
+    bias: Tensor | None, out_dtype: torch.dtype, launcher=None,
+) -> Tensor:
+    """The Triton path of ``serq::mxfp4_gemm``: activation codes (..., Kp/2) times ``[W^q | R]``."""
+    from serq_ao.kernels.triton_gemm import launch_serq_mxfp4_gemm
+
+    codes2d = a_codes.reshape(-1, a_codes.shape[-1])  # (M, Kp/2)
+    scales2d = a_scales.reshape(-1, a_scales.shape[-1])
+    gemm_dtype = out_dtype if out_dtype in _GEMM_OUT_DTYPES else torch.float32
+    out = a_codes.new_empty((codes2d.shape[0], w_codes.shape[0]), dtype=gemm_dtype)
+    if codes2d.shape[0]:
+        launch_serq_mxfp4_gemm(codes2d, scales2d, w_codes, w_scales, in_features_padded, rank,
+                               None if bias is None else bias.float().contiguous(), out, launcher=launcher)
+    return out.to(out_dtype).view(*a_codes.shape[:-1], -1)
+
+
+def triton_linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv=None, input_perm=None,
+                        bias=None, launcher=None) -> Tensor:
+    """The Triton path of ``serq::linear_mxfp4``: quantize the activations, then one GEMM over
+    Kp + r. Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (how it is tested here)."""
+    codes, scales = triton_quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, launcher)
+    return triton_mxfp4_gemm(codes, scales, qdata, scale, padded_in_features(in_features), rank, bias, x.dtype, launcher)
+
+
+@torch.library.triton_op("serq::quantize_activation_mxfp4", mutates_args=())
+def serq_quantize_activation_mxfp4(
+    x: Tensor, scale_mode: str, input_scale_inv: Tensor | None = None, input_perm: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pre-op (optional), then MXFP4 codes (..., Kp/2) and E8M0 scales (..., Kp/32), uint8."""
+    if x.device.type != "cuda":
+        return quantize_mxfp4(_apply_pre_op(x, input_scale_inv, input_perm), scale_mode)
+    return triton_quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, torch.library.wrap_triton)
+
+
+@torch.library.triton_op("serq::mxfp4_gemm", mutates_args=())
+def serq_mxfp4_gemm(
+    a_codes: Tensor, a_scales: Tensor, w_codes: Tensor, w_scales: Tensor, in_features_padded: int, rank: int,
+    bias: Tensor | None, out_dtype: torch.dtype,
+) -> Tensor:
+    """``A [W^q | R]^T`` over Kp + r columns, the last r re-reading activation columns 0..r."""
+    if a_codes.device.type != "cuda":
+        a = dequantize_mxfp4(a_codes, a_scales)  # (..., Kp)
+        main, correction = split_mxfp4_weight(w_codes, w_scales, in_features_padded, rank)
+        return _corrected_linear(a, main, correction, bias).to(out_dtype)
+    return triton_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, in_features_padded, rank, bias, out_dtype,
+                             torch.library.wrap_triton)
+
+
+@torch.library.triton_op("serq::linear_mxfp4", mutates_args=())
 def serq_linear_mxfp4(
     x: Tensor,
     qdata: Tensor,
@@ -86,15 +160,13 @@ def serq_linear_mxfp4(
     input_perm: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
+    if x.device.type == "cuda":
+        return triton_linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv, input_perm, bias,
+                                   torch.library.wrap_triton)
     x_hat = _apply_pre_op(x, input_scale_inv, input_perm)
     main, correction = split_mxfp4_weight(qdata, scale, in_features, rank)
     x_q = fake_quantize_mxfp4(x_hat, scale_mode)
     return _corrected_linear(x_q, main, correction, bias).to(x.dtype)
-
-
-@serq_linear_mxfp4.register_fake
-def _(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv=None, input_perm=None, bias=None):
-    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
 
 @torch.library.custom_op("serq::linear_int", mutates_args=())

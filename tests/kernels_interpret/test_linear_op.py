@@ -1,0 +1,74 @@
+"""The ops' Triton path (what they run on CUDA), run here on CPU tensors by the interpreter,
+against their plain-PyTorch reference path; and a tiny quantized model end to end.
+
+``TRITON_INTERPRET=1 python -m pytest -p no:logging tests/kernels_interpret/test_linear_op.py``
+"""
+
+import copy
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernel tests need TRITON_INTERPRET=1 (set before importing triton)", allow_module_level=True)
+
+import torch  # noqa: E402
+
+import serq_ao  # noqa: E402
+from serq_ao.config import SERQConfig  # noqa: E402
+from serq_ao.kernels import ops  # noqa: E402
+from serq_ao.packing import pack_weight  # noqa: E402
+from serq_ao.reconstruct import serq_reconstruct  # noqa: E402
+from serq_ao.tensor_subclass import serq_mxfp4_tensor  # noqa: E402
+from tests.conftest import make_tiny_llama  # noqa: E402
+
+
+def packed(d_in, d_out, rank, preop, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    main, correction = serq_reconstruct(torch.randn(d_out, d_in, generator=g) * 0.1, rank, "mxfp4")
+    scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
+    perm = torch.randperm(d_in, generator=g) if preop else None
+    return pack_weight(main, correction, "mxfp4", input_scale_inv=scale_inv, input_perm=perm)
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (3, 7, 96), (70, 200)])
+@pytest.mark.parametrize("rank, preop", [(0, False), (32, True), (64, False)])
+@pytest.mark.parametrize("scale_mode", ["floor", "rceil"])
+def test_triton_linear_matches_the_reference_op(shape, rank, preop, scale_mode):
+    d_in = shape[-1]
+    weight = packed(d_in, 48, rank, preop)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * torch.exp(torch.randn(d_in, generator=g))
+    bias = torch.randn(48, generator=g)
+    args = (x, weight.qdata, weight.scale, d_in, rank, scale_mode, weight.input_scale_inv, weight.input_perm, bias)
+    expected = torch.ops.serq.linear_mxfp4(*args)  # CPU: the reference
+    got = ops.triton_linear_mxfp4(*args)
+    assert got.shape == expected.shape == (*shape[:-1], 48)
+    scale = (x.abs().amax() * weight.dequantize().abs().amax() * (d_in + rank)).item()
+    assert (got - expected).abs().max().item() <= 1e-6 * scale
+
+
+def test_standalone_ops_triton_paths_match_their_references():
+    weight = packed(200, 40, 32, preop=True)
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(2))
+    codes, scales = ops.triton_quantize_activation_mxfp4(x, "floor", weight.input_scale_inv, weight.input_perm)
+    ref_codes, ref_scales = torch.ops.serq.quantize_activation_mxfp4(x, "floor", weight.input_scale_inv, weight.input_perm)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    kp = ops.padded_in_features(200)
+    got = ops.triton_mxfp4_gemm(codes, scales, weight.qdata, weight.scale, kp, 32, None, torch.float32)
+    expected = torch.ops.serq.mxfp4_gemm(codes, scales, weight.qdata, weight.scale, kp, 32, None, torch.float32)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_model_end_to_end_through_the_kernels(monkeypatch):
+    model = make_tiny_llama()
+    serq_ao.quantize_(model, SERQConfig(rank=32), torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0)))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        monkeypatch.setattr(serq_mxfp4_tensor, "serq_linear_mxfp4", ops.triton_linear_mxfp4)
+        got = copy.deepcopy(model)(ids, use_cache=False).logits
+    # fp32 sums in another order can move a later activation across a 4-bit rounding
+    # boundary: the logits agree closely, not bit for bit
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error < 1e-3
