@@ -11,25 +11,43 @@ from rich.table import Table
 from serq_ao.cli.common import UsageError, progress_bar, status
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise UsageError(f"--text: no such file: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"--text: {path} is a folder, expected a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def cmd_eval_ppl(args: argparse.Namespace, err: Console) -> int:
-    from serq_ao.data import evaluation_windows
+    from serq_ao.data import evaluation_windows, text_windows
     from serq_ao.eval import perplexity
     from serq_ao.models import load_model
 
+    text = _read_text(args.text) if args.text is not None else None
+    source = args.text if text is not None else args.corpus
     with status(err, f"loading {args.model}", args.quiet):
         model, tokenizer = load_model(args.model)
         try:
-            windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
-        except ValueError as e:  # too many windows for the corpus
-            raise UsageError(str(e)) from e
+            if text is not None:
+                windows = text_windows(tokenizer, text, args.windows, args.seqlen)
+            else:
+                windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
+        except ValueError as e:  # too many windows for the text
+            raise UsageError(f"--windows / --seqlen: {e}") from e
     with progress_bar(err, args.quiet) as progress:
-        task = progress.add_task(f"perplexity on {args.corpus}", total=windows.shape[0])
+        task = progress.add_task(f"perplexity on {source}", total=windows.shape[0])
         result = perplexity(model, windows, batch_size=args.batch_size, on_batch=lambda k: progress.advance(task, k))
-    record = {"model": str(args.model), "corpus": args.corpus, "seqlen": args.seqlen, **result.to_dict()}
+    record = {"model": str(args.model), "corpus": None if text is not None else args.corpus,
+              "text": args.text, "seqlen": args.seqlen, **result.to_dict()}
     if args.json:
         print(json.dumps(record))
         return 0
-    table = Table(title=f"Perplexity, {args.corpus} evaluation split")
+    table = Table(title=f"Perplexity, {args.text}" if text is not None else f"Perplexity, {args.corpus} evaluation split")
     for column in ("model", "ppl", "windows", "tokens", "seconds"):
         table.add_column(column, justify="left" if column == "model" else "right")
     table.add_row(record["model"], f"{result.ppl:.2f}", str(result.windows), str(result.tokens), f"{result.seconds:.1f}")

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = evaluations.add_parser("ppl", help="perplexity per ../shared/protocol.md")
     ppl.add_argument("model", help=MODEL_HELP)
     _evaluation_options(ppl)
+    ppl.add_argument("--text", metavar="FILE", default=None,
+                     help="evaluate on this UTF-8 text file instead of a corpus (same windowing)")
     ppl.add_argument("--batch-size", type=positive_int, default=1)
     _common(ppl)
     ppl.set_defaults(handler=cmd_eval_ppl)

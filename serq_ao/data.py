@@ -142,6 +142,11 @@ def token_windows(
     return add_bos(cut_windows(tokens, seqlen, n_windows), tokenizer)
 
 
+def text_windows(tokenizer, text: str, n_windows: int | None = None, seqlen: int = DEFAULT_SEQLEN) -> torch.Tensor:
+    """Any text, windowed as the protocol windows its corpora: (n, seqlen [+ 1 for BOS])."""
+    return add_bos(cut_windows(tokenize(tokenizer, text), seqlen, n_windows), tokenizer)
+
+
 def calibration_batches(
     tokenizer,
     corpus: str = "wiki",

@@ -53,6 +53,13 @@ def _corrected_linear(x_q: Tensor, main: Tensor, correction: Tensor | None, bias
     return y
 
 
+def _one_gemm(x_q: Tensor, weight: Tensor, rank: int, bias: Tensor | None) -> Tensor:
+    """``[X | X[..., :r]] [W^q | R]^T (+ bias)``: the whole SERQ linear as one matmul over
+    Kp + r, as the kernel computes it (one GEMM beats a main and a thin correction GEMM)."""
+    x_ext = torch.cat([x_q, x_q[..., :rank]], dim=-1) if rank else x_q  # (..., Kp + r)
+    return F.linear(x_ext, weight, None if bias is None else bias.float())
+
+
 def split_mxfp4_weight(qdata: Tensor, scale: Tensor, in_features: int, rank: int) -> tuple[Tensor, Tensor | None]:
     """Dequantize ``[W^q | R]`` into W^q (N, d_in) and R (N, r) or None, float32."""
     weight = dequantize_mxfp4(qdata, scale)  # (N, Kp + r)
@@ -142,8 +149,7 @@ def serq_mxfp4_gemm(
     """``A [W^q | R]^T`` over Kp + r columns, the last r re-reading activation columns 0..r."""
     if a_codes.device.type != "cuda":
         a = dequantize_mxfp4(a_codes, a_scales)  # (..., Kp)
-        main, correction = split_mxfp4_weight(w_codes, w_scales, in_features_padded, rank)
-        return _corrected_linear(a, main, correction, bias).to(out_dtype)
+        return _one_gemm(a, dequantize_mxfp4(w_codes, w_scales), rank, bias).to(out_dtype)
     return triton_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, in_features_padded, rank, bias, out_dtype,
                              torch.library.wrap_triton)
 
@@ -163,10 +169,11 @@ def serq_linear_mxfp4(
     if x.device.type == "cuda":
         return triton_linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv, input_perm, bias,
                                    torch.library.wrap_triton)
-    x_hat = _apply_pre_op(x, input_scale_inv, input_perm)
-    main, correction = split_mxfp4_weight(qdata, scale, in_features, rank)
-    x_q = fake_quantize_mxfp4(x_hat, scale_mode)
-    return _corrected_linear(x_q, main, correction, bias).to(x.dtype)
+    x_hat = _apply_pre_op(x, input_scale_inv, input_perm)  # (..., d_in) float32
+    kp = padded_in_features(in_features)
+    # zero padding to Kp changes no block: the last block is zero-padded by the quantizer anyway
+    x_q = fake_quantize_mxfp4(F.pad(x_hat, (0, kp - in_features)), scale_mode)  # (..., Kp)
+    return _one_gemm(x_q, dequantize_mxfp4(qdata, scale), rank, bias).to(x.dtype)
 
 
 @torch.library.custom_op("serq::linear_int", mutates_args=())
