@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/compile_latency.py                 # prefill 1x1024, decode at 1024
     .venv/bin/python benchmarks/compile_latency.py --prefill 256 --repeats 2
 
-Two phases, each timed for the FP model and the packed SERQ model (serq_ao.quantize_), eager
-and under ``torch.compile(fullgraph=True)`` (Inductor, C++ on CPU):
+Two phases (serq_ao.bench, also behind ``serq bench``), each timed for the FP model and the
+packed SERQ model (serq_ao.quantize_), eager and under ``torch.compile(fullgraph=True)``
+(Inductor, C++ on CPU):
 
 - prefill: one forward over 1 x N tokens, no cache;
 - decode: one token at position N against a static KV cache of N tokens (the same slot is
@@ -25,10 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,54 +37,11 @@ import serq_ao  # noqa: E402
 from serq_ao.config import SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches  # noqa: E402
 from serq_ao.models import load_model  # noqa: E402
+from serq_ao.bench import machine_info, time_model  # noqa: E402
 from serq_ao.packing import storage_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median of ``repeats`` further calls)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
-
-
-def phases(model, prefill: int):
-    """Callables for the two phases on ``model``, eager and compiled."""
-    from transformers import StaticCache
-
-    ids = torch.randint(0, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(0))
-    cache = StaticCache(config=model.config, max_cache_len=prefill + 1)
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)  # fill positions 0..N-1
-    token = ids[:, -1:]
-    position = torch.tensor([prefill])
-
-    def prefill_forward(ids):
-        return model(ids, use_cache=False).logits
-
-    def decode_forward(token, position):
-        return model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
-
-    def rewind():  # the static cache counts what it holds; rewrite slot N on every call
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(prefill)
-
-    compiled_prefill = torch.compile(prefill_forward, fullgraph=True)
-    compiled_decode = torch.compile(decode_forward, fullgraph=True)
-    return {
-        ("prefill", "eager"): lambda: prefill_forward(ids),
-        ("prefill", "compiled"): lambda: compiled_prefill(ids),
-        ("decode", "eager"): lambda: (rewind(), decode_forward(token, position)),
-        ("decode", "compiled"): lambda: (rewind(), compiled_decode(token, position)),
-    }
 
 
 def main() -> None:
@@ -112,15 +67,10 @@ def main() -> None:
 
     rows = []
     for name, model in (("fp", fp_model), ("serq", serq_model)):
-        for (phase, mode), fn in phases(model, args.prefill).items():
-            repeats = args.repeats if phase == "prefill" else args.decode_repeats
-            with torch.no_grad():
-                first, median = timed(fn, repeats)
-            tokens = args.prefill if phase == "prefill" else 1
-            rows.append({"model": name, "phase": phase, "mode": mode, "seconds": median,
-                         "first_call_seconds": first, "tokens_per_second": tokens / median, "repeats": repeats})
-            print(f"{name:5s} {phase:8s} {mode:9s} {median * 1e3:10.2f} ms (first call {first:.1f} s)", flush=True)
-        torch._dynamo.reset()
+        for timing in time_model(model, prefill=args.prefill, prefill_calls=args.repeats, decode_calls=args.decode_repeats):
+            rows.append({"model": name, **timing.to_dict()})
+            print(f"{name:5s} {timing.phase:8s} {timing.mode:9s} {timing.seconds * 1e3:10.2f} ms "
+                  f"(first call {timing.first_call_seconds:.1f} s)", flush=True)
 
     def seconds(model, phase, mode):
         return next(r["seconds"] for r in rows if (r["model"], r["phase"], r["mode"]) == (model, phase, mode))
@@ -142,9 +92,7 @@ def main() -> None:
         "rows": rows,
         "ratios": ratios,
         "bytes": {"fp": fp_bytes, "serq": storage.model_bytes},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "serq_ao": serq_ao.__version__},
+        "machine": machine_info(),
         "command": " ".join(["benchmarks/compile_latency.py", *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,9 @@ from rich.console import Console  # noqa: E402
 
 import serq_ao  # noqa: E402,F401  (silences torchao's CPU-only load messages first)
 from serq_ao.cli.common import UsageError, non_negative_int, positive_int  # noqa: E402
+from serq_ao.cli.bench import cmd_bench  # noqa: E402
 from serq_ao.cli.evaluate import cmd_eval_ppl  # noqa: E402
+from serq_ao.cli.export import cmd_export  # noqa: E402
 from serq_ao.cli.inspect import cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
 from serq_ao.config import DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
@@ -79,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 
+    export = commands.add_parser("export", help="torch.export program or AOTInductor package of a model")
+    export.add_argument("model", help=MODEL_HELP)
+    export.add_argument("--out", required=True, help="the .pt2 file to write (atomically)")
+    export.add_argument("--aoti", action="store_true", help="an AOTInductor package instead of an ExportedProgram")
+    export.add_argument("--batch", type=positive_int, default=1, help="input batch size it is exported for")
+    export.add_argument("--seqlen", type=positive_int, default=128, help="input length it is exported for")
+    _common(export)
+    export.set_defaults(handler=cmd_export)
+
+    bench = commands.add_parser("bench", help="prefill and decode latency, eager and compiled, next to the FP model")
+    bench.add_argument("model", help=MODEL_HELP)
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True)")
+    bench.add_argument("--prefill", type=positive_int, default=1024, help="prompt tokens (and the decode KV cache length)")
+    bench.add_argument("--decode", type=positive_int, default=20, help="decode calls to time")
+    bench.add_argument("--batch", type=positive_int, default=1)
+    bench.add_argument("--repeats", type=positive_int, default=3, help="prefill calls to time")
+    bench.add_argument("--baseline", default="auto",
+                       help="model to compare with: 'auto' (a serq folder's source model), 'none', or a model")
+    _common(bench)
+    bench.set_defaults(handler=cmd_bench)
+
     evaluate = commands.add_parser("eval", help="evaluate a model")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     ppl = evaluations.add_parser("ppl", help="perplexity per ../shared/protocol.md")
@@ -108,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelNotFoundError) as e:
         if args.debug:
             raise
-        err.print(f"[red]serq: error:[/red] {e}", highlight=False)
+        err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
     except (ModelAssetMissingError, CorpusMissingError) as e:
         if args.debug:
             raise
-        err.print(f"[red]serq: error:[/red] {e}", highlight=False)
+        err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("serq: interrupted")

@@ -142,6 +142,10 @@ class SERQHfQuantizer(HfQuantizer):
                    if not isinstance(model.get_submodule(n).weight, PACKED_TENSOR_CLASSES)]
         if missing:
             raise ValueError(f"the checkpoint did not provide packed weights for {missing[:3]} ({len(missing)} linears)")
+        for name in self.quantization_config.packed_linears:
+            # transformers makes every floating parameter trainable; packed weights are not
+            # (and AOTInductor refuses to lift their uint8 parts if they claim to be)
+            model.get_submodule(name).weight.requires_grad_(False)
         model.serq_config = SERQConfig.from_dict(self.quantization_config.serq_config)
         return model
 

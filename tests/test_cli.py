@@ -109,3 +109,64 @@ def test_quantize_with_gptq(tiny_model_dir, tmp_path, capsys):
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["serq_config"]["gptq"] is True
     assert json.loads((out / "serq_report.json").read_text())["calibration"]["windows"] == 2
+
+
+def test_eval_ppl_on_a_text_file(tiny_model_dir, tmp_path, capsys):
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, a tiny model read a short story. " * 20, encoding="utf-8")
+    assert main(["eval", "ppl", str(tiny_model_dir), "--text", str(text), "--seqlen", "64", "--json", "--quiet"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    # one token per byte: 1020 bytes give 15 windows of 64
+    assert record["text"] == str(text) and record["windows"] == 15 and record["tokens"] == 15 * 64
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such file"), (b"\xff\xfe bad", "not UTF-8"), (b"short", "n_windows must be in")])
+def test_eval_ppl_text_mistakes_are_usage_errors(tiny_model_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "t.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["eval", "ppl", str(tiny_model_dir), "--text", str(path), "--seqlen", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "tiny-serq"
+    assert main(["quantize", str(tiny_model_dir), "--rank", "32", "--out", str(out), *QUICK]) == 0
+    return out
+
+
+@pytest.mark.parametrize("aoti", [False, True])
+def test_export_writes_a_program_that_runs(quantized_dir, tmp_path, capsys, aoti):
+    out = tmp_path / ("tiny.aoti.pt2" if aoti else "tiny.pt2")
+    argv = ["export", str(quantized_dir), "--out", str(out), "--batch", "2", "--seqlen", "16", "--json", "--quiet"]
+    assert main(argv + (["--aoti"] if aoti else [])) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kind"] == ("aoti" if aoti else "program") and record["serq_nodes"] == 14
+    assert record["smoke_ok"] and out.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left
+
+
+@pytest.mark.parametrize("out, message", [("model.onnx", ".pt2"), ("folder.pt2", "is a folder")])
+def test_export_usage_errors(quantized_dir, tmp_path, capsys, out, message):
+    (tmp_path / "folder.pt2").mkdir()
+    assert main(["export", str(quantized_dir), "--out", str(tmp_path / out), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_times_the_quantized_model_next_to_its_source(quantized_dir, tiny_model_dir, capsys):
+    argv = ["bench", str(quantized_dir), "--compile", "--prefill", "16", "--decode", "2", "--repeats", "1", "--json", "--quiet"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["baseline"] == str(tiny_model_dir)
+    assert len(record["timings"]) == 2
+    for timings in record["timings"].values():
+        assert [(t["phase"], t["mode"]) for t in timings] == [
+            ("prefill", "eager"), ("decode", "eager"), ("prefill", "compiled"), ("decode", "compiled")]
+        assert all(t["seconds"] > 0 and t["tokens_per_second"] > 0 for t in timings)
+    assert len(record["ratios"]) == 4 and {"torch", "cpus", "serq_ao"} <= record["machine"].keys()
+
+
+def test_bench_usage_error(capsys):
+    assert main(["bench", "no-such-model", "--quiet"]) == 2

@@ -1,0 +1,82 @@
+"""Render the Performance tables of README.md from the benchmark JSON files.
+
+    .venv/bin/python benchmarks/performance_tables.py          # rewrites README.md in place
+
+Each table sits between ``<!-- perf:NAME -->`` and ``<!-- /perf:NAME -->`` in README.md and
+is rebuilt from benchmarks/results/NAME.json, so the README never disagrees with the results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def linear_latency(record: dict) -> str:
+    lines = ["| model | phase | M | K | N | r | FP ms | MXFP4 ms | SERQ ms | SERQ / MXFP4 | budget 1 + r/K + 0.03 | SERQ / FP |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in record["rows"]:
+        s = r["seconds"]
+        verdict = "" if r["within_budget"] else " **over**"
+        lines.append(f"| {r['model']} | {r['phase']} | {r['M']} | {r['K']} | {r['N']} | {r['rank']} | {s['fp'] * 1e3:.2f} | "
+                     f"{s['mxfp4'] * 1e3:.2f} | {s['serq'] * 1e3:.2f} | {r['serq_over_mxfp4']:.3f}{verdict} | "
+                     f"{1 + r['correction_budget']:.3f} | {r['serq_over_fp']:.2f} |")
+    return "\n".join(lines)
+
+
+def compile_latency(record: dict) -> str:
+    rows = {(r["model"], r["phase"], r["mode"]): r["seconds"] for r in record["rows"]}
+    lines = ["| phase | FP eager | FP compiled | SERQ eager | SERQ compiled | compiled / eager, FP | compiled / eager, SERQ | SERQ / FP, eager | SERQ / FP, compiled |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ratio in record["ratios"]:
+        phase = ratio["phase"]
+        ms = [f"{rows[(m, phase, mode)] * 1e3:.0f} ms" for m in ("fp", "serq") for mode in ("eager", "compiled")]
+        keys = ("fp_compiled_over_eager", "serq_compiled_over_eager", "serq_over_fp_eager", "serq_over_fp_compiled")
+        lines.append(f"| {phase} | " + " | ".join(ms) + " | " + " | ".join(f"{ratio[k]:.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def quantize_time(record: dict) -> str:
+    lines = ["| method | transform s | reconstruct + quantize s | total s | reconstruct + quantize / SERQ |",
+             "|---|---:|---:|---:|---:|"]
+    for r in record["results"]:
+        s = r["seconds"]
+        lines.append(f"| {r['method']} | {s['transform']:.2f} | {s['quantize']:.2f} | {s['total']:.2f} | {r['over_serq']['quantize']:.1f} |")
+    return "\n".join(lines)
+
+
+def kernel_resources(record: dict) -> str:
+    lines = ["| kernel | configuration | warps | registers | spills (bytes) | shared KiB | wgmma |", "|---|---|---:|---:|---:|---:|---|"]
+    for k in record["kernels"]:
+        lines.append(f"| {k['kernel']} | {k['variant']} | {k['num_warps']} | {k['registers']} | "
+                     f"{k['spill_stores'] + k['spill_loads']} | {k['shared_bytes'] / 1024:.1f} | {'yes' if k['uses_wgmma'] else 'no'} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {
+    "linear_latency_cpu": linear_latency,
+    "compile_latency": compile_latency,
+    "quantize_time": quantize_time,
+    "kernel_resources": kernel_resources,
+}
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, render in RENDERERS.items():
+        pattern = re.compile(rf"(<!-- perf:{name} -->\n)(?:.*?\n)?(<!-- /perf:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- perf:{name} --> block")
+        table = render(json.loads((RESULTS / f"{name}.json").read_text()))
+        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+    readme.write_text(text)
+    print(f"rewrote {len(RENDERERS)} tables in {readme}")
+
+
+if __name__ == "__main__":
+    main()

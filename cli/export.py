@@ -1,0 +1,40 @@
+"""serq export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from serq_ao.cli.common import UsageError, status
+
+
+def cmd_export(args: argparse.Namespace, err: Console) -> int:
+    from pathlib import Path
+
+    from serq_ao.export import export_model
+    from serq_ao.models import load_model
+
+    out = Path(args.out)
+    if out.suffix != ".pt2":
+        raise UsageError(f"--out must name a .pt2 file, got {out}")
+    if out.is_dir():
+        raise UsageError(f"--out must name a file, {out} is a folder")
+    with status(err, f"loading {args.model}", args.quiet):
+        model, _ = load_model(args.model)
+    what = "AOTInductor package" if args.aoti else "torch.export program"
+    with status(err, f"exporting a {what} for inputs ({args.batch}, {args.seqlen}) and running it", args.quiet):
+        result = export_model(model, out, batch=args.batch, seqlen=args.seqlen, aoti=args.aoti)
+    if args.json:
+        print(json.dumps({"model": str(args.model), **result.to_dict()}))
+    else:
+        table = Table(title=f"Exported {args.model}")
+        for column in ("file", "kind", "input", "serq ops", "smoke test", "seconds"):
+            table.add_column(column)
+        smoke = f"{'ok' if result.smoke_ok else 'MISMATCH'} (max |diff| {result.smoke_max_abs_diff:.2e})"
+        table.add_row(result.out, result.kind, f"{result.batch} x {result.seqlen}", str(result.serq_nodes), smoke,
+                      f"{result.seconds:.1f}")
+        Console().print(table)
+    return 0 if result.smoke_ok else 1
