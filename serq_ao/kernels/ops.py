@@ -53,11 +53,33 @@ def _corrected_linear(x_q: Tensor, main: Tensor, correction: Tensor | None, bias
     return y
 
 
-def _one_gemm(x_q: Tensor, weight: Tensor, rank: int, bias: Tensor | None) -> Tensor:
-    """``[X | X[..., :r]] [W^q | R]^T (+ bias)``: the whole SERQ linear as one matmul over
-    Kp + r, as the kernel computes it (one GEMM beats a main and a thin correction GEMM)."""
+# The CPU reference dequantizes the weight on every call. A whole large weight in fp32 (69 MB
+# for 4096 x 4224) is a fresh allocation each time, paid in page faults; slices of ~4 MB are
+# reused from cache: 3-5x faster on a 4096-wide decode, same numbers.
+DEQUANTIZE_CHUNK_ELEMENTS = 1 << 20
+
+
+def _by_row_chunks(rows: int, columns: int, compute) -> Tensor:
+    """``compute(start, stop)`` -> outputs (..., stop - start) for weight rows start:stop,
+    over chunks of at most DEQUANTIZE_CHUNK_ELEMENTS weights, concatenated."""
+    step = max(1, DEQUANTIZE_CHUNK_ELEMENTS // columns)
+    if rows <= step:
+        return compute(0, rows)
+    return torch.cat([compute(start, min(start + step, rows)) for start in range(0, rows, step)], dim=-1)
+
+
+def _one_gemm(x_q: Tensor, qdata: Tensor, scale: Tensor, rank: int, bias: Tensor | None) -> Tensor:
+    """``[X | X[..., :r]] [W^q | R]^T (+ bias)`` with ``[W^q | R]`` packed as MXFP4: the whole
+    SERQ linear as one matmul over Kp + r, as the kernel computes it (one GEMM beats a main
+    and a thin correction GEMM)."""
     x_ext = torch.cat([x_q, x_q[..., :rank]], dim=-1) if rank else x_q  # (..., Kp + r)
-    return F.linear(x_ext, weight, None if bias is None else bias.float())
+    bias = None if bias is None else bias.float()
+
+    def rows(start: int, stop: int) -> Tensor:
+        weight = dequantize_mxfp4(qdata[start:stop], scale[start:stop])  # (rows, Kp + r)
+        return F.linear(x_ext, weight, None if bias is None else bias[start:stop])
+
+    return _by_row_chunks(qdata.shape[0], x_ext.shape[-1], rows)
 
 
 def split_mxfp4_weight(qdata: Tensor, scale: Tensor, in_features: int, rank: int) -> tuple[Tensor, Tensor | None]:
@@ -149,7 +171,7 @@ def serq_mxfp4_gemm(
     """``A [W^q | R]^T`` over Kp + r columns, the last r re-reading activation columns 0..r."""
     if a_codes.device.type != "cuda":
         a = dequantize_mxfp4(a_codes, a_scales)  # (..., Kp)
-        return _one_gemm(a, dequantize_mxfp4(w_codes, w_scales), rank, bias).to(out_dtype)
+        return _one_gemm(a, w_codes, w_scales, rank, bias).to(out_dtype)
     return triton_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, in_features_padded, rank, bias, out_dtype,
                              torch.library.wrap_triton)
 
@@ -173,7 +195,7 @@ def serq_linear_mxfp4(
     kp = padded_in_features(in_features)
     # zero padding to Kp changes no block: the last block is zero-padded by the quantizer anyway
     x_q = fake_quantize_mxfp4(F.pad(x_hat, (0, kp - in_features)), scale_mode)  # (..., Kp)
-    return _one_gemm(x_q, dequantize_mxfp4(qdata, scale), rank, bias).to(x.dtype)
+    return _one_gemm(x_q, qdata, scale, rank, bias).to(x.dtype)
 
 
 @torch.library.custom_op("serq::linear_int", mutates_args=())
@@ -191,12 +213,17 @@ def serq_linear_int(
     bias: Tensor | None = None,
 ) -> Tensor:
     x_hat = _apply_pre_op(x, input_scale_inv, input_perm)
-    main = dequantize_int4_groups(qdata, scale, in_features)
-    correction = None
-    if correction_qdata is not None:
-        correction = dequantize_int4_groups(correction_qdata, correction_scale, 2 * correction_qdata.shape[1])
     x_q = fake_quantize_int(x_hat, activation_bits, symmetric=False, granularity=group_size)
-    return _corrected_linear(x_q, main, correction, bias).to(x.dtype)
+
+    def rows(start: int, stop: int) -> Tensor:
+        main = dequantize_int4_groups(qdata[start:stop], scale[start:stop], in_features)
+        correction = None
+        if correction_qdata is not None:
+            rank = 2 * correction_qdata.shape[1]
+            correction = dequantize_int4_groups(correction_qdata[start:stop], correction_scale[start:stop], rank)
+        return _corrected_linear(x_q, main, correction, None if bias is None else bias[start:stop])
+
+    return _by_row_chunks(qdata.shape[0], in_features, rows).to(x.dtype)
 
 
 @serq_linear_int.register_fake

@@ -91,3 +91,16 @@ def test_state_dict_round_trips_through_torch_load_weights_only(fmt):
     x = torch.randn(4, 128)
     with torch.no_grad():
         assert torch.equal(fresh(x), packed(x))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "w4a4"])
+def test_dequantizing_in_row_chunks_gives_the_same_output(fmt, monkeypatch):
+    from serq_ao.kernels import ops
+
+    _, packed = make_pair(fmt, d_in=200, d_out=48, rank=32)
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole = packed(x)
+        monkeypatch.setattr(ops, "DEQUANTIZE_CHUNK_ELEMENTS", 5 * 256)  # chunks of 5 rows: 10 of them
+        chunked = packed(x)
+    assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-6)
