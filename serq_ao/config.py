@@ -18,6 +18,16 @@ RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 DEFAULT_RANK = 64
 
 
+def check_format_rank_scale_mode(fmt: str, rank: int, scale_mode: str) -> None:
+    """The checks every config that names a format, a rank and a scale rule shares."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0 or rank % RANK_MULTIPLE:
+        raise ValueError(f"rank must be a non-negative multiple of {RANK_MULTIPLE} (0, 32, 64, ...), got {rank!r}")
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SERQConfig:
     """How to quantize every linear inside the decoder layers (lm_head and embeddings stay fp).
@@ -51,12 +61,7 @@ class SERQConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0 or self.rank % RANK_MULTIPLE:
-            raise ValueError(f"rank must be a non-negative multiple of {RANK_MULTIPLE} (0, 32, 64, ...), got {self.rank!r}")
-        if self.scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
         if not isinstance(self.lowrank_rank, int) or isinstance(self.lowrank_rank, bool) or self.lowrank_rank < 1:
             raise ValueError(f"lowrank_rank must be a positive integer, got {self.lowrank_rank!r}")
         if not isinstance(self.fold_into_linears, bool):

@@ -16,8 +16,7 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from serq_ao.config import DEFAULT_RANK, FORMATS, RANK_MULTIPLE
-from serq_ao.formats.mxfp4 import SCALE_MODES
+from serq_ao.config import DEFAULT_RANK, check_format_rank_scale_mode
 from serq_ao.packing import pack_weight
 from serq_ao.reconstruct import flattening_scales, saliency_order, serq_reconstruct
 
@@ -39,12 +38,7 @@ class SERQLinearConfig(AOBaseConfig):
     scale_mode: str = "floor"
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if self.scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0 or self.rank % RANK_MULTIPLE:
-            raise ValueError(f"rank must be a non-negative multiple of {RANK_MULTIPLE} (0, 32, 64, ...), got {self.rank!r}")
+        check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
         if self.input_amax is None:
             if self.rank:
                 raise ValueError("rank > 0 needs input_amax (the saliency order comes from it); pass rank=0 for plain RTN")
