@@ -111,8 +111,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def storage_report(model: nn.Module) -> StorageReport:
-    """Bits per weight of every packed linear, and the bytes of the whole model (tied
-    tensors counted once)."""
+    """Bits per weight of every packed linear (none for a float or evaluation-mode model),
+    and the bytes of the whole model (tied tensors counted once)."""
     linears = []
     for name, module in model.named_modules():
         if is_packed_linear(module):

@@ -170,3 +170,23 @@ def test_bench_times_the_quantized_model_next_to_its_source(quantized_dir, tiny_
 
 def test_bench_usage_error(capsys):
     assert main(["bench", "no-such-model", "--quiet"]) == 2
+
+
+def test_inspect_a_packed_folder_lists_its_linears(quantized_dir, capsys):
+    assert main(["inspect", str(quantized_dir), "--json", "--quiet"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["config"]["method"] == "serq" and len(record["linears"]) == 14
+    for linear in record["linears"]:
+        # tiny Llama: d_in 64 or 128, r = 32; only o_proj (GQA) keeps a pre-op
+        assert linear["rank"] == 32
+        codes_and_scales = linear["bits_per_weight"] - linear["pre_op_bits_per_weight"]
+        assert codes_and_scales == pytest.approx(4.25 * (linear["in_features"] + 32) / linear["in_features"])
+        assert (linear["pre_op_bits_per_weight"] > 0) == linear["name"].endswith("o_proj")
+    assert main(["inspect", str(quantized_dir), "--quiet"]) == 0
+    assert "Quantized linears: serq, mxfp4" in capsys.readouterr().out
+
+
+def test_inspect_a_float_model_shows_its_plan(tiny_model_dir, capsys):
+    assert main(["inspect", str(tiny_model_dir), "--json", "--quiet"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert len(plan["groups"]) == 2 * 4  # per layer: qkv, o, gate/up, down
