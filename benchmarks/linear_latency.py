@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import serq_ao  # noqa: E402
 from serq_ao.packing import pack_weight, packed_linear  # noqa: E402
 from serq_ao.reconstruct import serq_reconstruct  # noqa: E402
+from serq_ao.tensor_subclass import stored_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (K, N) of every distinct linear shape, and the rank SERQ uses at that width
@@ -110,13 +111,6 @@ def device_peaks(device: str, repeats: int) -> dict:
     return {"bf16_matmul_tflops": 2 * 8192**3 / matmul / 1e12, "copy_gbps": 2 * src.numel() / copy / 1e9}
 
 
-def stored_bytes(module: nn.Module) -> int:
-    weight = module.weight
-    if hasattr(weight, "qdata"):
-        return weight.qdata.numel() + weight.scale.numel()
-    return weight.numel() * weight.element_size()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
@@ -163,7 +157,7 @@ def main() -> None:
                 }
                 if peaks:
                     flops = {name: 2 * m * (k + (rank if name == "serq" else 0)) * n for name in seconds}
-                    moved = {name: stored_bytes(modules[name]) + x.numel() * x.element_size() + m * n * 2 for name in seconds}
+                    moved = {name: stored_bytes(modules[name].weight) + x.numel() * x.element_size() + m * n * 2 for name in seconds}
                     row["tflops"] = {name: flops[name] / seconds[name] / 1e12 for name in seconds}
                     row["gbps"] = {name: moved[name] / seconds[name] / 1e9 for name in seconds}
                 rows.append(row)

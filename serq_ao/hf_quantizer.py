@@ -34,6 +34,7 @@ from serq_ao.config import SERQConfig
 from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
+from serq_ao.tensor_subclass.common import field_names
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten_state_dict
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 QUANT_METHOD = "serq"
 FORMAT_VERSION = 2  # 1: the evaluation-mode folders of serq_ao.serialization
 # every field a packed weight may store, as "weight_<field>" in the checkpoint
-SERIALIZED_FIELDS = sorted({f for cls in PACKED_TENSOR_CLASSES for f in [*cls.tensor_data_names, *cls.optional_tensor_data_names]})
+SERIALIZED_FIELDS = sorted({f for cls in PACKED_TENSOR_CLASSES for f in field_names(cls)})
 
 
 class SERQHfConfig(QuantizationConfigMixin):

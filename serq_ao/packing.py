@@ -14,7 +14,7 @@ from torch import nn
 
 from serq_ao.passes.transforms import replace_module
 from serq_ao.simulate import ACTIVATION_BITS, INT_GROUP_SIZE, FakeQuantLinear
-from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, SERQIntTensor, SERQMXFP4Tensor, stored_bits_per_weight
+from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, SERQIntTensor, SERQMXFP4Tensor, stored_bits_per_weight, stored_bytes
 
 
 def is_packed_linear(module: nn.Module) -> bool:
@@ -103,13 +103,6 @@ class StorageReport:
         }
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    if isinstance(tensor, PACKED_TENSOR_CLASSES):
-        names = list(tensor.tensor_data_names) + list(tensor.optional_tensor_data_names)
-        return sum(_tensor_bytes(t) for t in (getattr(tensor, n) for n in names) if t is not None)
-    return tensor.numel() * tensor.element_size()
-
-
 def storage_report(model: nn.Module) -> StorageReport:
     """Bits per weight of every packed linear (none for a float or evaluation-mode model),
     and the bytes of the whole model (tied tensors counted once)."""
@@ -118,7 +111,7 @@ def storage_report(model: nn.Module) -> StorageReport:
         if is_packed_linear(module):
             weight = module.weight
             pre_op = [t for t in (weight.input_scale_inv, weight.input_perm) if t is not None]
-            pre_op_bits = sum(8 * _tensor_bytes(t) for t in pre_op) / weight.numel()
+            pre_op_bits = sum(8 * stored_bytes(t) for t in pre_op) / weight.numel()
             linears.append(LinearStorage(name, module.in_features, module.out_features, weight.rank,
                                          stored_bits_per_weight(weight), pre_op_bits))
     seen, total, unquantized = set(), 0, 0
@@ -126,7 +119,7 @@ def storage_report(model: nn.Module) -> StorageReport:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        size = _tensor_bytes(tensor)
+        size = stored_bytes(tensor)
         total += size
         if not isinstance(tensor, PACKED_TENSOR_CLASSES):
             unquantized += size

@@ -2,7 +2,7 @@
 
 import torch
 
-from serq_ao.tensor_subclass.common import stored_bits_per_weight
+from serq_ao.tensor_subclass.common import stored_bits_per_weight, stored_bytes
 from serq_ao.tensor_subclass.serq_int_tensor import SERQIntTensor
 from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
@@ -11,4 +11,4 @@ PACKED_TENSOR_CLASSES = (SERQMXFP4Tensor, SERQIntTensor)
 # torch.load(weights_only=True) rebuilds only allow-listed classes.
 torch.serialization.add_safe_globals(list(PACKED_TENSOR_CLASSES))
 
-__all__ = ["PACKED_TENSOR_CLASSES", "SERQIntTensor", "SERQMXFP4Tensor", "stored_bits_per_weight"]
+__all__ = ["PACKED_TENSOR_CLASSES", "SERQIntTensor", "SERQMXFP4Tensor", "stored_bits_per_weight", "stored_bytes"]

@@ -27,9 +27,20 @@ def check_exact(what: str, packed: torch.Tensor, original: torch.Tensor, rtol: f
         )
 
 
+def field_names(cls) -> list[str]:
+    """Every tensor field a packed weight class may hold, required first."""
+    return list(cls.tensor_data_names) + list(cls.optional_tensor_data_names)
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor occupies: for a packed weight, all its present fields (codes, scales,
+    pre-op vectors); for any other tensor, its elements."""
+    if hasattr(tensor, "optional_tensor_data_names"):
+        present = (getattr(tensor, n) for n in field_names(type(tensor)))
+        return sum(stored_bytes(t) for t in present if t is not None)
+    return tensor.numel() * tensor.element_size()
+
+
 def stored_bits_per_weight(tensor: torch.Tensor) -> float:
     """Bits stored by a packed weight (codes, scales, pre-op vectors) per original weight."""
-    names = list(tensor.tensor_data_names) + list(tensor.optional_tensor_data_names)
-    stored = [getattr(tensor, n) for n in names if getattr(tensor, n) is not None]
-    bits = sum(t.numel() * t.element_size() * 8 for t in stored)
-    return bits / (tensor.shape[0] * tensor.shape[1])
+    return 8 * stored_bytes(tensor) / (tensor.shape[0] * tensor.shape[1])

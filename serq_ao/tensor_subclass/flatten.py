@@ -3,9 +3,8 @@
 safetensors stores plain tensors only. A packed weight under the key ``prefix.weight`` is
 stored as one plain tensor per field, ``prefix.weight_qdata``, ``prefix.weight_scale``, ...
 (absent optional fields are not stored), and its class and non-tensor attributes go into the
-metadata under the key ``prefix.weight`` as JSON. The flat keys are valid module buffer
-names, so a model whose packed linears are replaced by :class:`FlatPackedLinear` loads them
-with a plain ``load_state_dict`` (which is how ``from_pretrained`` rebuilds a model).
+metadata under the key ``prefix.weight`` as JSON. :mod:`serq_ao.hf_quantizer` reads the
+same layout back through a transformers weight converter.
 """
 
 from __future__ import annotations
@@ -13,17 +12,13 @@ from __future__ import annotations
 import json
 
 import torch
-from torch import nn
 
+from serq_ao.tensor_subclass.common import field_names
 from serq_ao.tensor_subclass.serq_int_tensor import SERQIntTensor
 from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
 CLASSES = {cls.__name__: cls for cls in (SERQMXFP4Tensor, SERQIntTensor)}
 METADATA_MARK = "serq_packed"
-
-
-def _field_names(cls) -> list[str]:
-    return list(cls.tensor_data_names) + list(cls.optional_tensor_data_names)
 
 
 def _attributes(tensor) -> dict:
@@ -41,7 +36,7 @@ def _attributes(tensor) -> dict:
 def describe_packed(tensor) -> dict:
     """Class, attributes and the present fields' shapes and dtypes of a packed weight (JSON-ready)."""
     fields = {}
-    for name in _field_names(type(tensor)):
+    for name in field_names(type(tensor)):
         field = getattr(tensor, name)
         if field is not None:
             fields[name] = [list(field.shape), str(field.dtype).removeprefix("torch.")]
@@ -74,7 +69,7 @@ def build_packed(description: dict, fields: dict[str, torch.Tensor]):
     missing = [f for f in description["fields"] if f not in fields]
     if missing:
         raise ValueError(f"packed weight lacks the fields {missing}")
-    return cls(**{f: fields.get(f) for f in _field_names(cls)}, **attributes)
+    return cls(**{f: fields.get(f) for f in field_names(cls)}, **attributes)
 
 
 def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
@@ -91,22 +86,3 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         fields = {f: state.pop(f"{key}_{f}") for f in description["fields"] if f"{key}_{f}" in state}
         state[key] = build_packed(description, fields)
     return state
-
-
-class FlatPackedLinear(nn.Module):
-    """Stand-in for a packed nn.Linear while a checkpoint loads: one buffer per stored field
-    (``weight_qdata``, ...), then :meth:`to_linear` assembles the packed weight."""
-
-    def __init__(self, description: dict, bias_shape: list[int] | None, device: torch.device | str | None = None):
-        super().__init__()
-        self.description = description
-        for field, (shape, dtype) in description["fields"].items():
-            self.register_buffer(f"weight_{field}", torch.empty(shape, dtype=getattr(torch, dtype), device=device))
-        bias = None if bias_shape is None else torch.empty(bias_shape, device=device)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def to_linear(self) -> nn.Linear:
-        from serq_ao.packing import packed_linear
-
-        fields = {f: getattr(self, f"weight_{f}") for f in self.description["fields"]}
-        return packed_linear(build_packed(self.description, fields), self.bias)
