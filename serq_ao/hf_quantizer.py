@@ -69,9 +69,7 @@ class SERQHfConfig(QuantizationConfigMixin):
         gathers, linears = {}, []
         for name, module in model.named_modules():
             if isinstance(module, OutputGather):
-                present = [b for b in ("perm", "scale_inv") if getattr(module, b) is not None]
-                width = next(getattr(module, b) for b in present).numel()
-                gathers[name] = {"width": width, "buffers": present}
+                gathers[name] = module.spec()
             elif isinstance(module, nn.Linear) and isinstance(module.weight, PACKED_TENSOR_CLASSES):
                 linears.append(name)
         return cls(config.to_dict(), gathers, linears)
@@ -121,10 +119,7 @@ class SERQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # the model is still on the meta device: re-create the wrappers so that their keys exist
         for name, spec in self.quantization_config.output_gathers.items():
-            width = spec["width"]
-            perm = torch.empty(width, dtype=torch.long) if "perm" in spec["buffers"] else None
-            scale_inv = torch.empty(width) if "scale_inv" in spec["buffers"] else None
-            replace_module(model, name, OutputGather(model.get_submodule(name), perm, scale_inv))
+            replace_module(model, name, OutputGather.from_spec(model.get_submodule(name), spec))
         for path in checkpoint_files or []:
             if str(path).endswith(".safetensors"):
                 with safe_open(path, framework="pt") as handle:

@@ -70,11 +70,7 @@ def _structure(model: nn.Module) -> dict[str, dict]:
                 "lowrank": 0 if module.lowrank_b is None else module.lowrank_b.shape[0],
             }
         elif isinstance(module, OutputGather):
-            structure[name] = {
-                "kind": "output_gather",
-                "width": next(b for b in (module.perm, module.scale_inv) if b is not None).numel(),
-                "buffers": [b for b in ("perm", "scale_inv") if getattr(module, b) is not None],
-            }
+            structure[name] = {"kind": "output_gather", **module.spec()}
     return structure
 
 
@@ -136,9 +132,7 @@ def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
             lowrank_b=empty(spec["lowrank"], d_in) if spec.get("lowrank") else None,
         )
     if spec["kind"] == "output_gather":
-        width, buffers = spec["width"], set(spec["buffers"])
-        perm = empty(width, dtype=torch.long) if "perm" in buffers else None
-        return OutputGather(parent, perm, empty(width) if "scale_inv" in buffers else None)
+        return OutputGather.from_spec(parent, spec)
     raise ValueError(f"unknown module kind {spec['kind']!r} in {QUANTIZATION_FILE}")
 
 

@@ -96,6 +96,18 @@ class OutputGather(nn.Module):
             y = y.index_select(-1, self.perm)
         return y
 
+    def spec(self) -> dict:
+        """What a checkpoint needs to rebuild this wrapper before loading its buffers."""
+        present = [b for b in ("perm", "scale_inv") if getattr(self, b) is not None]
+        return {"width": getattr(self, present[0]).numel(), "buffers": present}
+
+    @classmethod
+    def from_spec(cls, inner: nn.Module, spec: dict) -> "OutputGather":
+        """An OutputGather around ``inner`` with empty buffers shaped as :meth:`spec` says."""
+        width, buffers = spec["width"], set(spec["buffers"])
+        perm = torch.empty(width, dtype=torch.long) if "perm" in buffers else None
+        return cls(inner, perm, torch.empty(width) if "scale_inv" in buffers else None)
+
 
 def transform_consumer(linear: nn.Linear, scale: torch.Tensor, perm: torch.Tensor) -> None:
     """In place: ``W <- (W * s)[:, pi]``, the consumer side of an input transform."""
