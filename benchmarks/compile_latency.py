@@ -24,8 +24,6 @@ call); the Triton kernels of the kernels issue are the fast path on GPUs.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import serq_ao  # noqa: E402
 from serq_ao.config import SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches  # noqa: E402
 from serq_ao.models import load_model  # noqa: E402
-from serq_ao.bench import machine_info, time_model  # noqa: E402
+from serq_ao.bench import machine_info, time_model, write_json  # noqa: E402
 from serq_ao.packing import storage_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,10 +93,7 @@ def main() -> None:
         "machine": machine_info(),
         "command": " ".join(["benchmarks/compile_latency.py", *sys.argv[1:]]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, args.out)
+    write_json(args.out, record)
 
     from rich.console import Console
     from rich.table import Table

@@ -10,7 +10,6 @@ The tests (tests/kernels/test_gpu_compile.py) fail on any spill; this records th
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import serq_ao  # noqa: E402,F401
+import serq_ao  # noqa: E402
+from serq_ao.bench import write_json  # noqa: E402
 from serq_ao.kernels import triton_gemm, triton_quantize  # noqa: E402
 from serq_ao.kernels.gpu_compile import compile_for_gpu  # noqa: E402
 
@@ -40,9 +40,7 @@ def main() -> None:
             rows.append(compile_for_gpu(spec, "serq_mxfp4_gemm", f"{tuple(config)} out={out_dtype}, bias"))
     record = {"target": "sm_90a (H100), triton.compile without a device, ptxas -v",
               "kernels": [dataclasses.asdict(r) for r in rows]}
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, OUT)
+    write_json(OUT, record)
 
     from rich.console import Console
     from rich.table import Table

@@ -23,8 +23,6 @@ run, are reported next to each linear's. Writes benchmarks/results/linear_latenc
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -37,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402
+from serq_ao.bench import machine_info, write_json  # noqa: E402
 from serq_ao.packing import pack_weight, packed_linear  # noqa: E402
 from serq_ao.reconstruct import serq_reconstruct  # noqa: E402
 from serq_ao.tensor_subclass import stored_bytes  # noqa: E402
@@ -171,14 +170,10 @@ def main() -> None:
         "compiled": not args.no_compile,
         "peaks": peaks,
         "rows": rows,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "serq_ao": serq_ao.__version__},
+        "machine": machine_info(),
         "command": " ".join(["benchmarks/linear_latency.py", *sys.argv[1:]]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+    write_json(out, record)
 
     from rich.console import Console
     from rich.table import Table

@@ -15,18 +15,15 @@ rounding of every linear). Writes benchmarks/results/quantize_time.json; a table
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402
+from serq_ao.bench import machine_info, write_json  # noqa: E402
 from serq_ao.calibration import calibrate  # noqa: E402
 from serq_ao.config import SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches  # noqa: E402
@@ -75,14 +72,10 @@ def main() -> None:
         "model": MODEL,
         "calibration": {"corpus": "wiki", "windows": args.calib_windows, "seconds": stats.seconds},
         "results": results,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "serq_ao": serq_ao.__version__},
+        "machine": machine_info(),
         "command": " ".join(["benchmarks/quantize_time.py", *sys.argv[1:]]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, args.out)
+    write_json(args.out, record)
 
     from rich.console import Console
     from rich.table import Table

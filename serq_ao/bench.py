@@ -9,10 +9,12 @@ the warm-up of a compiled function, which includes compilation, is reported apar
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -85,6 +87,15 @@ def time_model(model: nn.Module, *, batch: int = 1, prefill: int = 1024, prefill
             timings.append(Timing(phase, mode, median, first, tokens / median, calls))
         torch._dynamo.reset()
     return timings
+
+
+def write_json(path, record: dict) -> None:
+    """Write ``record`` to ``path`` through a temporary file, so no half-written result remains."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
 
 
 def machine_info() -> dict:

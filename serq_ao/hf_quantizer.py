@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 
-import torch
 from safetensors import safe_open
 from torch import nn
 from transformers.core_model_loading import ConversionOps
