@@ -58,25 +58,32 @@ def statistics(corpus: str, windows: int, cache: Path) -> CalibrationStats:
     return stats
 
 
-def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, args, cache: Path) -> dict:
+def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, calib_windows: int,
+                    folds: str, cache: Path):
+    """A fresh copy of the model quantized for one cell: (model, tokenizer, bits, quantize seconds)."""
     model, tokenizer = load_model(MODEL)
+    if method == "fp":
+        return model, tokenizer, 32.0, 0.0
+    base, gptq = method.removesuffix("+gptq"), method.endswith("+gptq")
+    config = SERQConfig(
+        method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=folds == "all"
+    )
+    if gptq:  # GPTQ calibrates inside, on the layers' own inputs
+        calibration = calibration_batches(tokenizer, corpus, calib_windows)
+    else:
+        calibration = statistics(corpus, calib_windows, cache) if base != "rtn" else None
+    started = time.perf_counter()
+    report = quantize_model(model, config, calibration)
+    # shared statistics were computed once; count them in every cell's wall time
+    shared = calibration.seconds if isinstance(calibration, CalibrationStats) else 0.0
+    return model, tokenizer, report.effective_bits, time.perf_counter() - started + shared
+
+
+def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, args, cache: Path) -> dict:
+    model, tokenizer, bits, seconds = quantized_model(
+        method, fmt, rank, corpus, scale_mode, args.calib_windows, args.folds, cache
+    )
     windows = evaluation_windows(tokenizer, "wiki", n_windows=args.windows)
-    bits, seconds = 32.0, 0.0
-    if method != "fp":
-        base, gptq = method.removesuffix("+gptq"), method.endswith("+gptq")
-        config = SERQConfig(
-            method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=args.folds == "all"
-        )
-        if gptq:  # GPTQ calibrates inside, on the layers' own inputs
-            calibration = calibration_batches(tokenizer, corpus, args.calib_windows)
-        else:
-            calibration = statistics(corpus, args.calib_windows, cache) if base != "rtn" else None
-        started = time.perf_counter()
-        report = quantize_model(model, config, calibration)
-        # shared statistics were computed once; count them in every cell's wall time
-        shared = calibration.seconds if isinstance(calibration, CalibrationStats) else 0.0
-        seconds = time.perf_counter() - started + shared
-        bits = report.effective_bits
     result = perplexity(model, windows)
     return {
         "method": method,

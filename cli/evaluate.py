@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -51,5 +52,41 @@ def cmd_eval_ppl(args: argparse.Namespace, err: Console) -> int:
     for column in ("model", "ppl", "windows", "tokens", "seconds"):
         table.add_column(column, justify="left" if column == "model" else "right")
     table.add_row(record["model"], f"{result.ppl:.2f}", str(result.windows), str(result.tokens), f"{result.seconds:.1f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace, err: Console) -> int:
+    from serq_ao.eval.tasks import check_tasks, evaluate_tasks, task_manager
+    from serq_ao.models import load_model
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for path in args.include_path:
+        if not Path(path).is_dir():
+            raise UsageError(f"--include-path: {path!r} is not a folder of lm-eval task YAMLs")
+    try:  # before loading anything: a wrong task name should cost nothing
+        check_tasks(tasks, task_manager(args.include_path))
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    with status(err, f"loading {args.model}", args.quiet):
+        model, tokenizer = load_model(args.model)
+    with progress_bar(err, args.quiet) as progress:
+        bar = progress.add_task(f"zero-shot {', '.join(tasks)}", total=None)
+        result = evaluate_tasks(
+            model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, include_paths=args.include_path,
+            on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
+        )
+    record = {"model": str(args.model), **result.to_dict()}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    limit = f"first {args.limit} documents per task" if args.limit else "all documents"
+    table = Table(title=f"Zero-shot accuracy (lm-eval {result.lm_eval_version}), {args.model}, {limit}")
+    for column in ("task", "samples", "acc", "acc_norm"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task in result.tasks:
+        cells = [f"{task.metrics[m]:.4f} ± {task.stderr.get(m, float('nan')):.4f}" if m in task.metrics else "—"
+                 for m in ("acc", "acc_norm")]
+        table.add_row(task.task, str(task.samples), *cells)
     Console().print(table)
     return 0

@@ -6,26 +6,28 @@ messages go to stderr, so ``serq ... --json | jq`` always works.
 
 from __future__ import annotations
 
-import os
+import argparse
+import functools
+import logging
+import sys
 
-# The CLI draws its own progress with rich; libraries' tqdm bars (the GGUF converter's among
-# them) would interleave with it. tqdm reads this switch when it is imported, hence so early.
-os.environ.setdefault("TQDM_DISABLE", "1")
+import tqdm
+from rich.console import Console
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-
-from rich.console import Console  # noqa: E402
+# The CLI draws its own progress with rich; libraries' tqdm bars (lm-eval's, the GGUF
+# converter's) would interleave with it. TQDM_DISABLE cannot do this: tqdm reads it once, when
+# first imported, and importing serq_ao (the parent package of this module) already did.
+tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 import serq_ao  # noqa: E402,F401  (silences torchao's CPU-only load messages first)
 from serq_ao.cli.common import UsageError, non_negative_int, positive_int  # noqa: E402
 from serq_ao.cli.bench import cmd_bench  # noqa: E402
-from serq_ao.cli.evaluate import cmd_eval_ppl  # noqa: E402
+from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
 from serq_ao.cli.export import cmd_export  # noqa: E402
 from serq_ao.cli.inspect import cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
 from serq_ao.config import DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
+from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
 from serq_ao.formats import SCALE_MODES  # noqa: E402
 from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundError  # noqa: E402
@@ -112,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=positive_int, default=1)
     _common(ppl)
     ppl.set_defaults(handler=cmd_eval_ppl)
+    tasks = evaluations.add_parser("tasks", help="zero-shot accuracy through lm-eval, offline")
+    tasks.add_argument("model", help=MODEL_HELP)
+    tasks.add_argument("--tasks", default=",".join(SHIPPED_TASKS),
+                       help=f"comma-separated lm-eval task names (shipped: {', '.join(SHIPPED_TASKS)})")
+    tasks.add_argument("--limit", type=positive_int, default=None, help="first N documents of each task (default: all)")
+    tasks.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
+    tasks.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                       help="a folder of further lm-eval task YAMLs (repeatable)")
+    _common(tasks)
+    tasks.set_defaults(handler=cmd_eval_tasks)
     return parser
 
 
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # lm-eval warns on every run about things that are intended here (a model object, zero-shot)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     err = Console(stderr=True)
     try:
         return args.handler(args, err)

