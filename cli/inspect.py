@@ -1,47 +1,190 @@
-"""serq inspect: the dataflow plan of a float model, or the linears of a quantized one."""
+"""serq inspect: the dataflow plan of a float model, and the linears of a quantized one.
+
+Per quantized linear: rank, bits per weight, the spread of the flattening scales, the share
+of saliency in the top-r channels and the relative output error on calibration data
+(:mod:`serq_ao.diagnostics`). A quantized folder carries these from ``serq quantize``; for a
+float model ``--stats`` (or ``--plot``) quantizes a copy in memory to measure them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
+from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from serq_ao.cli.common import status
+from serq_ao.cli.common import StageProgress, UsageError, progress_bar, status
+
+# Where benchmarks/accuracy.py leaves its rank sweep for the default model.
+DEFAULT_SWEEP = Path("benchmarks") / "results" / "accuracy_smollm2.json"
 
 
-def _quantized_table(storage, config) -> Table:
-    title = "Quantized linears" + (f": {config.method}, {config.format}" if config is not None else "")
-    table = Table(title=f"{title}, {storage.model_bytes / 2**20:.1f} MiB in all")
-    for column in ("linear", "d_in", "d_out", "rank", "bits/weight", "of which pre-op"):
-        table.add_column(column, justify="left" if column == "linear" else "right")
-    for linear in storage.linears:
-        table.add_row(linear.name, str(linear.in_features), str(linear.out_features), str(linear.rank),
-                      f"{linear.bits_per_weight:.3f}", f"{linear.pre_op_bits_per_weight:.3f}")
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _linear_rows(report: dict, storage, diagnostics) -> list[dict]:
+    """One dict per quantized linear: the pipeline's report, stored bits and diagnostics merged."""
+    rows = {r["name"]: {"name": r["name"], "in_features": r["in_features"], "out_features": r["out_features"],
+                        "rank": r["rank"], "bits_per_weight": r["bits"], "pre_op": r["pre_op"]}
+            for r in report.get("linears", [])}
+    for linear in storage.linears if storage is not None else []:
+        rows.setdefault(linear.name, {"name": linear.name, "in_features": linear.in_features,
+                                      "out_features": linear.out_features, "rank": linear.rank})
+        rows[linear.name].update(bits_per_weight=linear.bits_per_weight,
+                                 pre_op_bits_per_weight=linear.pre_op_bits_per_weight,
+                                 pre_op=linear.pre_op_bits_per_weight > 0)
+    for d in diagnostics.linears if diagnostics is not None else []:
+        rows.setdefault(d.name, {"name": d.name, "in_features": d.in_features, "out_features": d.out_features,
+                                 "rank": d.rank, "bits_per_weight": d.bits_per_weight})
+        rows[d.name].update(layer=d.layer, kind=d.kind, scale_spread=d.scale_spread,
+                            saliency_share=d.saliency_share, output_error=d.output_error)
+    return list(rows.values())
+
+
+# Column notes, shown under the tables.
+LEGEND = ("spread: max / median of the flattening scales s = max|x|; top-r: share of sum s in the r "
+          "largest channels; error: ||Y_q - Y|| / ||Y|| on calibration tokens")
+
+
+def _linears_table(rows: list[dict], title: str, layer_limit: int | None) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("layer", "linear", "shape", "rank", "bits", "pre-op", "spread", "top-r", "error"):
+        table.add_column(column, justify="left" if column == "linear" else "right", no_wrap=True)
+    shown = [r for r in rows if layer_limit is None or r.get("layer") is None or r["layer"] < layer_limit]
+    for r in shown:
+        table.add_row(_fmt(r.get("layer"), "d"), r.get("kind", r["name"]), f"{r['in_features']}→{r['out_features']}",
+                      str(r["rank"]), _fmt(r.get("bits_per_weight"), ".3f"), "yes" if r.get("pre_op") else "no",
+                      _fmt(r.get("scale_spread"), ".1f"), _fmt(r.get("saliency_share"), ".3f"),
+                      _fmt(r.get("output_error"), ".4f"))
+    if len(shown) < len(rows):
+        table.caption = f"{len(rows) - len(shown)} more linears: --layers 0 lists all"
     return table
 
 
+def _kinds_table(rows: list[dict]) -> Table | None:
+    """Means over layers, per linear kind: the shape of the whole model in a few rows."""
+    by_kind = defaultdict(list)
+    for r in rows:
+        if r.get("kind") is not None:
+            by_kind[r["kind"]].append(r)
+    if not by_kind:
+        return None
+    table = Table(title="By linear kind, over all layers", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption=LEGEND)
+    for column in ("linear", "count", "spread", "top-r", "error mean", "error max"):
+        table.add_column(column, justify="left" if column == "linear" else "right", no_wrap=True)
+    for kind, group in by_kind.items():
+        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        errors = [r["output_error"] for r in group if r.get("output_error") is not None]
+        table.add_row(kind, str(len(group)), f"{mean('scale_spread'):.1f}", f"{mean('saliency_share'):.3f}",
+                      f"{sum(errors) / len(errors):.4f}" if errors else "—", f"{max(errors):.4f}" if errors else "—")
+    return table
+
+
+def _sweep_cells(args: argparse.Namespace, source: str) -> list[dict] | None:
+    path = Path(args.sweep) if args.sweep else DEFAULT_SWEEP
+    if args.sweep and not path.is_file():
+        raise UsageError(f"--sweep: no such file: {args.sweep}")
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        cells = record["cells"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"--sweep: {path} is not a benchmarks/accuracy.py result (a JSON object with 'cells')") from None
+    if not args.sweep and Path(source).name != record.get("model"):
+        return None  # the default file belongs to another model
+    return cells
+
+
+def _diagnose_float_model(model, tokenizer, args, err: Console):
+    from serq_ao.cli.quantize import _calibration, _config, _plan_checked
+    from serq_ao.diagnostics import quantize_with_diagnostics
+    from serq_ao.pipeline import quantize_model
+
+    config = _config(args)
+    plan = _plan_checked(model, config)
+    if args.error_windows > args.calib_windows:
+        raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-windows ({args.calib_windows})")
+    batches = _calibration(tokenizer, args)
+    with progress_bar(err, args.quiet) as progress:
+        report, diagnostics = quantize_with_diagnostics(
+            model, config, batches, quantize=quantize_model, error_windows=args.error_windows, plan=plan,
+            progress=StageProgress(progress),
+        )
+    return config, report, diagnostics
+
+
 def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
+    from serq_ao.diagnostics import Diagnostics
     from serq_ao.models import load_model
     from serq_ao.packing import storage_report
     from serq_ao.passes import analyze, plan_table
+    from serq_ao.serialization import is_quantized_folder, read_report
 
+    if args.plot is not None and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        raise UsageError(f"--plot must be a folder to write PNG files into, got the file {args.plot}")
+    layer_limit = args.layers or None
+    record: dict = {"model": str(args.model)}
+    tables: list = []
+    quantized = is_quantized_folder(args.model)
+    source = str(args.model)
     with status(err, f"loading {args.model}", args.quiet):
-        model, _ = load_model(args.model)
-    storage = storage_report(model)
-    if storage.linears:  # a packed model: its linears are serq ops, not a plan to make
+        model, tokenizer = load_model(args.model)
+    if quantized:
+        saved = read_report(args.model)
+        source = saved.get("source", source)
         config = getattr(model, "serq_config", None)
-        if args.json:
-            print(json.dumps({"model": str(args.model), "config": None if config is None else config.to_dict(),
-                              **storage.to_dict()}))
-        else:
-            Console().print(_quantized_table(storage, config))
-        return 0
-    with status(err, f"tracing {args.model}", args.quiet):
-        plan = analyze(model)
-    if args.json:
-        print(json.dumps(plan.to_dict()))
+        storage = storage_report(model)
+        diagnostics = Diagnostics.from_dict(saved["diagnostics"]) if saved.get("diagnostics") else None
+        rows = _linear_rows(saved.get("report", {}), storage if storage.linears else None, diagnostics)
+        record.update(config=None if config is None else config.to_dict(), source=source)
+        if storage.linears:
+            record.update(model_bytes=storage.model_bytes, unquantized_bytes=storage.unquantized_bytes)
+        title = "Quantized linears" + (f": {config.method}, {config.format}" if config is not None else "")
+        if storage.linears:
+            title += f", {storage.model_bytes / 2**20:.1f} MiB in all"
+        if diagnostics is None:
+            err.print("serq: this folder has no diagnostics (quantized with --no-diagnostics or by an older serq)")
     else:
-        Console().print(plan_table(plan, layer_limit=args.layers or None))
+        with status(err, f"tracing {args.model}", args.quiet):
+            plan = analyze(model)
+        record["plan"] = plan.to_dict()
+        tables.append(plan_table(plan, layer_limit=layer_limit))
+        diagnostics, rows = None, None
+        if args.stats or args.plot is not None:  # quantizes this in-memory copy
+            config, report, diagnostics = _diagnose_float_model(model, tokenizer, args, err)
+            rows = _linear_rows(report.to_dict(), None, diagnostics)
+            record["config"] = config.to_dict()
+            title = f"Linears if quantized: {config.method}, {config.format}, rank {config.correction_rank}"
+    if rows is not None:
+        record["linears"] = rows
+        tables.append(_linears_table(rows, title, layer_limit))
+        kinds = _kinds_table(rows)
+        if kinds is not None:
+            tables.append(kinds)
+    if diagnostics is not None:
+        record["saliency_curves"] = diagnostics.to_dict()["curves"]
+        record["error_tokens"] = diagnostics.error_tokens
+    if args.plot is not None:
+        from serq_ao.plots import plot_diagnostics
+
+        if diagnostics is None:
+            raise UsageError(f"--plot: {args.model} has no diagnostics to plot; re-quantize it with --diagnostics")
+        with status(err, f"plotting into {args.plot}", args.quiet):
+            written = plot_diagnostics(diagnostics, args.plot, sweep_cells=_sweep_cells(args, source),
+                                       title=Path(source).name)
+        record["plots"] = [str(p) for p in written]
+        if not args.quiet:
+            err.print("wrote " + ", ".join(str(p) for p in written))
+    if args.json:
+        print(json.dumps(record))
+    else:
+        console = Console()
+        for table in tables:
+            console.print(table)
     return 0

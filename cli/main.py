@@ -24,7 +24,7 @@ from serq_ao.cli.common import UsageError, non_negative_int, positive_int  # noq
 from serq_ao.cli.bench import cmd_bench  # noqa: E402
 from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
 from serq_ao.cli.export import cmd_export  # noqa: E402
-from serq_ao.cli.inspect import cmd_inspect  # noqa: E402
+from serq_ao.cli.inspect import DEFAULT_SWEEP, cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
 from serq_ao.config import DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--method", choices=METHODS, default="serq")
     quantize.add_argument("--out", required=True, help="output folder (written atomically)")
     _quantization_options(quantize)
+    quantize.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=True,
+                          help="record per-linear saliency and output error for serq inspect (default: on)")
+    quantize.add_argument("--error-windows", type=non_negative_int, default=2,
+                          help="calibration windows the output errors are measured on (0: none)")
     _common(quantize)
     quantize.set_defaults(handler=cmd_quantize)
 
@@ -77,9 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(compare)
     compare.set_defaults(handler=cmd_compare)
 
-    inspect = commands.add_parser("inspect", help="the dataflow plan: linear groups, producers, what folds")
+    inspect = commands.add_parser(
+        "inspect", help="the dataflow plan, and per quantized linear: rank, bits, saliency, output error")
     inspect.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
-    inspect.add_argument("--layers", type=non_negative_int, default=1, help="decoder layers to show (0: all)")
+    inspect.add_argument("--layers", type=non_negative_int, default=1, help="decoder layers to list (0: all)")
+    inspect.add_argument("--stats", action="store_true",
+                         help="float model: quantize a copy in memory (options below) and show its per-linear statistics")
+    inspect.add_argument("--plot", metavar="DIR", default=None,
+                         help="write PNG figures into DIR: saliency curves, per-layer error, perplexity against rank")
+    inspect.add_argument("--sweep", metavar="FILE", default=None,
+                         help=f"benchmarks/accuracy.py results to plot the rank sweep from (default: {DEFAULT_SWEEP} "
+                              "when it exists and is for this model)")
+    inspect.add_argument("--method", choices=METHODS, default="serq", help="with --stats: the method")
+    _quantization_options(inspect)
+    inspect.add_argument("--error-windows", type=non_negative_int, default=2,
+                         help="with --stats: calibration windows the output errors are measured on")
     _common(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 

@@ -48,6 +48,7 @@ def _calibration(tokenizer, args):
 
 def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
     from serq_ao.config import LOWRANK_METHODS
+    from serq_ao.diagnostics import quantize_with_diagnostics
     from serq_ao.models import load_model
     from serq_ao.packing import storage_report
     from serq_ao.pipeline import quantize_, quantize_model
@@ -57,20 +58,31 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_quantized_folder(out))):
         raise UsageError(f"--out must be a new or empty folder (or an earlier serq output), got {out}")
+    if args.diagnostics and args.error_windows > args.calib_windows:
+        raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-windows ({args.calib_windows})")
     with status(err, f"loading {args.model}", args.quiet):
         model, tokenizer = load_model(args.model)
         plan = _plan_checked(model, config)
-        batches = _calibration(tokenizer, args) if config.method != "rtn" or config.gptq else None
+        needs_batches = config.method != "rtn" or config.gptq or args.diagnostics
+        batches = _calibration(tokenizer, args) if needs_batches else None
     # packed weights where the method has a packed format; LQER / L2QER stay in evaluation mode
     quantize = quantize_model if config.method in LOWRANK_METHODS else quantize_
+    diagnostics = None
     with progress_bar(err, args.quiet) as progress:
-        report = quantize(model, config, batches, plan=plan, progress=StageProgress(progress))
+        if args.diagnostics:
+            report, diagnostics = quantize_with_diagnostics(
+                model, config, batches, quantize=quantize, error_windows=args.error_windows, plan=plan,
+                progress=StageProgress(progress),
+            )
+        else:
+            report = quantize(model, config, batches, plan=plan, progress=StageProgress(progress))
     storage = storage_report(model)
     extra = {
         "source": str(args.model),
         "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows, "seqlen": args.calib_seqlen},
         "report": report.to_dict(),
         "storage": storage.to_dict(),
+        "diagnostics": None if diagnostics is None else diagnostics.to_dict(),
     }
     with status(err, f"saving {out}", args.quiet):
         save_quantized(model, tokenizer, out, config, extra)

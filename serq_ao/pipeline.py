@@ -147,11 +147,14 @@ def quantize_model(
     *,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,
+    on_transformed: Callable[[nn.Module], None] | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place per ``config``.
 
     ``calibration``: input ids (n, L) to calibrate on, or statistics from :func:`calibrate`
     on this same, untransformed model. RTN needs none (pass None); GPTQ needs input ids.
+    ``on_transformed(model)`` is called once the exact transforms are applied and before any
+    weight is quantized (:mod:`serq_ao.diagnostics` keeps a copy there).
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -187,6 +190,8 @@ def quantize_model(
     if transforms:
         apply_input_transforms(model, plan, transforms, fold=True if config.fold_into_linears else ("norm",))
     seconds["transform"] = time.perf_counter() - transform_start
+    if on_transformed is not None:
+        on_transformed(model)
 
     quantize_start = time.perf_counter()
     linears: list[LinearReport] = []
@@ -215,6 +220,7 @@ def quantize_(
     *,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,
+    on_transformed: Callable[[nn.Module], None] | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place and leave packed weights (SERQMXFP4Tensor / SERQIntTensor).
 
@@ -228,7 +234,7 @@ def quantize_(
             f"method {config.method!r} has no packed format (its INT8 factors need a second "
             "low-rank GEMM): use quantize_model for its evaluation mode"
         )
-    report = quantize_model(model, config, calibration, plan=plan, progress=progress)
+    report = quantize_model(model, config, calibration, plan=plan, progress=progress, on_transformed=on_transformed)
     pack_model(model)
     model.serq_config = config
     if isinstance(model, PreTrainedModel):

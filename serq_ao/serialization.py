@@ -109,6 +109,17 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, config: 
     return out
 
 
+def read_report(path: str | os.PathLike) -> dict:
+    """What ``save_quantized`` recorded next to the weights (its ``extra``: source, calibration,
+    report, storage, diagnostics); {} where nothing was recorded."""
+    path = Path(path)
+    if is_packed_folder(path):
+        report = path / REPORT_FILE
+        return json.loads(report.read_text()) if report.is_file() else {}
+    meta = json.loads((path / QUANTIZATION_FILE).read_text())
+    return {k: v for k, v in meta.items() if k not in ("format_version", "config", "structure")}
+
+
 def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)

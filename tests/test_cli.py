@@ -179,7 +179,67 @@ def test_inspect_a_packed_folder_lists_its_linears(quantized_tiny_dir, capsys):
     assert "Quantized linears: serq, mxfp4" in capsys.readouterr().out
 
 
+def test_inspect_a_packed_folder_shows_the_diagnostics_recorded_at_quantize_time(quantized_tiny_dir, capsys):
+    assert main(["inspect", str(quantized_tiny_dir), "--json", "--quiet"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    for linear in record["linears"]:
+        assert linear["scale_spread"] >= 1 and 32 / linear["in_features"] < linear["saliency_share"] < 1
+        assert 0 < linear["output_error"] < 1 and linear["layer"] in (0, 1)
+    assert len(record["saliency_curves"]) == 2 * 4
+    assert record["error_tokens"] == 2 * (1 + 32)  # --error-windows 2 of BOS + 32 tokens
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_plot_writes_png_figures(quantized_tiny_dir, tmp_path, capsys):
+    sweep = tmp_path / "accuracy.json"  # the shape benchmarks/accuracy.py writes
+    cells = [{"method": "serq", "format": "mxfp4", "rank": r, "calib_corpus": "wiki", "scale_mode": "floor", "ppl": p}
+             for r, p in ((0, 70.0), (32, 40.0), (64, 38.0))]
+    cells.append({"method": "rtn", "format": "mxfp4", "rank": 0, "calib_corpus": "wiki", "scale_mode": "floor", "ppl": 80.0})
+    sweep.write_text(json.dumps({"model": "tiny-llama", "cells": cells}))
+    plots = tmp_path / "plots"
+    argv = ["inspect", str(quantized_tiny_dir), "--plot", str(plots), "--sweep", str(sweep), "--json", "--quiet"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    names = sorted(Path(p).name for p in record["plots"])
+    assert names == ["layer_error.png", "rank_sweep.png", "saliency.png"]
+    assert sorted(p.name for p in plots.iterdir()) == names  # no temporary files left
+    assert all((plots / n).read_bytes().startswith(PNG_MAGIC) for n in names)
+
+
+def test_inspect_float_model_stats(tiny_model_dir, capsys):
+    argv = ["inspect", str(tiny_model_dir), "--stats", "--rank", "32", "--calib-windows", "2", "--calib-seqlen", "32",
+            "--json", "--quiet"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["plan"]["groups"]) == 8 and len(record["linears"]) == 14
+    assert record["config"]["rank"] == 32
+    assert all(0 < r["output_error"] < 1 and r["rank"] == 32 for r in record["linears"])
+
+
+def test_inspect_usage_errors(quantized_tiny_dir, tiny_model_dir, tmp_path, capsys):
+    a_file = tmp_path / "file.png"
+    a_file.write_bytes(b"")
+    assert main(["inspect", str(quantized_tiny_dir), "--plot", str(a_file), "--quiet"]) == 2
+    assert "--plot must be a folder" in capsys.readouterr().err
+    assert main(["inspect", str(quantized_tiny_dir), "--plot", str(tmp_path / "p"), "--sweep", str(tmp_path / "none.json"),
+                 "--quiet"]) == 2
+    assert "--sweep: no such file" in capsys.readouterr().err
+    argv = ["inspect", str(tiny_model_dir), "--stats", "--calib-windows", "2", "--error-windows", "3", "--quiet"]
+    assert main(argv) == 2
+    assert "--error-windows (3) must be at most --calib-windows (2)" in capsys.readouterr().err
+
+
+def test_quantize_without_diagnostics_has_nothing_to_plot(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--method", "rtn", "--no-diagnostics", "--out", str(out), *QUICK]) == 0
+    assert main(["inspect", str(out), "--plot", str(tmp_path / "plots"), "--quiet"]) == 2
+    assert "has no diagnostics to plot" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()
+
+
 def test_inspect_a_float_model_shows_its_plan(tiny_model_dir, capsys):
     assert main(["inspect", str(tiny_model_dir), "--json", "--quiet"]) == 0
-    plan = json.loads(capsys.readouterr().out)
+    plan = json.loads(capsys.readouterr().out)["plan"]
     assert len(plan["groups"]) == 2 * 4  # per layer: qkv, o, gate/up, down

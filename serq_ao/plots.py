@@ -1,0 +1,144 @@
+"""PNG figures of a quantization's diagnostics (``serq inspect --plot``), with matplotlib.
+
+- ``saliency.png``: cumulative share of the channel maxima held by the top-k channels, per
+  linear group kind (mean over layers, min-max band), against the uniform share k / d_in.
+- ``layer_error.png``: each linear's relative output error, by layer, one line per kind.
+- ``rank_sweep.png``: perplexity against the SERQ rank, from the accuracy benchmark's results.
+
+Every file is written to a temporary name and renamed, so an interrupted run leaves none half
+written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from serq_ao.diagnostics import Diagnostics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def plot_saliency(diagnostics: Diagnostics, path: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    by_kind = defaultdict(list)
+    for curve in diagnostics.curves:
+        by_kind[curve.kind].append(curve)
+    rank = max((d.rank for d in diagnostics.linears), default=0)
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for index, (kind, curves) in enumerate(sorted(by_kind.items())):
+        color = f"C{index}"
+        ks = [k for k, _ in curves[0].points]
+        shares = [[dict(c.points)[k] for c in curves] for k in ks]
+        axes.plot(ks, [sum(s) / len(s) for s in shares], color=color, marker=".", label=f"{kind} (d={curves[0].in_features})")
+        axes.fill_between(ks, [min(s) for s in shares], [max(s) for s in shares], color=color, alpha=0.15, linewidth=0)
+        axes.plot(ks, [k / curves[0].in_features for k in ks], color=color, linestyle=":", linewidth=1)
+    if rank:
+        axes.axvline(rank, color="gray", linestyle="--", linewidth=1, label=f"r = {rank}")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("top-k input channels (by max |x|)")
+    axes.set_ylabel("share of sum of max |x|")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(title or "Saliency concentration (dotted: uniform)")
+    axes.legend(fontsize=7, loc="upper left")
+    axes.grid(alpha=0.3)
+    try:
+        return _save(figure, path)
+    finally:
+        plt.close(figure)
+
+
+def plot_layer_error(diagnostics: Diagnostics, path: Path, title: str = "") -> Path | None:
+    """None when no output error was measured."""
+    rows = [d for d in diagnostics.linears if d.output_error is not None and d.layer is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    by_kind = defaultdict(list)
+    for d in rows:
+        by_kind[d.kind].append((d.layer, d.output_error))
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for kind, points in sorted(by_kind.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=kind)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("relative output error ||Y_q - Y|| / ||Y||")
+    axes.set_title(title or f"Per-layer error on {diagnostics.error_tokens} calibration tokens")
+    axes.legend(fontsize=7, ncol=2)
+    axes.grid(alpha=0.3)
+    try:
+        return _save(figure, path)
+    finally:
+        plt.close(figure)
+
+
+def rank_sweep(cells: list[dict], fmt: str = "mxfp4") -> dict:
+    """From benchmarks/accuracy.py cells: {"serq": [(rank, ppl)], "rtn": ppl or None, "fp": ppl or None}."""
+    default = [c for c in cells if c.get("calib_corpus") == "wiki" and c.get("scale_mode") == "floor"
+               and c.get("folds", "all") == "all"]
+    sweep = sorted((c["rank"], c["ppl"]) for c in default if c["method"] == "serq" and c["format"] == fmt)
+    rtn = [c["ppl"] for c in default if c["method"] == "rtn" and c["format"] == fmt]
+    fp = [c["ppl"] for c in default if c["method"] == "fp"]
+    return {"serq": sweep, "rtn": rtn[0] if rtn else None, "fp": fp[0] if fp else None}
+
+
+def plot_rank_sweep(cells: list[dict], path: Path, fmt: str = "mxfp4", title: str = "") -> Path | None:
+    """None when the cells hold fewer than two SERQ ranks for ``fmt``."""
+    sweep = rank_sweep(cells, fmt)
+    if len(sweep["serq"]) < 2:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    axes.plot([r for r, _ in sweep["serq"]], [p for _, p in sweep["serq"]], marker="o", label="SERQ")
+    if sweep["rtn"] is not None:
+        axes.axhline(sweep["rtn"], color="C3", linestyle="--", label=f"RTN ({sweep['rtn']:.1f})")
+    if sweep["fp"] is not None:
+        axes.axhline(sweep["fp"], color="C2", linestyle=":", label=f"FP ({sweep['fp']:.2f})")
+    axes.set_xlabel("correction rank r")
+    axes.set_ylabel("perplexity")
+    axes.set_title(title or f"Perplexity against rank, {fmt}")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    try:
+        return _save(figure, path)
+    finally:
+        plt.close(figure)
+
+
+def plot_diagnostics(diagnostics: Diagnostics, folder: str | os.PathLike, *, sweep_cells: list[dict] | None = None,
+                     title: str = "") -> list[Path]:
+    """Write the figures into ``folder`` (made if needed); returns the files written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = f"{title}: " if title else ""
+    written = [plot_saliency(diagnostics, folder / "saliency.png", prefix + "saliency concentration (dotted: uniform)")]
+    error = plot_layer_error(diagnostics, folder / "layer_error.png",
+                             prefix + f"per-layer output error, {diagnostics.error_tokens} calibration tokens")
+    if error is not None:
+        written.append(error)
+    if sweep_cells:
+        sweep = plot_rank_sweep(sweep_cells, folder / "rank_sweep.png")
+        if sweep is not None:
+            written.append(sweep)
+    return written
