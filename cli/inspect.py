@@ -74,7 +74,7 @@ def _kinds_table(rows: list[dict]) -> Table | None:
             by_kind[r["kind"]].append(r)
     if not by_kind:
         return None
-    table = Table(title="By linear kind, over all layers", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption=LEGEND)
+    table = Table(title="By linear kind, over all layers", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("linear", "count", "spread", "top-r", "error mean", "error max"):
         table.add_column(column, justify="left" if column == "linear" else "right", no_wrap=True)
     for kind, group in by_kind.items():
@@ -187,4 +187,6 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
         console = Console()
         for table in tables:
             console.print(table)
+        if rows is not None:
+            console.print(LEGEND, style="dim", highlight=False)
     return 0

@@ -138,7 +138,8 @@ def plot_diagnostics(diagnostics: Diagnostics, folder: str | os.PathLike, *, swe
     if error is not None:
         written.append(error)
     if sweep_cells:
-        sweep = plot_rank_sweep(sweep_cells, folder / "rank_sweep.png")
+        sweep = plot_rank_sweep(sweep_cells, folder / "rank_sweep.png",
+                                title=prefix + "perplexity against the SERQ rank, MXFP4 (accuracy benchmark)")
         if sweep is not None:
             written.append(sweep)
     return written
