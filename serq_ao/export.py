@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from serq_ao.files import umask_permissions
+
 
 class CausalLMLogits(nn.Module):
     """``input_ids -> logits`` of a transformers causal LM, no cache: one tensor in, one out."""
@@ -79,6 +81,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, batch: int = 1, se
             torch.export.save(program, tmp)
             runner = torch.export.load(tmp).module()
         difference = (runner(ids) - wrapper(ids)).abs().max().item()
+        umask_permissions(tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

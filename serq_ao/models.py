@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from serq_ao.files import umask_permissions
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "serq-cache.json"
@@ -106,6 +108,7 @@ def cached_folder(key: str, build: Callable[[Path], None]) -> Path:
         build(tmp)
         manifest = {"key": key, "files": _manifest_of(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        umask_permissions(tmp)
         if final.exists():
             shutil.rmtree(final)
         try:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from serq_ao.diagnostics import Diagnostics
+from serq_ao.files import umask_permissions
 
 
 def _pyplot():
@@ -33,6 +34,7 @@ def _save(figure, path: Path) -> Path:
     os.close(handle)
     try:
         figure.savefig(tmp, dpi=130, bbox_inches="tight")
+        umask_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

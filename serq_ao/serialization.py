@@ -28,6 +28,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from serq_ao.config import SERQConfig
+from serq_ao.files import umask_permissions
 from serq_ao.hf_quantizer import QUANT_METHOD, attach_quantizer
 from serq_ao.packing import is_packed_linear
 from serq_ao.passes import OutputGather
@@ -121,6 +122,7 @@ def read_report(path: str | os.PathLike) -> dict:
 
 
 def _replace(tmp: Path, out: Path) -> None:
+    umask_permissions(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)

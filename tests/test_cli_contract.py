@@ -80,3 +80,23 @@ def test_interrupted_plot_leaves_no_png(quantized_tiny_dir, tmp_path, monkeypatc
     plots = tmp_path / "plots"
     assert main(["inspect", str(quantized_tiny_dir), "--plot", str(plots), "--quiet"]) == 130
     assert list(plots.iterdir()) == []
+
+
+def test_outputs_get_the_usual_permissions(quantized_tiny_dir, tiny_model_dir, tmp_path):
+    # written through mkstemp / mkdtemp (0600 / 0700) and renamed: they must end up as a plain
+    # open() / mkdir() would have made them, readable by others under the usual umask
+    import os
+    import stat
+
+    plots, program, folder = tmp_path / "plots", tmp_path / "m.pt2", tmp_path / "q"
+    umask = os.umask(0o022)
+    try:
+        assert main(["inspect", str(quantized_tiny_dir), "--plot", str(plots), "--quiet"]) == 0
+        assert main(["export", str(quantized_tiny_dir), "--out", str(program), "--seqlen", "8", "--quiet"]) == 0
+        assert main(["quantize", str(tiny_model_dir), "--method", "rtn", "--no-diagnostics", "--out", str(folder),
+                     "--quiet"]) == 0
+    finally:
+        os.umask(umask)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert {mode(p) for p in plots.iterdir()} == {0o644} and mode(program) == 0o644
+    assert mode(folder) == 0o755 and {mode(p) for p in folder.iterdir()} == {0o644}
