@@ -35,6 +35,13 @@ from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundE
 MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes on one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -57,7 +64,7 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="serq", description="SERQ 4-bit quantization toolkit")
+    parser = Parser(prog="serq", description="SERQ 4-bit quantization toolkit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -130,8 +130,10 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     rows, stats = [], None
     with progress_bar(err, args.quiet) as progress:
         for method in methods:
+            loading = progress.add_task(f"{method}: load {args.model}", total=None)
             model, tokenizer = load_model(args.model)
             windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
+            progress.remove_task(loading)
             bits, quant_seconds = 32.0, 0.0
             if method != "fp":
                 config = configs[method]
@@ -141,15 +143,16 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
                 elif config.method != "rtn":
                     if stats is None:
                         batches = _calibration(tokenizer, args)
-                        task = progress.add_task("calibrate", total=batches.shape[0])
+                        task = progress.add_task(f"{method}: calibrate", total=batches.shape[0])
                         stats = calibrate(model, plan, batches, on_batch=lambda k: progress.advance(task, k))
                     calibration = stats
                 else:
                     calibration = None
                 started = time.perf_counter()
-                report = quantize_model(model, config, calibration, plan=plan)
+                report = quantize_model(model, config, calibration, plan=plan,
+                                        progress=StageProgress(progress, prefix=f"{method}: "))
                 bits, quant_seconds = report.effective_bits, time.perf_counter() - started
-            task = progress.add_task(f"perplexity {method}", total=windows.shape[0])
+            task = progress.add_task(f"{method}: perplexity", total=windows.shape[0])
             result = perplexity(model, windows, on_batch=lambda k: progress.advance(task, k))
             rows.append({"method": method, "bits": bits, "ppl": result.ppl, "quantize_seconds": quant_seconds, "eval_seconds": result.seconds})
     record = {

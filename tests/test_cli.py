@@ -39,6 +39,8 @@ def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "error:" in err and "--help" in err  # one line, no usage dump
 
 
 def test_console_script_is_installed():
