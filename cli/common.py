@@ -57,3 +57,47 @@ class StageProgress:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(f"{self.prefix}{stage}", total=total)
         self.progress.update(self.tasks[stage], completed=done)
+
+
+# The quantization options that quantize, compare and inspect --stats share.
+
+
+def config_from_args(args: argparse.Namespace, method: str | None = None):
+    """The SERQConfig of the quantization options (``method`` overrides ``--method``)."""
+    from serq_ao.config import SERQConfig
+
+    try:
+        return SERQConfig(
+            method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode, gptq=args.gptq
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def checked_plan(model, config):
+    """The model's dataflow plan, after checking that ``config`` fits it."""
+    from serq_ao.passes import analyze
+    from serq_ao.pipeline import check_config_for_plan
+
+    plan = analyze(model)
+    try:
+        check_config_for_plan(config, plan)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return plan
+
+
+def calibration_from_args(tokenizer, args):
+    """Calibration input ids per --calib-corpus / --calib-windows / --calib-seqlen."""
+    from serq_ao.data import calibration_batches
+
+    try:
+        return calibration_batches(tokenizer, args.calib_corpus, args.calib_windows, args.calib_seqlen)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def check_error_windows(args) -> None:
+    """--error-windows must fit in the calibration windows it is taken from."""
+    if args.error_windows > args.calib_windows:
+        raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-windows ({args.calib_windows})")

@@ -17,7 +17,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from serq_ao.cli.common import StageProgress, UsageError, progress_bar, status
+from serq_ao.cli.common import (
+    StageProgress,
+    UsageError,
+    calibration_from_args,
+    check_error_windows,
+    checked_plan,
+    config_from_args,
+    progress_bar,
+    status,
+)
 
 # Where benchmarks/accuracy.py leaves its rank sweep for the default model.
 DEFAULT_SWEEP = Path("benchmarks") / "results" / "accuracy_smollm2.json"
@@ -102,15 +111,13 @@ def _sweep_cells(args: argparse.Namespace, source: str) -> list[dict] | None:
 
 
 def _diagnose_float_model(model, tokenizer, args, err: Console):
-    from serq_ao.cli.quantize import _calibration, _config, _plan_checked
     from serq_ao.diagnostics import quantize_with_diagnostics
     from serq_ao.pipeline import quantize_model
 
-    config = _config(args)
-    plan = _plan_checked(model, config)
-    if args.error_windows > args.calib_windows:
-        raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-windows ({args.calib_windows})")
-    batches = _calibration(tokenizer, args)
+    config = config_from_args(args)
+    plan = checked_plan(model, config)
+    check_error_windows(args)
+    batches = calibration_from_args(tokenizer, args)
     with progress_bar(err, args.quiet) as progress:
         report, diagnostics = quantize_with_diagnostics(
             model, config, batches, quantize=quantize_model, error_windows=args.error_windows, plan=plan,

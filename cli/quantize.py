@@ -10,40 +10,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from serq_ao.cli.common import StageProgress, UsageError, progress_bar, status
+from serq_ao.cli.common import (
+    StageProgress,
+    UsageError,
+    calibration_from_args,
+    check_error_windows,
+    checked_plan,
+    config_from_args,
+    progress_bar,
+    status,
+)
 from serq_ao.config import METHODS
-
-
-def _config(args: argparse.Namespace, method: str | None = None):
-    from serq_ao.config import SERQConfig
-
-    try:
-        return SERQConfig(
-            method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode, gptq=args.gptq
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-
-
-def _plan_checked(model, config):
-    from serq_ao.passes import analyze
-    from serq_ao.pipeline import check_config_for_plan
-
-    plan = analyze(model)
-    try:
-        check_config_for_plan(config, plan)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    return plan
-
-
-def _calibration(tokenizer, args):
-    from serq_ao.data import calibration_batches
-
-    try:
-        return calibration_batches(tokenizer, args.calib_corpus, args.calib_windows, args.calib_seqlen)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
 
 
 def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
@@ -54,17 +31,17 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
     from serq_ao.pipeline import quantize_, quantize_model
     from serq_ao.serialization import is_quantized_folder, save_quantized
 
-    config = _config(args)
+    config = config_from_args(args)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_quantized_folder(out))):
         raise UsageError(f"--out must be a new or empty folder (or an earlier serq output), got {out}")
-    if args.diagnostics and args.error_windows > args.calib_windows:
-        raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-windows ({args.calib_windows})")
+    if args.diagnostics:
+        check_error_windows(args)
     with status(err, f"loading {args.model}", args.quiet):
         model, tokenizer = load_model(args.model)
-        plan = _plan_checked(model, config)
+        plan = checked_plan(model, config)
         needs_batches = config.method != "rtn" or config.gptq or args.diagnostics
-        batches = _calibration(tokenizer, args) if needs_batches else None
+        batches = calibration_from_args(tokenizer, args) if needs_batches else None
     # packed weights where the method has a packed format; LQER / L2QER stay in evaluation mode
     quantize = quantize_model if config.method in LOWRANK_METHODS else quantize_
     diagnostics = None
@@ -126,7 +103,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     bad = [m for m in methods if m not in allowed]
     if bad or not methods:
         raise UsageError(f"--methods must be a comma-separated list of {allowed}, got {args.methods!r}")
-    configs = {m: _config(args, m) for m in methods if m != "fp"}
+    configs = {m: config_from_args(args, m) for m in methods if m != "fp"}
     rows, stats = [], None
     with progress_bar(err, args.quiet) as progress:
         for method in methods:
@@ -137,12 +114,12 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
             bits, quant_seconds = 32.0, 0.0
             if method != "fp":
                 config = configs[method]
-                plan = _plan_checked(model, config)
+                plan = checked_plan(model, config)
                 if config.gptq:  # GPTQ runs the layers on the ids itself
-                    calibration = _calibration(tokenizer, args)
+                    calibration = calibration_from_args(tokenizer, args)
                 elif config.method != "rtn":
                     if stats is None:
-                        batches = _calibration(tokenizer, args)
+                        batches = calibration_from_args(tokenizer, args)
                         task = progress.add_task(f"{method}: calibrate", total=batches.shape[0])
                         stats = calibrate(model, plan, batches, on_batch=lambda k: progress.advance(task, k))
                     calibration = stats
