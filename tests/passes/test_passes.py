@@ -199,7 +199,7 @@ def test_plan_prints_from_the_command_line(tiny_model_dir, capsys):
     assert main([str(tiny_model_dir), "--json", "--quiet"]) == 0
     import json
 
-    plan = json.loads(capsys.readouterr().out)
+    plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["layers"] == "model.layers" and len(plan["groups"]) == 8
 
 
