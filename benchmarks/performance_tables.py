@@ -67,7 +67,8 @@ def zero_shot_smollm2(record: dict) -> str:
     limits = sorted({c["limit"] for c in record["cells"]})
     samples = {t: max(c["tasks"][t]["samples"] for c in record["cells"] if t in c["tasks"]) for t in ZERO_SHOT_TASKS}
     lines = [f"Accuracy (lm-eval `acc`, %), zero-shot; first {', '.join(map(str, limits))} documents per task "
-             "(" + ", ".join(f"{t} {n}" for t, n in samples.items()) + "); — : not run yet.", "",
+             "(" + ", ".join(f"{t} {n}" for t, n in samples.items()) + ")"
+             + ("; — : not run yet." if len(cells) < 1 + 2 * len(ZERO_SHOT_ROWS) else "."), "",
              "| method | format | bits | " + " | ".join(ZERO_SHOT_TASKS) + " | mean |",
              "|---|---|---:|" + "---:|" * (len(ZERO_SHOT_TASKS) + 1)]
     rows = [("fp", "fp", "FP32")] + [(m, f, name) for f in ("mxfp4", "w4a8") for m, name in ZERO_SHOT_ROWS]
