@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from serq_ao.files import atomic_path
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -93,9 +95,8 @@ def write_json(path, record: dict) -> None:
     """Write ``record`` to ``path`` through a temporary file, so no half-written result remains."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1))
 
 
 def machine_info() -> dict:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from serq_ao.files import umask_permissions
+from serq_ao.files import atomic_path
 
 
 class CausalLMLogits(nn.Module):
@@ -71,9 +70,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, batch: int = 1, se
     ids = example_input(model, batch, seqlen)
     program = torch.export.export(wrapper, (ids,))
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.pt2", dir=out.parent)
-    os.close(handle)
-    try:
+    with atomic_path(out) as tmp:
         if aoti:
             torch._inductor.aoti_compile_and_package(program, package_path=tmp)
             runner = torch._inductor.aoti_load_package(tmp)
@@ -81,10 +78,5 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, batch: int = 1, se
             torch.export.save(program, tmp)
             runner = torch.export.load(tmp).module()
         difference = (runner(ids) - wrapper(ids)).abs().max().item()
-        umask_permissions(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return ExportResult(str(out), "aoti" if aoti else "program", batch, seqlen, count_serq_nodes(program),
                         time.perf_counter() - started, difference, difference <= atol)

@@ -12,12 +12,11 @@ written.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 from serq_ao.diagnostics import Diagnostics
-from serq_ao.files import umask_permissions
+from serq_ao.files import atomic_path
 
 
 def _pyplot():
@@ -30,15 +29,8 @@ def _pyplot():
 
 
 def _save(figure, path: Path) -> Path:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(tmp, dpi=130, bbox_inches="tight")
-        umask_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
     return path
 
 
