@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402,F401
-from serq_ao.calibration import CalibrationStats, calibrate  # noqa: E402
-from serq_ao.config import FORMATS, METHODS, SERQConfig  # noqa: E402
+from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
+from serq_ao.quant.config import FORMATS, METHODS, SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches, evaluation_windows  # noqa: E402
 from serq_ao.eval import perplexity  # noqa: E402
 from serq_ao.models import load_model  # noqa: E402
 from serq_ao.passes import analyze  # noqa: E402
-from serq_ao.pipeline import quantize_model  # noqa: E402
+from serq_ao.quant.pipeline import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"
@@ -39,7 +39,8 @@ ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq", "serq+gptq"]
 
 
 def cell_key(cell: dict) -> tuple:
-    return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"], cell.get("folds", "all"))
+    return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"], cell.get("folds", "all"),
+            cell.get("residual_order", "per_group"))
 
 
 def load_cells(path: Path) -> list[dict]:
@@ -59,14 +60,15 @@ def statistics(corpus: str, windows: int, cache: Path) -> CalibrationStats:
 
 
 def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, calib_windows: int,
-                    folds: str, cache: Path):
+                    folds: str, cache: Path, residual_order: str = "per_group"):
     """A fresh copy of the model quantized for one cell: (model, tokenizer, bits, quantize seconds)."""
     model, tokenizer = load_model(MODEL)
     if method == "fp":
         return model, tokenizer, 32.0, 0.0
     base, gptq = method.removesuffix("+gptq"), method.endswith("+gptq")
     config = SERQConfig(
-        method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=folds == "all"
+        method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=folds == "all",
+        residual_order=residual_order if base == "serq" else "per_group",
     )
     if gptq:  # GPTQ calibrates inside, on the layers' own inputs
         calibration = calibration_batches(tokenizer, corpus, calib_windows)
@@ -81,7 +83,7 @@ def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: s
 
 def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, args, cache: Path) -> dict:
     model, tokenizer, bits, seconds = quantized_model(
-        method, fmt, rank, corpus, scale_mode, args.calib_windows, args.folds, cache
+        method, fmt, rank, corpus, scale_mode, args.calib_windows, args.folds, cache, args.residual_order
     )
     windows = evaluation_windows(tokenizer, "wiki", n_windows=args.windows)
     result = perplexity(model, windows)
@@ -92,6 +94,7 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
         "calib_corpus": corpus,
         "scale_mode": scale_mode,
         "folds": args.folds,
+        "residual_order": args.residual_order if method.startswith("serq") else "per_group",
         "ppl": result.ppl,
         "windows": result.windows,
         "tokens": result.tokens,
@@ -118,7 +121,7 @@ def tables(cells: list[dict]) -> str:
         for fmt in FORMATS:
             rank = 64 if method.startswith("serq") else 0
             fmt_key = "fp" if method == "fp" else fmt
-            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all"))
+            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all", "per_group"))
             if cell is None:
                 row.append("—")
             elif method == "fp":
@@ -128,17 +131,21 @@ def tables(cells: list[dict]) -> str:
         names = {"fp": "FP32", "smoothquant": "SmoothQuant", "serq": "SERQ (r = 64)", "serq+gptq": "SERQ + GPTQ (r = 64)"}
         name = names.get(method, method.upper())
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and c.get("folds", "all") == "all"]
+    default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and c.get("folds", "all") == "all"
+               and c.get("residual_order", "per_group") == "per_group"]
     sweep = sorted((c for c in default if c["method"] == "serq" and c["format"] == "mxfp4"), key=lambda c: c["rank"])
     if sweep:
         lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]
         lines += [f"| {c['rank']} | {c['bits']:.2f} | {c['ppl']:.2f} |" for c in sweep]
     other = [c for c in cells if c not in default]
     if other:
-        lines += ["", "## Other settings", "", "| method | format | rank | calibration | scale rule | folds into | perplexity |", "|---|---|---:|---|---|---|---:|"]
+        lines += ["", "## Other settings", "",
+                  "| method | format | rank | calibration | scale rule | folds into | residual order | perplexity |",
+                  "|---|---|---:|---|---|---|---|---:|"]
         lines += [
             f"| {c['method']} | {c['format']} | {c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | "
-            f"{'norms and linears' if c.get('folds', 'all') == 'all' else 'norms only'} | {c['ppl']:.2f} |"
+            f"{'norms and linears' if c.get('folds', 'all') == 'all' else 'norms only'} | "
+            f"{c.get('residual_order', 'per_group').replace('_', ' ')} | {c['ppl']:.2f} |"
             for c in other
         ]
     return "\n".join(lines) + "\n"
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--folds", choices=("all", "norms"), default="all", help="norms: keep 1/s of linear-produced inputs a run-time pre-op (no quantized weight absorbs it)")
+    parser.add_argument("--residual-order", choices=("per_group", "global"), default="per_group",
+                        help="SERQ's order for norm-fed linears (SERQConfig.residual_order); other methods have none")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="forget earlier cells")
     args = parser.parse_args(argv)
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     for mode in (["floor"] if fmt != "mxfp4" else args.scale_modes.split(",")):
                         plan.append((method, fmt, rank, corpus, mode))
     for index, cell_args in enumerate(plan, 1):
-        key = (*cell_args, args.folds)
+        key = (*cell_args, args.folds, args.residual_order if cell_args[0].startswith("serq") else "per_group")
         if key in done:
             continue
         print(f"[{index}/{len(plan)}] {key}", file=sys.stderr, flush=True)

@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402
-from serq_ao.config import SERQConfig  # noqa: E402
+from serq_ao.quant.config import SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches  # noqa: E402
 from serq_ao.models import load_model  # noqa: E402
 from serq_ao.bench import machine_info, time_model, write_json  # noqa: E402
-from serq_ao.packing import storage_report  # noqa: E402
+from serq_ao.quant.packing import storage_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402
 from serq_ao.bench import machine_info, write_json  # noqa: E402
-from serq_ao.packing import pack_weight, packed_linear  # noqa: E402
-from serq_ao.reconstruct import serq_reconstruct  # noqa: E402
+from serq_ao.formats import MXFP4Format  # noqa: E402
+from serq_ao.quant.packing import packed_linear  # noqa: E402
+from serq_ao.quant.reconstruct import serq_reconstruct  # noqa: E402
 from serq_ao.tensor_subclass import stored_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,6 +86,9 @@ def interleaved_medians(fns: dict, repeats: int, device: str, min_sample: float 
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+MXFP4 = MXFP4Format()
+
+
 def linears(k: int, n: int, rank: int, device: str) -> dict[str, nn.Module]:
     g = torch.Generator().manual_seed(k * 31 + n)
     weight = torch.randn(n, k, generator=g) * k**-0.5
@@ -93,8 +97,9 @@ def linears(k: int, n: int, rank: int, device: str) -> dict[str, nn.Module]:
     fp.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     made = {"fp": fp.to(device)}
     for name, r in (("mxfp4", 0), ("serq", rank)):
-        main, correction = serq_reconstruct(weight, r, "mxfp4")
-        made[name] = packed_linear(pack_weight(main, correction, "mxfp4", dtype=dtype), None).to(device)
+        main, correction = serq_reconstruct(weight, r, MXFP4)
+        packed = MXFP4.pack(main, correction, input_scale_inv=None, input_perm=None, dtype=dtype)
+        made[name] = packed_linear(packed, None).to(device)
     return made
 
 

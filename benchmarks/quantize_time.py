@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402
 from serq_ao.bench import machine_info, write_json  # noqa: E402
-from serq_ao.calibration import calibrate  # noqa: E402
-from serq_ao.config import SERQConfig  # noqa: E402
+from serq_ao.quant.calibration import calibrate  # noqa: E402
+from serq_ao.quant.config import SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches  # noqa: E402
 from serq_ao.models import load_model  # noqa: E402
 from serq_ao.passes import analyze  # noqa: E402
-from serq_ao.pipeline import quantize_model  # noqa: E402
+from serq_ao.quant.pipeline import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"

@@ -11,17 +11,22 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
-from serq_ao.calibration import CalibrationStats, calibrate  # noqa: E402
-from serq_ao.config import SERQConfig  # noqa: E402
-from serq_ao.hf_quantizer import register as _register_with_transformers  # noqa: E402
-from serq_ao.packing import pack_model, storage_report  # noqa: E402
-from serq_ao.pipeline import QuantizationReport, quantize_, quantize_model  # noqa: E402
-from serq_ao.torchao_config import SERQLinearConfig  # noqa: E402
+from serq_ao.formats import FormatName, ScaleMode  # noqa: E402
+from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
+from serq_ao.quant.methods import Method  # noqa: E402
+from serq_ao.quant.config import SERQConfig  # noqa: E402
+from serq_ao.integrations.hf_quantizer import register as _register_with_transformers  # noqa: E402
+from serq_ao.quant.packing import pack_model, storage_report  # noqa: E402
+from serq_ao.quant.pipeline import QuantizationReport, quantize_, quantize_model  # noqa: E402
+from serq_ao.integrations.torchao_config import SERQLinearConfig  # noqa: E402
 
 _register_with_transformers()
 
 __all__ = [
     "CalibrationStats",
+    "FormatName",
+    "Method",
+    "ScaleMode",
     "QuantizationReport",
     "SERQConfig",
     "SERQLinearConfig",

@@ -185,7 +185,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serq_ao.serialization import is_quantized_folder, load_quantized
+    from serq_ao.integrations.serialization import is_quantized_folder, load_quantized
 
     folder = resolve_model_folder(name_or_path)
     if is_quantized_folder(folder):

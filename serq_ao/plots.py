@@ -15,7 +15,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from serq_ao.diagnostics import Diagnostics
+from serq_ao.quant.diagnostics import Diagnostics
 from serq_ao.files import atomic_path
 
 

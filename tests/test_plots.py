@@ -2,8 +2,8 @@
 
 import torch
 
-from serq_ao.config import SERQConfig
-from serq_ao.diagnostics import quantize_with_diagnostics
+from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.diagnostics import quantize_with_diagnostics
 from serq_ao.plots import plot_diagnostics, rank_sweep
 from tests.conftest import make_tiny_llama
 

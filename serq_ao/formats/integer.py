@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 GRANULARITIES = ("tensor", "channel", "token")
@@ -237,3 +238,24 @@ def unpack_int4(packed: Tensor, signed: bool) -> Tensor:
     else:
         low, high = packed & 0xF, packed >> 4
     return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def _signed_int4_byte_table(device: torch.device) -> Tensor:
+    """(256, 2) float32: the two signed INT4 codes (low nibble first) of each byte."""
+    from serq_ao.formats.mxfp4 import cached_constant
+
+    def build():
+        return unpack_int4(torch.arange(256, dtype=torch.uint8, device=device), signed=True).float().view(256, 2)
+
+    return cached_constant("signed_int4_byte_table", build, torch.float32, device)
+
+
+def dequantize_int4_groups(qdata: Tensor, scale: Tensor, columns: int) -> Tensor:
+    """(N, G * g / 2) packed signed INT4 codes and (N, G) float32 scales -> (N, columns) float32.
+
+    One table lookup per byte (as :func:`serq_ao.formats.mxfp4.dequantize_mxfp4`): the packed
+    linears run this on every call. Each value is ``code * scale`` in float32, the product
+    :func:`fake_quantize_int` computes."""
+    codes = F.embedding(qdata.to(torch.int32), _signed_int4_byte_table(qdata.device))  # (N, G * g / 2, 2)
+    groups = codes.reshape(qdata.shape[0], scale.shape[-1], -1) * scale.unsqueeze(-1)  # (N, G, g)
+    return groups.flatten(-2)[:, :columns]

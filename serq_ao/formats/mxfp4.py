@@ -240,15 +240,3 @@ def fake_quantize_mxfp4(x: Tensor, scale_mode: str = "floor") -> Tensor:
 def mxfp4_block_scales(x: Tensor, scale_mode: str = "floor") -> Tensor:
     """The fp32 block scales ``2**e`` that :func:`quantize_mxfp4` would choose, (..., n_blocks)."""
     return e8m0_to_float32(quantize_mxfp4(x, scale_mode)[1])
-
-
-def round_to_e2m1(x: Tensor, scale: Tensor) -> Tensor:
-    """``x`` rounded to the E2M1 grid times ``scale`` (broadcast), ties to even, saturating.
-
-    For quantizers that fix the block scales first and round elements later (GPTQ's column
-    sweep): with the scales of :func:`mxfp4_block_scales` it equals fake-quantization.
-    """
-    x32, scale = x.float(), scale.float()
-    table = torch.tensor(E2M1_VALUES, device=x.device)
-    magnitude = table[_e2m1_magnitude_code(x32.abs() / scale).long()]
-    return (torch.where(x32 < 0, -magnitude, magnitude) * scale).to(x.dtype)

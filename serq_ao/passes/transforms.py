@@ -14,6 +14,7 @@ from typing import Collection, Mapping
 import torch
 from torch import nn
 
+from serq_ao.kernels.reference import apply_pre_op
 from serq_ao.passes.plan import (
     ActivationProducer,
     AttentionProducer,
@@ -50,10 +51,13 @@ class InputTransform:
 
 @dataclasses.dataclass(frozen=True)
 class FoldRecord:
-    """Where a group's scale and order went: a producer description, or "pre-op"."""
+    """Where a group's scale and order went: a producer description, or "pre-op"; and what
+    stays a run-time pre-op of the group's linears (1/s and the gather, each or both None)."""
 
     scale: str
     order: str
+    input_scale_inv: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    input_perm: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class PreOpLinear(nn.Linear):
@@ -71,11 +75,8 @@ class PreOpLinear(nn.Linear):
         self.register_buffer("input_perm", perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale_inv is not None:
-            x = x * self.input_scale_inv.to(x.dtype)
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
-        return nn.functional.linear(x, self.weight, self.bias)
+        x_hat = apply_pre_op(x, self.input_scale_inv, self.input_perm).to(x.dtype)
+        return nn.functional.linear(x_hat, self.weight, self.bias)
 
 
 class OutputGather(nn.Module):
@@ -90,11 +91,7 @@ class OutputGather(nn.Module):
 
     def forward(self, *args, **kwargs):
         y = self.inner(*args, **kwargs)
-        if self.scale_inv is not None:
-            y = y * self.scale_inv.to(y.dtype)
-        if self.perm is not None:
-            y = y.index_select(-1, self.perm)
-        return y
+        return apply_pre_op(y, self.scale_inv, self.perm).to(y.dtype)
 
     def spec(self) -> dict:
         """What a checkpoint needs to rebuild this wrapper before loading its buffers."""
@@ -250,5 +247,5 @@ def apply_input_transforms(
             transform_consumer(linear, t.scale, t.perm)
             if scale_inv is not None or perm is not None:
                 replace_module(model, name, PreOpLinear(linear, scale_inv, perm))
-        records[group.name] = record
+        records[group.name] = dataclasses.replace(record, input_scale_inv=scale_inv, input_perm=perm)
     return records

@@ -1,4 +1,4 @@
-"""What the packed weight subclasses share: the stored pre-op and the check that packing is exact."""
+"""What the packed weight subclasses share: the stored pre-op and the storage accounting."""
 
 from __future__ import annotations
 
@@ -11,20 +11,6 @@ def compact_perm(perm: torch.Tensor | None) -> torch.Tensor | None:
         return None
     dtype = torch.int16 if perm.numel() <= torch.iinfo(torch.int16).max + 1 else torch.int32
     return perm.to(dtype).contiguous()
-
-
-def check_exact(what: str, packed: torch.Tensor, original: torch.Tensor, rtol: float = 0.0) -> None:
-    """Packing takes values already on the format's grid; anything else is a caller's bug.
-
-    ``rtol`` admits a last-bit difference where the original was computed in float64.
-    """
-    error = (packed - original.float()).abs()
-    bound = rtol * original.float().abs()
-    if bool((error > bound).any()):
-        raise ValueError(
-            f"{what} is not on the quantization grid (max error {error.max().item():.3g}): pack "
-            "weights produced by serq_ao's quantizers (simulate.quantize_weight / quantize_correction)"
-        )
 
 
 def field_names(cls) -> list[str]:
@@ -44,3 +30,24 @@ def stored_bytes(tensor: torch.Tensor) -> int:
 def stored_bits_per_weight(tensor: torch.Tensor) -> float:
     """Bits stored by a packed weight (codes, scales, pre-op vectors) per original weight."""
     return 8 * stored_bytes(tensor) / (tensor.shape[0] * tensor.shape[1])
+
+
+def to_copy(func, types, args, kwargs):
+    """``aten._to_copy`` for a packed weight: a device moves every field; a dtype changes only
+    the logical dtype (the dtype its linear returns), never the codes or the float32 scales.
+    torchao's default keeps the logical dtype, so ``model.to(torch.bfloat16)`` would leave the
+    packed linears returning float32."""
+    from torch.utils._python_dispatch import return_and_correct_aliasing
+
+    self = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    device, dtype, non_blocking = to["device"], to["dtype"], to.get("non_blocking", False)
+    cls = type(self)
+
+    def moved(name):
+        tensor = getattr(self, name)
+        return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
+    fields = {name: moved(name) for name in field_names(cls)}
+    attributes = {name: (dtype if name == "dtype" else getattr(self, name)) for name in cls.tensor_attribute_names}
+    return return_and_correct_aliasing(func, args, kwargs, cls(**fields, **attributes))

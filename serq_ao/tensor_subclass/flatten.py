@@ -3,7 +3,7 @@
 safetensors stores plain tensors only. A packed weight under the key ``prefix.weight`` is
 stored as one plain tensor per field, ``prefix.weight_qdata``, ``prefix.weight_scale``, ...
 (absent optional fields are not stored), and its class and non-tensor attributes go into the
-metadata under the key ``prefix.weight`` as JSON. :mod:`serq_ao.hf_quantizer` reads the
+metadata under the key ``prefix.weight`` as JSON. :mod:`serq_ao.integrations.hf_quantizer` reads the
 same layout back through a transformers weight converter.
 """
 

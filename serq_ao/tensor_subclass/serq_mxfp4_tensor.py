@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
-from serq_ao.formats.mxfp4 import quantize_mxfp4
+from serq_ao.formats.base import Quantized
+from serq_ao.formats.mxfp4 import BLOCK_SIZE
 from serq_ao.kernels.ops import padded_in_features, serq_linear_mxfp4, split_mxfp4_weight
-from serq_ao.tensor_subclass.common import check_exact, compact_perm
+from serq_ao.tensor_subclass.common import compact_perm, to_copy
 
 aten = torch.ops.aten
 
@@ -45,33 +45,32 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
         self.input_scale_inv, self.input_perm = input_scale_inv, input_perm
 
     @classmethod
-    def from_dequantized(
+    def from_quantized(
         cls,
-        main: torch.Tensor,
-        correction: torch.Tensor | None,
+        main: Quantized,
+        correction: Quantized | None,
         *,
         scale_mode: str = "floor",
         input_scale_inv: torch.Tensor | None = None,
         input_perm: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> "SERQMXFP4Tensor":
-        """Pack W^q (N, d_in) and R (N, r), both already on the MXFP4 grid.
-
-        Re-quantizing a value on the grid returns it unchanged (the block scale it gets is the
-        one it had, or a smaller power of two on which it is still representable); this is
-        checked, so a weight off the grid raises instead of being rounded silently.
-        """
-        d_out, d_in = main.shape
-        padded = F.pad(main.float(), (0, padded_in_features(d_in) - d_in))
-        full = padded if correction is None else torch.cat([padded, correction.float()], dim=1)
-        qdata, scale = quantize_mxfp4(full, "floor")
-        rank = 0 if correction is None else correction.shape[1]
-        packed = cls(qdata, scale, rank, scale_mode, torch.Size((d_out, d_in)), dtype,
-                     input_scale_inv, compact_perm(input_perm))
-        check_exact("main weight", packed.dequantize(), main)
+        """Pack the MXFP4 records of W^q (N, d_in) and R (N, r): their codes and scales are
+        stored as they are, ``[W^q | R]`` side by side (Kp + r columns)."""
+        for what, record in (("main", main), ("correction", correction)):
+            if record is not None and record.grid != "mxfp4":
+                raise ValueError(f"{what} must be an MXFP4 record, got grid {record.grid!r}")
+        qdata, scale, rank = main.qdata, main.scale, 0
         if correction is not None:
-            check_exact("correction", packed.correction(), correction)
-        return packed
+            if correction.rows != main.rows or correction.columns % BLOCK_SIZE:
+                raise ValueError(f"correction must be (N={main.rows}, r) with r a multiple of {BLOCK_SIZE}, "
+                                 f"got ({correction.rows}, {correction.columns})")
+            qdata = torch.cat([qdata, correction.qdata], dim=1)
+            scale = torch.cat([scale, correction.scale], dim=1)
+            rank = correction.columns
+        return cls(qdata.contiguous(), scale.contiguous(), rank, scale_mode, torch.Size((main.rows, main.columns)),
+                   dtype, None if input_scale_inv is None else input_scale_inv.float().contiguous(),
+                   compact_perm(input_perm))
 
     def _stable_hash_for_caching(self) -> str:
         """What compiled code depends on: layout and attributes, not the weight values."""
@@ -86,8 +85,23 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
         """R (N, r), float32, or None for r = 0."""
         return split_mxfp4_weight(self.qdata, self.scale, self.shape[1], self.rank)[1]
 
+    def records(self) -> tuple[Quantized, Quantized | None]:
+        """The records this weight was packed from: (W^q, R or None)."""
+        kp = padded_in_features(self.shape[1])
+        main = Quantized(self.qdata[:, : kp // 2], self.scale[:, : kp // BLOCK_SIZE], self.shape[1], BLOCK_SIZE, "mxfp4")
+        if not self.rank:
+            return main, None
+        return main, Quantized(self.qdata[:, kp // 2 :], self.scale[:, kp // BLOCK_SIZE :], self.rank, BLOCK_SIZE, "mxfp4")
+
+    def quant_format(self):
+        """The format object that quantizes this weight's activations."""
+        from serq_ao.formats import MXFP4Format
+
+        return MXFP4Format(self.scale_mode)
+
 
 implements = SERQMXFP4Tensor.implements
+implements([aten._to_copy.default])(to_copy)
 implements_torch_function = SERQMXFP4Tensor.implements_torch_function
 
 
@@ -96,7 +110,8 @@ implements_torch_function = SERQMXFP4Tensor.implements_torch_function
 def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    # the linear returns the weight's logical dtype (the model's), as F.linear would
     return serq_linear_mxfp4(
         x, weight.qdata, weight.scale, weight.shape[1], weight.rank, weight.scale_mode,
         weight.input_scale_inv, weight.input_perm, bias,
-    )
+    ).to(weight.dtype)

@@ -217,9 +217,17 @@ def test_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("scale_mode", ["floor", "rceil"])
-def test_round_with_fixed_block_scales_equals_fake_quantization(scale_mode):
-    from serq_ao.formats.mxfp4 import mxfp4_block_scales, round_to_e2m1
+def test_gptq_rounding_with_frozen_block_scales_equals_fake_quantization(scale_mode):
+    """MXFP4's GPTQ step: with the block scales frozen from the same weight, rounding column
+    by column gives the codes and values of plain quantization."""
+    from serq_ao.formats import get_format
 
+    fmt = get_format("mxfp4", scale_mode)
     x = random_with_outliers((8, 96), torch.float32, seed=12)
-    scales = mxfp4_block_scales(x, scale_mode).repeat_interleave(32, dim=-1)
-    assert torch.equal(round_to_e2m1(x, scales), fake_quantize_mxfp4(x, scale_mode))
+    scales = fmt.gptq_frozen_scales(x)  # (8, 3)
+    codes, values = zip(*(fmt.gptq_round(x[:, j].double(), scales[:, j // 32]) for j in range(96)))
+    values = torch.stack(values, dim=1)
+    assert torch.equal(values.float(), fake_quantize_mxfp4(x, scale_mode))
+    record = fmt.gptq_record(torch.stack(codes, dim=1), scales, 96)
+    expected = fmt.quantize_weight(x)
+    assert torch.equal(record.qdata, expected.qdata) and torch.equal(record.scale, expected.scale)

@@ -16,6 +16,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from serq_ao.formats import MXFP4Format  # noqa: E402
 from serq_ao.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
 from serq_ao.kernels.ops import padded_in_features, serq_linear_mxfp4, split_mxfp4_weight  # noqa: E402
 from serq_ao.kernels.triton_gemm import (  # noqa: E402
@@ -25,7 +26,7 @@ from serq_ao.kernels.triton_gemm import (  # noqa: E402
     pick_config,
     serq_mxfp4_gemm,
 )
-from serq_ao.reconstruct import serq_reconstruct  # noqa: E402
+from serq_ao.quant.reconstruct import serq_reconstruct  # noqa: E402
 from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor  # noqa: E402
 
 RTOL = 1e-5  # relative to sum |a w|: fp32 accumulation in a different order than float64
@@ -47,8 +48,8 @@ def packed_weight(n, d_in, rank, seed):
     """SERQ's ``[W^q | R]`` packed as the tensor subclass does: (qdata, scale)."""
     g = torch.Generator().manual_seed(seed + 1)
     weight = torch.randn(n, d_in, generator=g) * torch.exp(torch.randn(1, d_in, generator=g))
-    main, correction = serq_reconstruct(weight, rank, "mxfp4")
-    packed = SERQMXFP4Tensor.from_dequantized(main, correction)
+    main, correction = serq_reconstruct(weight, rank, MXFP4Format())
+    packed = SERQMXFP4Tensor.from_quantized(main, correction)
     return packed.qdata, packed.scale
 
 

@@ -15,20 +15,20 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 
 import serq_ao  # noqa: E402
-from serq_ao.config import SERQConfig  # noqa: E402
+from serq_ao.quant.config import SERQConfig  # noqa: E402
 from serq_ao.kernels import ops  # noqa: E402
-from serq_ao.packing import pack_weight  # noqa: E402
-from serq_ao.reconstruct import serq_reconstruct  # noqa: E402
+from serq_ao.formats import MXFP4Format  # noqa: E402
+from serq_ao.quant.reconstruct import serq_reconstruct  # noqa: E402
 from serq_ao.tensor_subclass import serq_mxfp4_tensor  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 
 
 def packed(d_in, d_out, rank, preop, seed=0):
     g = torch.Generator().manual_seed(seed)
-    main, correction = serq_reconstruct(torch.randn(d_out, d_in, generator=g) * 0.1, rank, "mxfp4")
+    main, correction = serq_reconstruct(torch.randn(d_out, d_in, generator=g) * 0.1, rank, MXFP4Format())
     scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
     perm = torch.randperm(d_in, generator=g) if preop else None
-    return pack_weight(main, correction, "mxfp4", input_scale_inv=scale_inv, input_perm=perm)
+    return MXFP4Format().pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(1, 96), (3, 7, 96), (70, 200)])

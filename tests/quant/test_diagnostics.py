@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serq_ao.config import SERQConfig
-from serq_ao.diagnostics import (
+from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.diagnostics import (
     Diagnostics,
     layer_and_kind,
     output_errors,
@@ -15,7 +15,7 @@ from serq_ao.diagnostics import (
     saliency_curve,
     saliency_statistics,
 )
-from serq_ao.pipeline import quantize_model
+from serq_ao.quant.pipeline import quantize_model
 from tests.conftest import make_tiny_llama
 
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import serq_ao
-from serq_ao.config import SERQConfig
-from serq_ao.packing import is_packed_linear, pack_model, storage_report
-from serq_ao.pipeline import quantize_model
-from serq_ao.simulate import FakeQuantLinear
+from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.packing import is_packed_linear, pack_model, storage_report
+from serq_ao.quant.pipeline import quantize_model
+from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.tensor_subclass import SERQIntTensor, SERQMXFP4Tensor
 from tests.conftest import make_tiny_llama
 
@@ -30,9 +30,9 @@ class Logits(nn.Module):
         return self.model(input_ids, use_cache=False).logits
 
 
-def quantized_pair(config):
-    """(evaluation-mode model, packed model) quantized from the same tiny Llama."""
-    simulated = make_tiny_llama()
+def quantized_pair(config, dtype=torch.float32):
+    """(evaluation-mode model, packed model) quantized from the same tiny Llama in ``dtype``."""
+    simulated = make_tiny_llama().to(dtype)
     quantize_model(simulated, config, CALIBRATION)
     packed = pack_model(copy.deepcopy(simulated))
     return simulated, packed
@@ -53,20 +53,26 @@ def logits(model, ids=IDS):
         return model(ids, use_cache=False).logits
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", [
     SERQConfig(rank=32),
     SERQConfig(rank=32, format="w4a8"),
     SERQConfig(rank=32, format="w4a4", fold_into_linears=False),
     SERQConfig(method="smoothquant", format="mxfp4", scale_mode="rceil"),
     SERQConfig(method="rtn", format="w4a4"),
+    SERQConfig(rank=32, gptq=True),
 ])
-def test_packed_model_matches_evaluation_mode(config):
-    simulated, packed = quantized_pair(config)
+def test_packed_model_matches_evaluation_mode_bitwise(config, dtype):
+    simulated, packed = quantized_pair(config, dtype)
     assert not any(isinstance(m, FakeQuantLinear) for m in packed.modules())
     kind = SERQMXFP4Tensor if config.format == "mxfp4" else SERQIntTensor
     packed_linears = [m for m in packed.modules() if is_packed_linear(m)]
     assert len(packed_linears) == 14 and all(isinstance(m.weight, kind) for m in packed_linears)
-    assert torch.allclose(logits(packed), logits(simulated), rtol=1e-5, atol=1e-5)
+    assert all(m.weight.dtype == dtype for m in packed_linears)  # the model's dtype
+    # every linear computes in fp32 through the same functions in both modes, and the rest of
+    # the model is the same module code: the logits agree bit for bit in every dtype
+    expected, got = logits(simulated), logits(packed)
+    assert got.dtype == dtype and torch.equal(got, expected)
 
 
 def test_quantize_packs_and_records_the_config():

@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from serq_ao.calibration import CalibrationStats, calibrate
-from serq_ao.config import SERQConfig
+from serq_ao.quant.calibration import CalibrationStats, calibrate
+from serq_ao.quant.config import SERQConfig
 from serq_ao.passes import ActivationProducer, AttentionProducer, GatedProducer, analyze
-from serq_ao.pipeline import quantize_model
-from serq_ao.reconstruct import flattening_scales, saliency_order, serq_reconstruct
-from serq_ao.simulate import FakeQuantLinear, quantize_activation
+from serq_ao.quant.pipeline import quantize_model
+from serq_ao.quant.reconstruct import flattening_scales, saliency_order, serq_reconstruct
+from serq_ao.formats import get_format
+from serq_ao.quant.fake_quant import FakeQuantLinear
 from tests.conftest import make_tiny_llama
 from tests.passes.architectures import build
 
@@ -25,13 +26,16 @@ class NaiveSERQLinear(nn.Module):
         super().__init__()
         self.scales, self.perm, self.divide, self.config = scales, perm, divide, config
         w_hat = (linear.weight.data * scales)[:, perm]
-        self.main, self.correction = serq_reconstruct(w_hat, config.rank, config.format, config.scale_mode)
+        self.fmt = get_format(config.format, config.scale_mode)
+        main, correction = serq_reconstruct(w_hat, config.rank, self.fmt)
+        self.main = main.dequantize()
+        self.correction = None if correction is None else correction.dequantize()
         self.bias = linear.bias
 
     def forward(self, x):
         if self.divide:
             x = x / self.scales
-        x_q = quantize_activation(x[..., self.perm], self.config.format, self.config.scale_mode)
+        x_q = self.fmt.fake_quantize_activation(x[..., self.perm])
         y = x_q @ self.main.T
         if self.correction is not None:
             y = y + x_q[..., : self.correction.shape[1]] @ self.correction.T
@@ -100,7 +104,8 @@ def test_every_linear_is_quantized_and_output_stays_close(method, fmt):
     model = make_tiny_llama()
     with torch.no_grad():
         reference = model(ids(3)).logits
-    report = quantize_model(model, SERQConfig(method=method, format=fmt, rank=32), ids(2) if method != "rtn" else None)
+    config = SERQConfig(method=method, format=fmt, rank=32)
+    report = quantize_model(model, config, ids(2) if config.needs_statistics else None)
     quantized = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     assert len(quantized) == len(report.linears) == 14  # 7 per layer, lm_head stays fp
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, FakeQuantLinear)
@@ -166,7 +171,7 @@ def test_config_round_trips_through_json():
 @pytest.mark.parametrize("method", ["lqer", "l2qer"])
 def test_lowrank_methods_reload_and_cost_their_bits(method, tmp_path):
     from serq_ao.models import load_model
-    from serq_ao.serialization import save_quantized
+    from serq_ao.integrations.serialization import save_quantized
     from tests.conftest import make_byte_tokenizer
 
     model = make_tiny_llama()
@@ -224,3 +229,39 @@ def test_without_folding_into_linears_the_pipeline_is_the_runtime_reference():
     with torch.no_grad():
         got, expected = model(evaluation).logits, reference(evaluation).logits
     assert ((got - expected).norm() / expected.norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3", "opt"])
+def test_global_residual_order_is_exact_before_quantization_and_removes_norm_gathers(arch):
+    from serq_ao.passes import OutputGather
+
+    calibration, evaluation = ids(0, vocab=64), ids(1, vocab=64) + 64
+    model = build(arch)
+    with torch.no_grad():
+        reference = model(input_ids=evaluation).logits
+    transformed = {}
+
+    def keep(m):
+        with torch.no_grad():
+            transformed["logits"] = m(input_ids=evaluation).logits
+        transformed["gathers"] = [n for n, x in m.named_modules() if isinstance(x, OutputGather) and x.perm is not None]
+
+    quantize_model(model, SERQConfig(rank=32, residual_order="global"), calibration, on_transformed=keep)
+    error = ((transformed["logits"] - reference).norm() / reference.norm()).item()
+    assert error < 1e-5, error
+    assert transformed["gathers"] == []  # norm-fed groups read the stream in its order
+    per_group = build(arch)
+    quantize_model(per_group, SERQConfig(rank=32), calibration)
+    assert any(isinstance(x, OutputGather) and x.perm is not None for x in per_group.modules())
+
+
+def test_global_residual_order_with_gptq_and_its_option_errors():
+    model = make_tiny_llama()
+    report = quantize_model(model, SERQConfig(rank=32, gptq=True, residual_order="global"), ids(9, n=8))
+    assert len(report.linears) == 14
+    with torch.no_grad():
+        assert torch.isfinite(model(ids(3)).logits).all()
+    with pytest.raises(ValueError, match="residual_order must be one of"):
+        SERQConfig(residual_order="stream")
+    with pytest.raises(ValueError, match="applies to method 'serq' only"):
+        SERQConfig(method="rtn", residual_order="global")

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from serq_ao.formats import fake_quantize_int, fake_quantize_mxfp4
-from serq_ao.reconstruct import effective_bits, saliency_order, serq_reconstruct, smoothquant_scales
-from serq_ao.simulate import FakeQuantLinear
+from serq_ao.formats import fake_quantize_int, fake_quantize_mxfp4, get_format
+from serq_ao.quant.fake_quant import FakeQuantLinear
+from serq_ao.quant.reconstruct import saliency_order, serq_reconstruct, smoothquant_scales
+
+MXFP4 = get_format("mxfp4")
 
 
 def random_linear(d_out=48, d_in=256, seed=0):
@@ -45,19 +47,26 @@ def reference_serq_output(weight, x, rank):
 def test_serq_linear_matches_float64_formula(rank):
     weight, x = random_linear()
     expected, s, pi = reference_serq_output(weight, x, rank)
-    w_hat = (weight.float() * s.float())[:, pi]
-    main, correction = serq_reconstruct(w_hat, rank, "mxfp4")
-    linear = FakeQuantLinear(main, correction, None, fmt="mxfp4", input_scale_inv=(1 / s).float(), input_perm=pi)
-    got = linear(x.float()).double()
+    got = library_serq_linear(weight, s, pi, rank, MXFP4)(x.float()).double()
     assert (got - expected).abs().max() / expected.abs().max() < 1e-5
 
 
-def test_reconstruction_reduces_the_error_on_salient_channels():
+def library_serq_linear(weight, s, pi, rank, fmt):
+    """The library's own SERQ linear: serq_reconstruct, then the evaluation mode with the pre-op."""
+    w_hat = (weight.float() * s.float())[:, pi]
+    main, correction = serq_reconstruct(w_hat, rank, fmt)
+    return FakeQuantLinear(main, correction, None, quant_format=fmt, input_scale_inv=(1 / s).float(), input_perm=pi)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "w4a4"])
+def test_reconstruction_reduces_the_error_on_salient_channels(fmt):
     weight, x = random_linear(seed=1)
     exact = x @ weight.T
+    s = x.abs().amax(0)
+    pi = torch.sort(s, descending=True, stable=True).indices
     errors = {}
     for rank in (0, 32, 128):
-        y, _, _ = reference_serq_output(weight, x, rank)
+        y = library_serq_linear(weight, s, pi, rank, get_format(fmt))(x.float()).double()
         errors[rank] = ((y - exact).norm() / exact.norm()).item()
     assert errors[128] < errors[32] < errors[0]
 
@@ -65,27 +74,31 @@ def test_reconstruction_reduces_the_error_on_salient_channels():
 def test_residual_keeps_what_r_missed():
     weight, _ = random_linear(seed=2)
     w = weight.float()
-    main, correction = serq_reconstruct(w, 64, "mxfp4")
+    main, correction = serq_reconstruct(w, 64, MXFP4)
     # R is Q(W[:, :r]); the main weight quantizes W - R there and W elsewhere
-    assert torch.equal(correction, fake_quantize_mxfp4(w[:, :64]))
+    assert torch.equal(correction.dequantize(), fake_quantize_mxfp4(w[:, :64]))
     residual = w.clone()
-    residual[:, :64] -= correction
-    assert torch.equal(main, fake_quantize_mxfp4(residual))
+    residual[:, :64] -= fake_quantize_mxfp4(w[:, :64])
+    assert torch.equal(main.dequantize(), fake_quantize_mxfp4(residual))
     # INT: R per output row, main in groups of 128
-    main, correction = serq_reconstruct(w, 64, "w4a8")
-    assert torch.equal(correction, fake_quantize_int(w[:, :64], 4, granularity="channel"))
+    main, correction = serq_reconstruct(w, 64, get_format("w4a8"))
+    assert torch.equal(correction.dequantize(), fake_quantize_int(w[:, :64], 4, granularity="channel"))
     residual = w.clone()
-    residual[:, :64] -= correction
-    assert torch.equal(main, fake_quantize_int(residual, 4, granularity=128))
+    residual[:, :64] -= fake_quantize_int(w[:, :64], 4, granularity="channel")
+    assert torch.equal(main.dequantize(), fake_quantize_int(residual, 4, granularity=128))
 
 
 def test_int_activation_path_matches_float64_formula():
     weight, x = random_linear(seed=3)
     w = weight.float()
-    main, correction = serq_reconstruct(w, 32, "w4a4")
-    linear = FakeQuantLinear(main, correction, None, fmt="w4a4")
+    main, correction = serq_reconstruct(w, 32, get_format("w4a4"))
+    linear = FakeQuantLinear(main, correction, None, quant_format=get_format("w4a4"))
     x_q = fake_quantize_int(x.float(), 4, symmetric=False, granularity=128).double()
-    expected = x_q @ main.double().T + x_q[:, :32] @ correction.double().T
+    r_q = fake_quantize_int(w[:, :32], 4, granularity="channel").double()
+    w_res = w.double().clone()
+    w_res[:, :32] -= r_q
+    w_q = fake_quantize_int(w_res.float(), 4, granularity=128).double()
+    expected = x_q @ w_q.T + x_q[:, :32] @ r_q.T
     assert torch.allclose(linear(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -107,18 +120,20 @@ def test_saliency_order_is_descending_and_stable():
 
 
 def test_effective_bits():
-    assert effective_bits("mxfp4", 576, 0) == 4.25
-    assert effective_bits("mxfp4", 576, 64) == pytest.approx(4.25 * 640 / 576)
-    assert effective_bits("w4a8", 256, 0) == pytest.approx(4 + 16 * 2 / 256)
+    assert MXFP4.effective_bits(576, 0) == 4.25
+    assert MXFP4.effective_bits(576, 64) == pytest.approx(4.25 * 640 / 576)
+    assert get_format("w4a8").effective_bits(256, 0) == pytest.approx(4 + 16 * 2 / 256)
+    # R per row: 4 bits per element and one 16-bit scale per row
+    assert get_format("w4a4").effective_bits(256, 32) == pytest.approx(4 + 16 * 2 / 256 + (4 * 32 + 16) / 256)
 
 
 def test_rank_larger_than_d_in_is_rejected():
     with pytest.raises(ValueError, match="rank"):
-        serq_reconstruct(torch.randn(4, 32), 64, "mxfp4")
+        serq_reconstruct(torch.randn(4, 32), 64, MXFP4)
 
 
 def test_lowrank_factors_match_float64_svd():
-    from serq_ao.reconstruct import lowrank_error_factors
+    from serq_ao.quant.reconstruct import lowrank_error_factors
 
     weight, x = random_linear(seed=5)
     w = weight.float()

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import serq_ao
-from serq_ao.config import SERQConfig
-from serq_ao.hf_quantizer import SERQHfConfig
+from serq_ao.quant.config import SERQConfig
+from serq_ao.integrations.hf_quantizer import SERQHfConfig
 from serq_ao.passes import OutputGather
-from serq_ao.serialization import load_quantized, save_quantized
+from serq_ao.integrations.serialization import load_quantized, save_quantized
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, SERQIntTensor, SERQMXFP4Tensor
 from serq_ao.tensor_subclass.flatten import flatten_state_dict, unflatten_state_dict
 from tests.conftest import make_tiny_llama

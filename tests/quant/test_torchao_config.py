@@ -8,8 +8,8 @@ from torch import nn
 from torchao.quantization import FqnToConfig, quantize_
 
 from serq_ao import SERQLinearConfig
-from serq_ao.reconstruct import flattening_scales, saliency_order, serq_reconstruct
-from serq_ao.simulate import quantize_activation
+from serq_ao.quant.reconstruct import flattening_scales, saliency_order, serq_reconstruct
+from serq_ao.formats import get_format
 from serq_ao.tensor_subclass import SERQIntTensor, SERQMXFP4Tensor
 
 
@@ -17,12 +17,15 @@ def naive(linear, amax, rank, fmt):
     """SERQ on a lone linear written out: divide, gather, quantize, two matmuls."""
     scales = flattening_scales(amax)
     perm = saliency_order(scales)
-    main, correction = serq_reconstruct((linear.weight.detach() * scales)[:, perm], rank, fmt)
+    quant_format = get_format(fmt)
+    main, correction = serq_reconstruct((linear.weight.detach() * scales)[:, perm], rank, quant_format)
+    main = main.dequantize()
+    correction = None if correction is None else correction.dequantize()
 
     def forward(x):
         # times 1/s, as every pre-op in serq_ao: x / s differs in the last bit, which
         # occasionally moves an activation across an INT8 rounding boundary
-        x_q = quantize_activation((x * (1 / scales))[..., perm], fmt)
+        x_q = quant_format.fake_quantize_activation((x * (1 / scales))[..., perm])
         y = x_q @ main.T + linear.bias.detach()
         return y if correction is None else y + x_q[..., :rank] @ correction.T
 

@@ -6,59 +6,65 @@ import pytest
 import torch
 from torch import nn
 
-from serq_ao.gptq import gptq_quantize
-from serq_ao.packing import pack_weight, packed_linear
-from serq_ao.reconstruct import serq_reconstruct
-from serq_ao.simulate import FakeQuantLinear
+from serq_ao.formats import get_format
+from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.tensor_subclass import SERQIntTensor, SERQMXFP4Tensor
+from tests.tensor_subclass.pairs import DTYPES, make_pair, random_input
 
 
-def make_pair(fmt="w4a8", d_in=200, d_out=48, rank=32, preop=True, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(d_out, d_in, generator=g) * 0.1
-    weight[:, 3] *= 20  # an outlier column
-    main, correction = serq_reconstruct(weight, rank, fmt)
-    scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
-    perm = torch.randperm(d_in, generator=g) if preop else None
-    b = torch.randn(d_out, generator=g) if bias else None
-    fake = FakeQuantLinear(main, correction, b, fmt=fmt, input_scale_inv=scale_inv, input_perm=perm)
-    packed = packed_linear(pack_weight(main, correction, fmt, input_scale_inv=scale_inv, input_perm=perm), b)
-    return fake, packed
-
-
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
 @pytest.mark.parametrize("rank, preop, d_in", [(32, True, 200), (0, False, 128), (64, True, 96)])
-def test_packed_int_weight_matches_evaluation_mode(fmt, rank, preop, d_in):
-    fake, packed = make_pair(fmt, d_in=d_in, rank=rank, preop=preop)
-    x = torch.randn(3, 5, d_in, generator=torch.Generator().manual_seed(1)) * 3
+def test_packed_int_weight_matches_evaluation_mode_bitwise(fmt, rank, preop, d_in, dtype):
+    fake, packed = make_pair(fmt, d_in=d_in, rank=rank, preop=preop, dtype=dtype)
+    x = random_input(d_in, dtype)
     with torch.no_grad():
-        assert torch.allclose(packed(x), fake(x), rtol=1e-5, atol=1e-5)
+        got, expected = packed(x), fake(x)
+    # one arithmetic for both (fp32 pre-op, same matmuls): equal in every model dtype
+    assert got.dtype == expected.dtype == dtype and torch.equal(got, expected)
     weight = packed.weight
-    assert isinstance(weight, SERQIntTensor) and weight.rank == rank
+    assert isinstance(weight, SERQIntTensor) and weight.rank == rank and weight.dtype == dtype
     assert torch.equal(weight.dequantize(), fake.weight)
     if rank:
         assert torch.equal(weight.correction(), fake.correction)
     groups = -(-d_in // 128)
     assert weight.qdata.shape == (48, groups * 64) and weight.scale.shape == (48, groups)
+    assert weight.scale.dtype == torch.float32  # scales never follow the model's dtype
 
 
-def test_gptq_weights_pack_although_a_group_never_reaches_code_7():
+def test_gptq_records_pack_with_their_own_scales():
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(32, 256, generator=g)
     x = torch.randn(512, 256, generator=g)
-    hessian = x.T @ x
-    main, column_scale = gptq_quantize(weight, hessian, "w4a8")
-    codes = main / column_scale
-    assert (codes.abs().unflatten(1, (2, 128)).amax(-1) < 7).any(), "want a group whose largest code is not 7"
-    packed = SERQIntTensor.from_dequantized(main, None, activation_bits=8)
-    assert torch.allclose(packed.dequantize(), main, rtol=2**-20, atol=0)
+    fmt = get_format("w4a8")
+    record = gptq_quantize(weight, x.T @ x, fmt)
+    packed = fmt.pack(record, None, input_scale_inv=None, input_perm=None, dtype=torch.float32)
+    assert torch.equal(packed.scale, record.scale) and torch.equal(packed.qdata, record.qdata)
+    assert torch.equal(packed.dequantize(), record.dequantize())
+
+
+def test_records_of_another_grid_are_refused():
+    weight = torch.randn(16, 64)
+    mx = get_format("mxfp4").quantize_weight(weight)
+    with pytest.raises(ValueError, match="must be an INT4 record"):
+        SERQIntTensor.from_quantized(mx, None, activation_bits=8)
+    integer = get_format("w4a8").quantize_weight(weight)
+    with pytest.raises(ValueError, match="must be an MXFP4 record"):
+        SERQMXFP4Tensor.from_quantized(integer, None)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "w4a8"])
-def test_weights_off_the_grid_are_refused(fmt):
-    weight = torch.randn(16, 64)
-    with pytest.raises(ValueError, match="not on"):
-        pack_weight(weight, None, fmt)
+def test_to_dtype_changes_what_the_packed_linear_returns(fmt):
+    _, packed = make_pair(fmt, d_in=128, rank=32, bias=False)
+    x = random_input(128, torch.bfloat16)
+    with torch.no_grad():
+        in_fp32 = packed(x.float())
+        packed.to(torch.bfloat16)
+        in_bf16 = packed(x)
+    assert packed.weight.dtype == torch.bfloat16 and in_fp32.dtype == torch.float32 and in_bf16.dtype == torch.bfloat16
+    # codes and float32 scales untouched: the same fp32 arithmetic, rounded at the end
+    assert packed.weight.scale.dtype == (torch.uint8 if fmt == "mxfp4" else torch.float32)
+    assert torch.equal(in_bf16, in_fp32.to(torch.bfloat16))
 
 
 def test_int_op_compiles_exports_and_passes_opcheck():
@@ -95,12 +101,13 @@ def test_state_dict_round_trips_through_torch_load_weights_only(fmt):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "w4a4"])
 def test_dequantizing_in_row_chunks_gives_the_same_output(fmt, monkeypatch):
-    from serq_ao.kernels import ops
+    from serq_ao.kernels import reference
 
-    _, packed = make_pair(fmt, d_in=200, d_out=48, rank=32)
+    fake, packed = make_pair(fmt, d_in=200, d_out=48, rank=32)
     x = torch.randn(3, 200, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         whole = packed(x)
-        monkeypatch.setattr(ops, "DEQUANTIZE_CHUNK_ELEMENTS", 5 * 256)  # chunks of 5 rows: 10 of them
-        chunked = packed(x)
+        monkeypatch.setattr(reference, "DEQUANTIZE_CHUNK_ELEMENTS", 5 * 232)  # chunks of 5 rows: 10 of them
+        chunked, fake_chunked = packed(x), fake(x)
     assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert torch.equal(chunked, fake_chunked)  # the evaluation mode chunks alike

@@ -4,41 +4,46 @@ import pytest
 import torch
 from torch import nn
 
-from serq_ao.reconstruct import serq_reconstruct
-from serq_ao.simulate import FakeQuantLinear
-from serq_ao.tensor_subclass import SERQMXFP4Tensor
+from tests.tensor_subclass.pairs import DTYPES, make_pair as make_any_pair, random_input
 
 
-def make_pair(d_in=96, d_out=40, rank=32, preop=True, bias=True, seed=0):
-    """A FakeQuantLinear and the nn.Linear holding the same weights packed."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(d_out, d_in, generator=g) * 0.1
-    main, correction = serq_reconstruct(weight, rank, "mxfp4")
-    scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
-    perm = torch.randperm(d_in, generator=g) if preop else None
-    b = torch.randn(d_out, generator=g) if bias else None
-    fake = FakeQuantLinear(main, correction, b, fmt="mxfp4", input_scale_inv=scale_inv, input_perm=perm)
-    packed = nn.Linear(d_in, d_out, bias=bias)
-    packed.weight = nn.Parameter(
-        SERQMXFP4Tensor.from_dequantized(main, correction, input_scale_inv=scale_inv, input_perm=perm), requires_grad=False
-    )
-    if bias:
-        packed.bias = nn.Parameter(b.clone(), requires_grad=False)
-    return fake, packed
+def make_pair(d_in=96, d_out=40, rank=32, preop=True, bias=True, seed=0, dtype=torch.float32, scale_mode="floor"):
+    return make_any_pair("mxfp4", d_in=d_in, d_out=d_out, rank=rank, preop=preop, bias=bias, seed=seed, dtype=dtype,
+                         scale_mode=scale_mode)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_mode", ["floor", "rceil"])
 @pytest.mark.parametrize("rank, preop, d_in", [(32, True, 96), (0, False, 64), (64, True, 100)])
-def test_packed_weight_matches_evaluation_mode(rank, preop, d_in):
-    fake, packed = make_pair(d_in=d_in, rank=rank, preop=preop)
-    x = torch.randn(3, 7, d_in, generator=torch.Generator().manual_seed(1))
+def test_packed_weight_matches_evaluation_mode_bitwise(rank, preop, d_in, dtype, scale_mode):
+    fake, packed = make_pair(d_in=d_in, rank=rank, preop=preop, dtype=dtype, scale_mode=scale_mode)
+    x = random_input(d_in, dtype)
     with torch.no_grad():
-        assert torch.allclose(packed(x), fake(x), rtol=1e-6, atol=1e-6)
+        got, expected = packed(x), fake(x)
+    assert got.dtype == expected.dtype == dtype and torch.equal(got, expected)
     weight = packed.weight
+    assert weight.dtype == dtype
     assert torch.equal(weight.dequantize(), fake.weight)
     assert weight.qdata.dtype == torch.uint8 and weight.scale.dtype == torch.uint8
     # 4.25 bits per element of [W^q | R]
     stored_bits = 8 * (weight.qdata.numel() + weight.scale.numel())
     assert stored_bits == 4.25 * 40 * (-(-d_in // 32) * 32 + rank)
+
+
+def test_a_bf16_product_in_the_pre_op_would_be_caught():
+    """The bug this replaces: a pre-op in bf16 puts flattened maxima on either side of 1.0,
+    where the FLOOR block scale jumps. The fp32 reference and a bf16 pre-op must differ here,
+    so that the bitwise test above can fail."""
+    from serq_ao.formats import fake_quantize_mxfp4
+    from serq_ao.kernels.reference import apply_pre_op
+
+    g = torch.Generator().manual_seed(4)
+    s = torch.rand(64, generator=g) * 10 + 0.1
+    x = (torch.randn(8, 64, generator=g) * s).to(torch.bfloat16)
+    x[0] = s.to(torch.bfloat16)  # each channel's maximum: flattened to ~1.0
+    fp32 = fake_quantize_mxfp4(apply_pre_op(x, 1 / s, None))
+    bf16 = fake_quantize_mxfp4((x * (1 / s).to(torch.bfloat16)).float())
+    assert not torch.equal(fp32, bf16)
 
 
 def test_compiles_without_graph_breaks_and_exports_as_one_op():

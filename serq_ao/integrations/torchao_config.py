@@ -16,9 +16,9 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from serq_ao.config import DEFAULT_RANK, check_format_rank_scale_mode
-from serq_ao.packing import pack_weight
-from serq_ao.reconstruct import flattening_scales, saliency_order, serq_reconstruct
+from serq_ao.formats import get_format
+from serq_ao.quant.config import DEFAULT_RANK, check_format_rank_scale_mode
+from serq_ao.quant.reconstruct import flattening_scales, saliency_order, serq_reconstruct
 
 
 @dataclasses.dataclass
@@ -26,7 +26,7 @@ class SERQLinearConfig(AOBaseConfig):
     """SERQ for one linear.
 
     - ``input_amax``: (d_in,) max |x_j| per input channel over calibration tokens (e.g.
-      ``serq_ao.calibration.calibrate(...).amax[group]``); None quantizes without flattening
+      ``serq_ao.quant.calibration.calibrate(...).amax[group]``); None quantizes without flattening
       or reordering (plain round to nearest, which needs ``rank=0``).
     - ``rank``: r, a multiple of 32 (0: flattening only).
     - ``format``: "mxfp4", "w4a8" or "w4a4"; ``scale_mode``: "floor" or "rceil" (MXFP4).
@@ -38,7 +38,7 @@ class SERQLinearConfig(AOBaseConfig):
     scale_mode: str = "floor"
 
     def __post_init__(self):
-        check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
+        self.format, self.scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
         if self.input_amax is None:
             if self.rank:
                 raise ValueError("rank > 0 needs input_amax (the saliency order comes from it); pass rank=0 for plain RTN")
@@ -51,7 +51,7 @@ class SERQLinearConfig(AOBaseConfig):
 
     def to_dict(self) -> dict:
         amax = None if self.input_amax is None else self.input_amax.float().tolist()
-        return {"input_amax": amax, "rank": self.rank, "format": self.format, "scale_mode": self.scale_mode}
+        return {"input_amax": amax, "rank": self.rank, "format": str(self.format), "scale_mode": str(self.scale_mode)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SERQLinearConfig":
@@ -78,8 +78,8 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
         perm = saliency_order(scales)
         weight = (weight * scales).index_select(1, perm)  # W~[:, pi]
         scale_inv = 1.0 / scales
-    main, correction = serq_reconstruct(weight, config.rank, config.format, config.scale_mode)
-    packed = pack_weight(main, correction, config.format, scale_mode=config.scale_mode,
-                         input_scale_inv=scale_inv, input_perm=perm, dtype=module.weight.dtype)
+    fmt = get_format(config.format, config.scale_mode)
+    main, correction = serq_reconstruct(weight, config.rank, fmt)
+    packed = fmt.pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=module.weight.dtype)
     module.weight = nn.Parameter(packed, requires_grad=False)
     return module

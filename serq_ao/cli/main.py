@@ -26,7 +26,7 @@ from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
 from serq_ao.cli.export import cmd_export  # noqa: E402
 from serq_ao.cli.inspect import DEFAULT_SWEEP, cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
-from serq_ao.config import DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
+from serq_ao.quant.config import RESIDUAL_ORDERS, DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
 from serq_ao.formats import SCALE_MODES  # noqa: E402
@@ -52,6 +52,9 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=non_negative_int, default=DEFAULT_RANK, help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK})")
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default="floor", help="MXFP4 block scale rule")
     parser.add_argument("--gptq", action="store_true", help="GPTQ for the main weights, layer by layer")
+    parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default="per_group",
+                        help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm) or "
+                             "global (one order for the residual stream, no gathers)")
     parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki")
     parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS)
     parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN)

@@ -2,7 +2,7 @@
 
 Every linear inside the decoder layers becomes a :class:`FakeQuantLinear` (the evaluation
 mode); lm_head and the embeddings stay in full precision. :func:`quantize_` does the same and
-then packs the weights (:mod:`serq_ao.packing`): the deployable model.
+then packs the weights (:mod:`serq_ao.quant.packing`): the deployable model.
 """
 
 from __future__ import annotations
@@ -16,24 +16,28 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from serq_ao.calibration import CalibrationStats, calibrate
-from serq_ao.config import LOWRANK_METHODS, SERQConfig
-from serq_ao.gptq import gptq_quantize
-from serq_ao.hf_quantizer import attach_quantizer
-from serq_ao.packing import is_packed_linear, pack_model
-from serq_ao.passes import InputTransform, ModelPlan, analyze, apply_input_transforms
+from serq_ao.integrations.hf_quantizer import attach_quantizer
+from serq_ao.passes import InputTransform, ModelPlan, analyze, analyze_residual, apply_input_transforms, apply_residual_order
 from serq_ao.passes.transforms import replace_module
-from serq_ao.reconstruct import (
-    effective_bits,
+from serq_ao.quant.calibration import CalibrationStats, calibrate
+from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.fake_quant import FakeQuantLinear
+from serq_ao.quant.gptq import gptq_quantize
+from serq_ao.quant.linear_plan import LinearPlan, linear_plans
+from serq_ao.quant.methods import CorrectionKind, TransformKind
+from serq_ao.quant.packing import is_packed_linear, pack_model
+from serq_ao.quant.reconstruct import (
     flattening_scales,
     lowrank_bits,
     lowrank_error_factors,
+    residual_after,
+    residual_stream_order,
     saliency_order,
+    salient_correction,
     serq_reconstruct,
     smoothquant_scales,
 )
-from serq_ao.sequential import quantize_layers_sequentially, record_layer_calls
-from serq_ao.simulate import FakeQuantLinear, quantize_correction
+from serq_ao.quant.sequential import quantize_layers_sequentially, record_layer_calls
 
 logger = logging.getLogger(__name__)
 
@@ -83,60 +87,72 @@ def check_config_for_plan(config: SERQConfig, plan: ModelPlan) -> None:
         )
 
 
-def _transforms(model: nn.Module, plan: ModelPlan, config: SERQConfig, stats: CalibrationStats) -> dict[str, InputTransform]:
+def _transforms(model: nn.Module, plan: ModelPlan, config: SERQConfig, stats: CalibrationStats,
+                in_stream_order: set[str]) -> dict[str, InputTransform]:
+    """Each group's (s, pi); groups in ``in_stream_order`` already read their input in the
+    global residual order, which is their saliency order."""
+    kind = config.spec.input_transform
     transforms = {}
     for group in plan.groups:
-        if config.method == "serq":
+        if kind is TransformKind.FLATTEN:
             scales = flattening_scales(stats.amax[group.name])
-            transforms[group.name] = InputTransform(scales, saliency_order(scales))
-        elif config.method == "smoothquant":
+            order = torch.arange(group.in_features) if group.name in in_stream_order else saliency_order(scales)
+            transforms[group.name] = InputTransform(scales, order)
+        elif kind is TransformKind.SMOOTH:
             weights = [model.get_submodule(n).weight for n in group.linears]
             scales = smoothquant_scales(stats.amax[group.name], weights, config.smoothquant_alpha)
             transforms[group.name] = InputTransform(scales, torch.arange(group.in_features))
     return transforms
 
 
+def _apply_global_residual_order(model: nn.Module, plan: ModelPlan, stats: CalibrationStats):
+    """Permute the residual stream by one saliency order (exact, checked on the logits);
+    returns the statistics in the new channel order, the groups that read the stream, and
+    the order."""
+    residual = analyze_residual(model)
+    readers = set(residual.readers)
+    stream_groups = [g for g in plan.groups if set(g.linears) <= readers]
+    order = residual_stream_order([flattening_scales(stats.amax[g.name]) for g in stream_groups])
+    apply_residual_order(model, residual, order)
+    names = {g.name for g in stream_groups}
+    return stats.permuted(names, order), names, order
+
+
 def _quantize_linear(
     model: nn.Module,
-    name: str,
+    linear_plan: LinearPlan,
     config: SERQConfig,
-    plan: ModelPlan,
     stats: CalibrationStats | None,
     hessian: torch.Tensor | None = None,
 ) -> LinearReport:
-    """Replace the linear ``name`` (already transformed) by its FakeQuantLinear."""
+    """Replace the linear of ``linear_plan`` (already transformed) by its FakeQuantLinear."""
+    name, fmt, rank = linear_plan.name, linear_plan.quant_format, linear_plan.rank
     linear = model.get_submodule(name)
-    weight = linear.weight.data.float()
-    rank = config.correction_rank
+    weight = linear.weight.data.float()  # quantization math in fp32 (GPTQ: fp64) whatever the model's dtype
     if hessian is None:
-        main, correction = serq_reconstruct(weight, rank, config.format, config.scale_mode)
+        main, correction = serq_reconstruct(weight, rank, fmt)
     else:  # GPTQ replaces round-to-nearest for the main weight; R is taken out first
-        correction = quantize_correction(weight[:, :rank], config.format, config.scale_mode) if rank else None
-        residual = weight.clone()
-        if correction is not None:
-            residual[:, :rank] -= correction
-        main, _ = gptq_quantize(residual, hessian, config.format, scale_mode=config.scale_mode)
+        correction = salient_correction(weight, rank, fmt) if rank else None
+        main = gptq_quantize(residual_after(weight, correction), hessian, fmt)
     lowrank_a = lowrank_b = None
-    bits = effective_bits(config.format, linear.in_features, rank)
-    if config.method in LOWRANK_METHODS:
-        input_scale = stats.abs_mean[plan.group_of(name).name] if config.method == "l2qer" else None
-        lowrank_a, lowrank_b = lowrank_error_factors(weight, main, config.lowrank_rank, input_scale)
+    bits = fmt.effective_bits(linear.in_features, rank)
+    if config.spec.correction is CorrectionKind.LOWRANK:
+        input_scale = stats.abs_mean[linear_plan.group.name] if config.spec.lowrank_input_scaled else None
+        lowrank_a, lowrank_b = lowrank_error_factors(weight, main.dequantize(), config.lowrank_rank, input_scale)
         bits += lowrank_bits(linear.in_features, linear.out_features, config.lowrank_rank)
-    scale_inv = getattr(linear, "input_scale_inv", None)
-    perm = getattr(linear, "input_perm", None)
     replacement = FakeQuantLinear(
         main,
         correction,
         None if linear.bias is None else linear.bias.data,
-        fmt=config.format,
-        scale_mode=config.scale_mode,
-        input_scale_inv=scale_inv,
-        input_perm=perm,
+        quant_format=fmt,
+        model_dtype=linear.weight.dtype,
+        input_scale_inv=linear_plan.input_scale_inv,
+        input_perm=linear_plan.input_perm,
         lowrank_a=lowrank_a,
         lowrank_b=lowrank_b,
     )
-    replace_module(model, name, replacement)
-    return LinearReport(name, linear.in_features, linear.out_features, rank, bits, scale_inv is not None or perm is not None)
+    replace_module(model, name, replacement.to(linear.weight.device))
+    return LinearReport(name, linear.in_features, linear.out_features, rank, bits, linear_plan.has_pre_op)
 
 
 @torch.no_grad()
@@ -154,7 +170,7 @@ def quantize_model(
     ``calibration``: input ids (n, L) to calibrate on, or statistics from :func:`calibrate`
     on this same, untransformed model. RTN needs none (pass None); GPTQ needs input ids.
     ``on_transformed(model)`` is called once the exact transforms are applied and before any
-    weight is quantized (:mod:`serq_ao.diagnostics` keeps a copy there).
+    weight is quantized (:mod:`serq_ao.quant.diagnostics` keeps a copy there).
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -163,19 +179,19 @@ def quantize_model(
     plan = plan if plan is not None else analyze(model)
     check_config_for_plan(config, plan)
     report = progress or (lambda stage, done, total: None)
-    needs_ids = config.gptq
-    if (config.method != "rtn" or needs_ids) and calibration is None:
-        raise ValueError(f"method {config.method!r}{' with GPTQ' if needs_ids else ''} needs calibration data")
-    if needs_ids and isinstance(calibration, CalibrationStats):
+    spec = config.spec
+    if (spec.needs_statistics or config.needs_input_ids) and calibration is None:
+        raise ValueError(f"method {config.method!r}{' with GPTQ' if config.gptq else ''} needs calibration data")
+    if config.needs_input_ids and isinstance(calibration, CalibrationStats):
         raise ValueError("GPTQ needs calibration input ids (it runs the layers), not statistics")
 
     stats, layer_calls = None, None
-    if needs_ids:
+    if config.needs_input_ids:
         total = calibration.shape[0]
         counter = iter(range(1, total + 1))
         stats, hidden, calls = record_layer_calls(model, plan, calibration, on_batch=lambda k: report("calibrate", next(counter), total))
         layer_calls = (hidden, calls)
-    elif config.method != "rtn":
+    elif spec.needs_statistics:
         if isinstance(calibration, CalibrationStats):
             stats = calibration
         else:
@@ -186,9 +202,15 @@ def quantize_model(
         seconds["calibration"] = stats.seconds
 
     transform_start = time.perf_counter()
-    transforms = _transforms(model, plan, config, stats) if stats is not None and config.method in ("serq", "smoothquant") else {}
-    if transforms:
-        apply_input_transforms(model, plan, transforms, fold=True if config.fold_into_linears else ("norm",))
+    folds, in_stream_order = {}, set()
+    if config.residual_order == "global":
+        stats, in_stream_order, order = _apply_global_residual_order(model, plan, stats)
+        if layer_calls is not None:  # layer 0's recorded inputs are on the stream too
+            layer_calls = ([h.index_select(-1, order.to(h.device)) for h in layer_calls[0]], layer_calls[1])
+    if spec.transforms_input:
+        transforms = _transforms(model, plan, config, stats, in_stream_order)
+        folds = apply_input_transforms(model, plan, transforms, fold=True if config.fold_into_linears else ("norm",))
+    plans = linear_plans(plan.groups, folds, config.correction_rank, config.quant_format)
     seconds["transform"] = time.perf_counter() - transform_start
     if on_transformed is not None:
         on_transformed(model)
@@ -199,15 +221,15 @@ def quantize_model(
         quantize_layers_sequentially(
             model,
             plan,
+            plans,
             *layer_calls,
-            lambda name, hessian: linears.append(_quantize_linear(model, name, config, plan, stats, hessian)),
+            lambda name, hessian: linears.append(_quantize_linear(model, plans[name], config, stats, hessian)),
             on_layer=lambda done, total: report("gptq", done, total),
         )
     else:
-        names = [name for group in plan.groups for name in group.linears]
-        for done, name in enumerate(names, 1):
-            linears.append(_quantize_linear(model, name, config, plan, stats))
-            report("quantize", done, len(names))
+        for done, linear_plan in enumerate(plans.values(), 1):
+            linears.append(_quantize_linear(model, linear_plan, config, stats))
+            report("quantize", done, len(plans))
     seconds["quantize"] = time.perf_counter() - quantize_start
     seconds["total"] = time.perf_counter() - started
     return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds)
@@ -229,7 +251,7 @@ def quantize_(
     ``quantization_config`` and quantizer, so that ``save_pretrained`` writes the packed format
     and ``from_pretrained`` (with serq_ao imported) loads it.
     """
-    if config.method in LOWRANK_METHODS:
+    if not config.spec.packs:
         raise ValueError(
             f"method {config.method!r} has no packed format (its INT8 factors need a second "
             "low-rank GEMM): use quantize_model for its evaluation mode"

@@ -14,7 +14,7 @@ from serq_ao.cli.common import UsageError, progress_bar, status
 
 def _source_of(path: str) -> str | None:
     """The model a serq output folder was quantized from, if it says."""
-    from serq_ao.serialization import QUANTIZATION_FILE, REPORT_FILE
+    from serq_ao.integrations.serialization import QUANTIZATION_FILE, REPORT_FILE
 
     for name in (REPORT_FILE, QUANTIZATION_FILE):
         file = Path(path) / name

@@ -5,7 +5,7 @@ both written to a temporary folder first and renamed into place, so that an inte
 leaves no folder:
 
 - packed (format 2, :func:`serq_ao.quantize_`): written by ``save_pretrained`` with the
-  "serq" quantizer (:mod:`serq_ao.hf_quantizer`); ``config.json`` holds the
+  "serq" quantizer (:mod:`serq_ao.integrations.hf_quantizer`); ``config.json`` holds the
   ``quantization_config`` and ``AutoModelForCausalLM.from_pretrained`` loads it (with serq_ao
   imported). ``serq_report.json`` records how it was made.
 - evaluation mode (format 1, :func:`serq_ao.quantize_model`, needed for LQER / L2QER, which
@@ -27,13 +27,14 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from serq_ao.config import SERQConfig
+from serq_ao.formats import get_format
+from serq_ao.quant.config import SERQConfig
 from serq_ao.files import umask_permissions
-from serq_ao.hf_quantizer import QUANT_METHOD, attach_quantizer
-from serq_ao.packing import is_packed_linear
+from serq_ao.integrations.hf_quantizer import QUANT_METHOD, attach_quantizer
+from serq_ao.quant.packing import is_packed_linear
 from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
-from serq_ao.simulate import FakeQuantLinear
+from serq_ao.quant.fake_quant import FakeQuantLinear
 
 QUANTIZATION_FILE = "serq_config.json"
 REPORT_FILE = "serq_report.json"
@@ -65,8 +66,8 @@ def _structure(model: nn.Module) -> dict[str, dict]:
                 "in_features": module.in_features,
                 "out_features": module.out_features,
                 "rank": module.rank,
-                "format": module.fmt,
-                "scale_mode": module.scale_mode,
+                "format": str(module.quant_format.name),
+                "scale_mode": str(getattr(module.quant_format, "scale_mode", "floor")),
                 "buffers": [b for b in ("bias", "input_scale_inv", "input_perm") if getattr(module, b) is not None],
                 "lowrank": 0 if module.lowrank_b is None else module.lowrank_b.shape[0],
             }
@@ -129,20 +130,12 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
-    empty = torch.empty
     if spec["kind"] == "fake_quant_linear":
-        d_out, d_in, rank = spec["out_features"], spec["in_features"], spec["rank"]
         buffers = set(spec["buffers"])
-        return FakeQuantLinear(
-            empty(d_out, d_in),
-            empty(d_out, rank) if rank else None,
-            empty(d_out) if "bias" in buffers else None,
-            fmt=spec["format"],
-            scale_mode=spec["scale_mode"],
-            input_scale_inv=empty(d_in) if "input_scale_inv" in buffers else None,
-            input_perm=empty(d_in, dtype=torch.long) if "input_perm" in buffers else None,
-            lowrank_a=empty(d_out, spec["lowrank"]) if spec.get("lowrank") else None,
-            lowrank_b=empty(spec["lowrank"], d_in) if spec.get("lowrank") else None,
+        return FakeQuantLinear.placeholder(
+            spec["in_features"], spec["out_features"], spec["rank"], get_format(spec["format"], spec["scale_mode"]),
+            bias="bias" in buffers, pre_op=("input_scale_inv" in buffers, "input_perm" in buffers),
+            lowrank=spec.get("lowrank", 0),
         )
     if spec["kind"] == "output_gather":
         return OutputGather.from_spec(parent, spec)

@@ -1,11 +1,14 @@
-"""The per-linear math of each method, as pure functions of tensors (no modules, no hooks)."""
+"""The per-linear math of each method, as pure functions of tensors (no modules, no hooks).
+
+Quantizers return :class:`~serq_ao.formats.Quantized` records (codes and scales); whatever
+needs the values dequantizes the record.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from serq_ao.formats import fake_quantize_int
-from serq_ao.simulate import quantize_correction, quantize_weight
+from serq_ao.formats import Quantized, QuantFormat, fake_quantize_int
 
 
 # Flattening maps each channel's calibration maximum to |x / s| = 1.0, a power of two: the
@@ -27,6 +30,16 @@ def saliency_order(scales: torch.Tensor) -> torch.Tensor:
     return torch.sort(scales, descending=True, stable=True).indices
 
 
+def residual_stream_order(scales: list[torch.Tensor]) -> torch.Tensor:
+    """One saliency order for the residual stream from the flattening scales of every group
+    that reads it: channels by their mean share of each group's largest scale, largest first.
+
+    Each group counts alike whatever its activation range; a channel that is large in most
+    layers (the stream's persistent outlier channels) comes first."""
+    shares = torch.stack([s.double() / s.double().max() for s in scales]).mean(dim=0)
+    return torch.sort(shares, descending=True, stable=True).indices
+
+
 def smoothquant_scales(amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant's s_j = max|x_j|**alpha / max|w_j|**(1 - alpha), max|w_j| over all rows of
     the group's linears; channels with a zero statistic get 1."""
@@ -35,23 +48,32 @@ def smoothquant_scales(amax: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return torch.where((amax > 0) & (weight_amax > 0), scales, torch.ones_like(scales))
 
 
-def serq_reconstruct(
-    weight: torch.Tensor, rank: int, fmt: str, scale_mode: str = "floor"
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def serq_reconstruct(weight: torch.Tensor, rank: int, fmt: QuantFormat) -> tuple[Quantized, Quantized | None]:
     """Single-matrix error reconstruction on a flattened, saliency-ordered weight W^ (d_out, K).
 
     ``R = Q(W^[:, :r])``; the main weight keeps the residual on those columns,
-    ``W^[:, :r] -= R``, then ``W^q = Q(W^)``. Returns dequantized (W^q, R), R None for r = 0.
-    The salient columns are thus quantized twice; R needs no SVD.
+    ``W^[:, :r] -= R``, then ``W^q = Q(W^)``. Returns the records of (W^q, R), R None for
+    r = 0. The salient columns are thus quantized twice; R needs no SVD.
     """
     if rank == 0:
-        return quantize_weight(weight, fmt, scale_mode), None
+        return fmt.quantize_weight(weight), None
+    correction = salient_correction(weight, rank, fmt)
+    return fmt.quantize_weight(residual_after(weight, correction)), correction
+
+
+def salient_correction(weight: torch.Tensor, rank: int, fmt: QuantFormat) -> Quantized:
+    """R = Q(W^[:, :r]), the record of SERQ's correction (d_out, r)."""
     if rank > weight.shape[1]:
         raise ValueError(f"rank ({rank}) must be at most d_in ({weight.shape[1]})")
-    correction = quantize_correction(weight[:, :rank], fmt, scale_mode)  # (d_out, r)
-    residual = weight.clone()
-    residual[:, :rank] -= correction
-    return quantize_weight(residual, fmt, scale_mode), correction
+    return fmt.quantize_correction(weight[:, :rank])
+
+
+def residual_after(weight: torch.Tensor, correction: Quantized | None) -> torch.Tensor:
+    """W^ with R taken out of its first r columns (float32): what the main weight quantizes."""
+    residual = weight.float().clone()
+    if correction is not None:
+        residual[:, : correction.columns] -= correction.dequantize()
+    return residual
 
 
 def lowrank_error_factors(
@@ -74,26 +96,14 @@ def lowrank_error_factors(
     a, b = u[:, :rank] * singular[:rank], vh[:rank]
     if input_scale is not None:
         b = b / scale
+    # contiguous: the layout a saved and reloaded factor has (the CPU matmul may round the
+    # last bit differently for a transposed view of the same values)
     return (
-        fake_quantize_int(a.float(), 8, granularity="channel"),
-        fake_quantize_int(b.float(), 8, granularity="channel"),
+        fake_quantize_int(a.float().contiguous(), 8, granularity="channel").contiguous(),
+        fake_quantize_int(b.float().contiguous(), 8, granularity="channel").contiguous(),
     )
 
 
 def lowrank_bits(d_in: int, d_out: int, rank: int) -> float:
     """Bits per original weight added by INT8 factors A, B with one fp16 scale per row."""
     return (8 * rank * (d_in + d_out) + 16 * (d_out + rank)) / (d_in * d_out)
-
-
-def effective_bits(fmt: str, d_in: int, rank: int) -> float:
-    """Storage bits per original weight: main weight plus R, scales included.
-
-    MXFP4: 4 bits + 8-bit scale per 32 = 4.25, for d_in + r columns. INT4 groups of 128 with
-    an fp16 scale: 4.125; R per row with an fp16 scale: 4 + 16 / r.
-    """
-    if fmt == "mxfp4":
-        return 4.25 * (d_in + rank) / d_in
-    groups = -(-d_in // 128)
-    main = 4 + 16 * groups / d_in
-    correction = (4 * rank + (16 if rank else 0)) / d_in
-    return main + correction

@@ -25,10 +25,10 @@ import time
 import torch
 from torch import nn
 
-from serq_ao.calibration import CalibrationStats, calibrate
-from serq_ao.config import SERQConfig
+from serq_ao.quant.calibration import CalibrationStats, calibrate
+from serq_ao.quant.config import SERQConfig
 from serq_ao.passes import ModelPlan, analyze
-from serq_ao.pipeline import Progress, QuantizationReport, quantize_
+from serq_ao.quant.pipeline import Progress, QuantizationReport, quantize_
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -159,7 +159,7 @@ def quantize_with_diagnostics(
     stats: CalibrationStats = calibrate(model, plan, batches, on_batch=lambda k: report_progress("calibrate", next(counter), total))
     snapshot: list[nn.Module] = []
     keep = (lambda transformed: snapshot.append(copy.deepcopy(transformed))) if error_windows else None
-    calibration = batches if config.gptq else (stats if config.method != "rtn" else None)
+    calibration = batches if config.needs_input_ids else (stats if config.needs_statistics else None)
     report = quantize(model, config, calibration, plan=plan, progress=progress, on_transformed=keep)
     names = [r.name for r in report.linears]
     errors: dict[str, float] = {}

@@ -2,7 +2,7 @@
 
 Per quantized linear: rank, bits per weight, the spread of the flattening scales, the share
 of saliency in the top-r channels and the relative output error on calibration data
-(:mod:`serq_ao.diagnostics`). A quantized folder carries these from ``serq quantize``; for a
+(:mod:`serq_ao.quant.diagnostics`). A quantized folder carries these from ``serq quantize``; for a
 float model ``--stats`` (or ``--plot``) quantizes a copy in memory to measure them.
 """
 
@@ -111,8 +111,8 @@ def _sweep_cells(args: argparse.Namespace, source: str) -> list[dict] | None:
 
 
 def _diagnose_float_model(model, tokenizer, args, err: Console):
-    from serq_ao.diagnostics import quantize_with_diagnostics
-    from serq_ao.pipeline import quantize_model
+    from serq_ao.quant.diagnostics import quantize_with_diagnostics
+    from serq_ao.quant.pipeline import quantize_model
 
     config = config_from_args(args)
     plan = checked_plan(model, config)
@@ -127,11 +127,11 @@ def _diagnose_float_model(model, tokenizer, args, err: Console):
 
 
 def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
-    from serq_ao.diagnostics import Diagnostics
+    from serq_ao.quant.diagnostics import Diagnostics
     from serq_ao.models import load_model
-    from serq_ao.packing import storage_report
+    from serq_ao.quant.packing import storage_report
     from serq_ao.passes import analyze, plan_table
-    from serq_ao.serialization import is_quantized_folder, read_report
+    from serq_ao.integrations.serialization import is_quantized_folder, read_report
 
     if args.plot is not None and Path(args.plot).exists() and not Path(args.plot).is_dir():
         raise UsageError(f"--plot must be a folder to write PNG files into, got the file {args.plot}")

@@ -29,7 +29,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from serq_ao.config import SERQConfig
+from serq_ao.quant.config import SERQConfig
 from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
@@ -39,7 +39,7 @@ from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "serq"
-FORMAT_VERSION = 2  # 1: the evaluation-mode folders of serq_ao.serialization
+FORMAT_VERSION = 2  # 1: the evaluation-mode folders of serq_ao.integrations.serialization
 # every field a packed weight may store, as "weight_<field>" in the checkpoint
 SERIALIZED_FIELDS = sorted({f for cls in PACKED_TENSOR_CLASSES for f in field_names(cls)})
 

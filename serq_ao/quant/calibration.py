@@ -32,6 +32,14 @@ class CalibrationStats:
         amax = self.amax[group]
         return torch.where(amax > 0, amax, torch.ones_like(amax))
 
+    def permuted(self, groups: set[str], order: torch.Tensor) -> "CalibrationStats":
+        """The statistics after the input channels of ``groups`` are reordered by ``order``
+        (new channel c is old channel order[c]), as a global residual order does."""
+        def reorder(table):
+            return {g: (v.index_select(0, order.to(v.device)) if g in groups else v) for g, v in table.items()}
+
+        return CalibrationStats(reorder(self.amax), self.tokens, self.seconds, reorder(self.abs_mean))
+
     def save(self, path: str | Path) -> None:
         torch.save({"amax": self.amax, "abs_mean": self.abs_mean, "tokens": self.tokens, "seconds": self.seconds}, path)
 

@@ -20,16 +20,15 @@ from serq_ao.cli.common import (
     progress_bar,
     status,
 )
-from serq_ao.config import METHODS
+from serq_ao.quant.config import METHODS
 
 
 def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
-    from serq_ao.config import LOWRANK_METHODS
-    from serq_ao.diagnostics import quantize_with_diagnostics
+    from serq_ao.quant.diagnostics import quantize_with_diagnostics
     from serq_ao.models import load_model
-    from serq_ao.packing import storage_report
-    from serq_ao.pipeline import quantize_, quantize_model
-    from serq_ao.serialization import is_quantized_folder, save_quantized
+    from serq_ao.quant.packing import storage_report
+    from serq_ao.quant.pipeline import quantize_, quantize_model
+    from serq_ao.integrations.serialization import is_quantized_folder, save_quantized
 
     config = config_from_args(args)
     out = Path(args.out)
@@ -40,10 +39,10 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
     with status(err, f"loading {args.model}", args.quiet):
         model, tokenizer = load_model(args.model)
         plan = checked_plan(model, config)
-        needs_batches = config.method != "rtn" or config.gptq or args.diagnostics
+        needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
         batches = calibration_from_args(tokenizer, args) if needs_batches else None
     # packed weights where the method has a packed format; LQER / L2QER stay in evaluation mode
-    quantize = quantize_model if config.method in LOWRANK_METHODS else quantize_
+    quantize = quantize_ if config.spec.packs else quantize_model
     diagnostics = None
     with progress_bar(err, args.quiet) as progress:
         if args.diagnostics:
@@ -92,11 +91,11 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
 
 def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     """Quantize the same model with several methods and put their perplexities side by side."""
-    from serq_ao.calibration import calibrate
+    from serq_ao.quant.calibration import calibrate
     from serq_ao.data import evaluation_windows
     from serq_ao.eval import perplexity
     from serq_ao.models import load_model
-    from serq_ao.pipeline import quantize_model
+    from serq_ao.quant.pipeline import quantize_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     allowed = ("fp", *METHODS)
@@ -117,7 +116,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
                 plan = checked_plan(model, config)
                 if config.gptq:  # GPTQ runs the layers on the ids itself
                     calibration = calibration_from_args(tokenizer, args)
-                elif config.method != "rtn":
+                elif config.needs_statistics:
                     if stats is None:
                         batches = calibration_from_args(tokenizer, args)
                         task = progress.add_task(f"{method}: calibrate", total=batches.shape[0])
@@ -146,7 +145,9 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     if args.json:
         print(json.dumps(record))
         return 0
-    label = {"mxfp4": "MXFP4 W4A4", "w4a8": "INT W4A8", "w4a4": "INT W4A4"}[args.format]
+    from serq_ao.formats import get_format
+
+    label = get_format(args.format, args.scale_mode).label
     table = Table(title=f"{args.model}, {label}: perplexity on {args.corpus} ({record['windows']} windows)")
     for column in ("method", "bits/weight", "perplexity", "quantize s (calibration apart)"):
         table.add_column(column, justify="left" if column == "method" else "right")

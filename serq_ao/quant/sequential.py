@@ -19,7 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from serq_ao.calibration import CalibrationStats, StatisticsObserver
+from serq_ao.kernels.reference import apply_pre_op
+from serq_ao.quant.calibration import CalibrationStats, StatisticsObserver
+from serq_ao.quant.linear_plan import LinearPlan
 from serq_ao.passes import ModelPlan
 from serq_ao.passes.trace import find_decoder_layers
 
@@ -61,17 +63,6 @@ def record_layer_calls(
     return observer.statistics(tokens, time.perf_counter() - started), hidden, calls
 
 
-def transformed_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the linear multiplies with its weight: its input after its own pre-op, if any."""
-    scale_inv = getattr(module, "input_scale_inv", None)
-    perm = getattr(module, "input_perm", None)
-    if scale_inv is not None:
-        x = x * scale_inv
-    if perm is not None:
-        x = x.index_select(-1, perm)
-    return x
-
-
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -81,6 +72,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 def quantize_layers_sequentially(
     model: nn.Module,
     plan: ModelPlan,
+    linear_plans: dict[str, LinearPlan],
     hidden: list[torch.Tensor],
     calls: list[list[dict]],
     quantize_linear: Callable[[str, torch.Tensor], None],
@@ -95,16 +87,19 @@ def quantize_layers_sequentially(
         groups = [g for g in plan.groups if g.linears[0].startswith(prefix)]
         hessians: dict[str, torch.Tensor] = {}
 
-        def accumulate(group_name):
+        def accumulate(linear_plan: LinearPlan):
             def hook(module, args):
-                # fp32 products (as in the GPTQ reference), summed per batch; GPTQ itself
-                # then works in fp64
-                x = transformed_input(module, args[0]).reshape(-1, args[0].shape[-1]).float()
-                hessians[group_name] = (x.T @ x).double() + hessians.get(group_name, 0)
+                # what the linear multiplies with its weight: its input after the pre-op, in
+                # fp32 products (as in the GPTQ reference), summed per batch; GPTQ itself then
+                # works in fp64
+                x = apply_pre_op(args[0], linear_plan.input_scale_inv, linear_plan.input_perm)
+                x = x.reshape(-1, args[0].shape[-1])
+                hessians[linear_plan.group.name] = (x.T @ x).double() + hessians.get(linear_plan.group.name, 0)
 
             return hook
 
-        handles = [model.get_submodule(g.linears[0]).register_forward_pre_hook(accumulate(g.name)) for g in groups]
+        handles = [model.get_submodule(g.linears[0]).register_forward_pre_hook(accumulate(linear_plans[g.linears[0]]))
+                   for g in groups]
         try:
             for h, kwargs in zip(hidden, calls[index]):
                 _run_layer(layer, h, kwargs)

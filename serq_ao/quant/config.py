@@ -5,27 +5,27 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from serq_ao.formats.mxfp4 import SCALE_MODES
+from serq_ao.formats import FORMATS, FormatName, QuantFormat, ScaleMode, enum_value, get_format
+from serq_ao.quant.methods import METHODS, CorrectionKind, Method, MethodSpec, TransformKind, method_spec
 
-METHODS = ("rtn", "smoothquant", "lqer", "l2qer", "serq")
-LOWRANK_METHODS = ("lqer", "l2qer")
-FORMATS = ("mxfp4", "w4a8", "w4a4")
 RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 # The paper uses r = 128 for 4k-wide models (3% of d_in). For small models a smaller rank
 # buys most of the gain: on smollm2-135m (d_in 576) the SERQ authors' code gives MXFP4
 # perplexity 38.94 / 37.97 / 36.66 at r = 32 / 64 / 128 (protocol.md), so 64 (11% of 576)
 # is the knee, at 4.72 effective bits.
 DEFAULT_RANK = 64
+RESIDUAL_ORDERS = ("per_group", "global")
+
+__all__ = ["DEFAULT_RANK", "FORMATS", "METHODS", "RANK_MULTIPLE", "SERQConfig", "check_format_rank_scale_mode"]
 
 
-def check_format_rank_scale_mode(fmt: str, rank: int, scale_mode: str) -> None:
-    """The checks every config that names a format, a rank and a scale rule shares."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+def check_format_rank_scale_mode(fmt, rank: int, scale_mode) -> tuple[FormatName, ScaleMode]:
+    """The checks every config that names a format, a rank and a scale rule shares; returns
+    the format and scale mode as enum members."""
+    fmt = enum_value(FormatName, fmt, "format")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0 or rank % RANK_MULTIPLE:
         raise ValueError(f"rank must be a non-negative multiple of {RANK_MULTIPLE} (0, 32, 64, ...), got {rank!r}")
-    if scale_mode not in SCALE_MODES:
-        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    return fmt, enum_value(ScaleMode, scale_mode, "scale_mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,8 @@ class SERQConfig:
       ``rank``), ``"rtn"`` (round to nearest, no transform), ``"smoothquant"`` (scales
       ``max|x|**alpha / max|w|**(1 - alpha)``, folded the same way, then RTN), ``"lqer"``
       and ``"l2qer"`` (RTN plus INT8 SVD factors of rank ``lowrank_rank`` of the weight error,
-      plain or scaled by mean |x|; their intermediate product is quantized to INT8).
+      plain or scaled by mean |x|; their intermediate product is quantized to INT8). What each
+      needs and does: :mod:`serq_ao.quant.methods`.
     - ``format``: ``"mxfp4"`` (MXFP4 weights and activations), ``"w4a8"`` / ``"w4a4"`` (INT4
       weights in groups of 128, INT8 / INT4 asymmetric per-token activations in groups of 128).
     - ``rank``: multiple of 32, 0 allowed (plain flattening); used by ``serq`` only.
@@ -47,37 +48,70 @@ class SERQConfig:
     - ``fold_into_linears``: fold 1/s into producing linears (up rows, ReLU inputs, MHA value
       rows), whose quantized weights then include it; False keeps those scales as run-time
       pre-ops, so that no quantized weight absorbs them. Norms are folded either way.
+    - ``residual_order``: ``"per_group"`` (each group its own saliency order; norm-fed groups
+      get a gather after their norm) or ``"global"`` (one order for the whole residual
+      stream, :func:`~serq_ao.quant.reconstruct.residual_stream_order`, folded into the
+      embeddings, norms and the linears that write and read the stream: norm-fed groups need
+      no gather, but share one set of salient channels). ``serq`` only.
+
+    ``method``, ``format`` and ``scale_mode`` accept strings or the enums
+    (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
+    :class:`~serq_ao.formats.ScaleMode`) and are stored as the enums (which are ``str``).
     """
 
-    method: str = "serq"
-    format: str = "mxfp4"
+    method: Method = Method.SERQ
+    format: FormatName = FormatName.MXFP4
     rank: int = DEFAULT_RANK
-    scale_mode: str = "floor"
+    scale_mode: ScaleMode = ScaleMode.FLOOR
     smoothquant_alpha: float = 0.5
     lowrank_rank: int = 32
     gptq: bool = False
     fold_into_linears: bool = True
+    residual_order: str = "per_group"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
+        object.__setattr__(self, "method", enum_value(Method, self.method, "method"))
+        fmt, scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
+        object.__setattr__(self, "format", fmt)
+        object.__setattr__(self, "scale_mode", scale_mode)
         if not isinstance(self.lowrank_rank, int) or isinstance(self.lowrank_rank, bool) or self.lowrank_rank < 1:
             raise ValueError(f"lowrank_rank must be a positive integer, got {self.lowrank_rank!r}")
         if not isinstance(self.fold_into_linears, bool):
             raise ValueError(f"fold_into_linears must be True or False, got {self.fold_into_linears!r}")
         if not isinstance(self.gptq, bool):
             raise ValueError(f"gptq must be True or False, got {self.gptq!r}")
+        if self.residual_order not in RESIDUAL_ORDERS:
+            raise ValueError(f"residual_order must be one of {RESIDUAL_ORDERS}, got {self.residual_order!r}")
+        if self.residual_order == "global" and self.spec.input_transform is not TransformKind.FLATTEN:
+            raise ValueError(f"residual_order='global' applies to method 'serq' only (its saliency order), "
+                             f"got method {self.method.value!r}")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
 
     @property
+    def spec(self) -> MethodSpec:
+        return method_spec(self.method)
+
+    @property
+    def quant_format(self) -> QuantFormat:
+        return get_format(self.format, self.scale_mode)
+
+    @property
     def correction_rank(self) -> int:
         """The rank actually used: only SERQ has a correction matrix."""
-        return self.rank if self.method == "serq" else 0
+        return self.rank if self.spec.correction is CorrectionKind.SALIENT else 0
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.spec.needs_statistics
+
+    @property
+    def needs_input_ids(self) -> bool:
+        """GPTQ runs the layers on calibration input ids; statistics are not enough."""
+        return self.gptq
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, str) else v) for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

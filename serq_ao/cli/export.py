@@ -14,7 +14,7 @@ from serq_ao.cli.common import UsageError, status
 def cmd_export(args: argparse.Namespace, err: Console) -> int:
     from pathlib import Path
 
-    from serq_ao.export import export_model
+    from serq_ao.integrations.export import export_model
     from serq_ao.models import load_model
 
     out = Path(args.out)

@@ -64,11 +64,16 @@ class StageProgress:
 
 def config_from_args(args: argparse.Namespace, method: str | None = None):
     """The SERQConfig of the quantization options (``method`` overrides ``--method``)."""
-    from serq_ao.config import SERQConfig
+    from serq_ao.quant.config import SERQConfig
+    from serq_ao.quant.methods import TransformKind, method_spec
 
+    residual_order = args.residual_order
+    if method is not None and method_spec(method).input_transform is not TransformKind.FLATTEN:
+        residual_order = "per_group"  # serq compare: the order is SERQ's, the other methods have none
     try:
         return SERQConfig(
-            method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode, gptq=args.gptq
+            method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode, gptq=args.gptq,
+            residual_order=residual_order,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -77,7 +82,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None):
 def checked_plan(model, config):
     """The model's dataflow plan, after checking that ``config`` fits it."""
     from serq_ao.passes import analyze
-    from serq_ao.pipeline import check_config_for_plan
+    from serq_ao.quant.pipeline import check_config_for_plan
 
     plan = analyze(model)
     try:

@@ -5,12 +5,11 @@ not yet quantized, weighted by the inverse Hessian of the layer input, ``H = X^T
 runs it on the flattened, saliency-ordered weight (after R is taken out), with H of the
 transformed input, so the salient columns come first.
 
-Grids:
-- INT4 symmetric, groups along K: a group's scale is taken from the current (already
-  error-updated) weights when the sweep reaches the group's first column, as in the
-  reference implementation.
-- MXFP4: the block scales are fixed from the weight before the sweep; columns are then
-  rounded to the E2M1 grid times their block's scale.
+The grid is the format's (:class:`~serq_ao.formats.QuantFormat`): its scales are either
+frozen from the whole weight before the sweep (MXFP4's blocks) or taken per group from the
+current, already error-updated weights when the sweep reaches the group's first column
+(INT4, as in the reference implementation); each column is then rounded to codes with its
+scales. The result is the record of those codes and scales: nothing is re-quantized later.
 """
 
 from __future__ import annotations
@@ -19,15 +18,13 @@ import logging
 
 import torch
 
-from serq_ao.formats.mxfp4 import BLOCK_SIZE, mxfp4_block_scales, round_to_e2m1
-from serq_ao.simulate import INT_GROUP_SIZE
+from serq_ao.formats import Quantized, QuantFormat
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DAMPING = 0.01
 MAX_DAMPING = 10.0
-SWEEP_BLOCK = 128  # columns updated lazily together; also the INT group, so they align
-assert SWEEP_BLOCK == INT_GROUP_SIZE
+SWEEP_BLOCK = 128  # columns updated lazily together; a multiple of every format's group
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -52,17 +49,15 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Te
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    fmt: str,
+    fmt: QuantFormat,
     *,
-    scale_mode: str = "floor",
     damping: float = DEFAULT_DAMPING,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``weight`` (d_out, K) with GPTQ against ``hessian`` (K, K).
-
-    Returns the dequantized weight, on the grid of ``fmt`` ("mxfp4", or INT4 groups of 128
-    otherwise), and the scale of every column (d_out, K): the quantized weight divided by it
-    is an E2M1 value, or an integer in [-8, 7].
-    """
+) -> Quantized:
+    """Quantize ``weight`` (d_out, K) with GPTQ against ``hessian`` (K, K) on ``fmt``'s grid;
+    returns the record of the codes and scales."""
+    group = fmt.weight_group_size
+    if SWEEP_BLOCK % group:
+        raise ValueError(f"GPTQ sweeps {SWEEP_BLOCK} columns at a time: the format's group ({group}) must divide it")
     w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
     dead = torch.diagonal(h) == 0  # channels never active: nothing to preserve there
@@ -71,29 +66,21 @@ def gptq_quantize(
     hinv = _inverse_hessian_cholesky(h, damping)
 
     d_out, k = w.shape
-    if fmt == "mxfp4":
-        column_scale = mxfp4_block_scales(w.float(), scale_mode).double().repeat_interleave(BLOCK_SIZE, dim=-1)[:, :k]
-    else:
-        column_scale = torch.empty_like(w)
-    quantized = torch.zeros_like(w)
+    frozen = fmt.gptq_frozen_scales(w)  # (d_out, n_groups) or None
+    scales = frozen if frozen is not None else torch.empty(d_out, -(-k // group), dtype=torch.float32, device=w.device)
+    codes = torch.zeros(d_out, k, dtype=torch.int16, device=w.device)
     for start in range(0, k, SWEEP_BLOCK):
         stop = min(start + SWEEP_BLOCK, k)
         block = w[:, start:stop].clone()
         errors = torch.zeros_like(block)
-        if fmt != "mxfp4":  # this sweep block is exactly one INT group: its scale, from now
-            amax = block.abs().amax(dim=1)
-            column_scale[:, start:stop] = torch.where(amax > 0, amax / 7, torch.ones_like(amax))[:, None]
         for j in range(stop - start):
             column = start + j
+            if frozen is None and column % group == 0:  # the group's scale, from now
+                scales[:, column // group] = fmt.gptq_group_scale(block[:, j : j + group])
             values = block[:, j]
-            scale = column_scale[:, column]
-            if fmt == "mxfp4":
-                q = round_to_e2m1(values, scale)
-            else:
-                q = torch.clamp(torch.round(values / scale), -8, 7) * scale
-            quantized[:, column] = q
+            codes[:, column], q = fmt.gptq_round(values, scales[:, column // group])
             error = (values - q) / hinv[column, column]
             block[:, j:] -= error[:, None] * hinv[column, column : stop][None, :]
             errors[:, j] = error
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
-    return quantized.to(weight.dtype), column_scale.to(weight.dtype)
+    return fmt.gptq_record(codes, scales, k)

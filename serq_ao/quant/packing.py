@@ -13,35 +13,12 @@ import torch
 from torch import nn
 
 from serq_ao.passes.transforms import replace_module
-from serq_ao.simulate import ACTIVATION_BITS, INT_GROUP_SIZE, FakeQuantLinear
-from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, SERQIntTensor, SERQMXFP4Tensor, stored_bits_per_weight, stored_bytes
+from serq_ao.quant.fake_quant import FakeQuantLinear
+from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, stored_bits_per_weight, stored_bytes
 
 
 def is_packed_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and isinstance(module.weight, PACKED_TENSOR_CLASSES)
-
-
-def pack_weight(
-    main: torch.Tensor,
-    correction: torch.Tensor | None,
-    fmt: str,
-    *,
-    scale_mode: str = "floor",
-    input_scale_inv: torch.Tensor | None = None,
-    input_perm: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> SERQMXFP4Tensor | SERQIntTensor:
-    """The packed weight of dequantized W^q (N, d_in) and R (N, r) in format ``fmt``."""
-    if fmt == "mxfp4":
-        return SERQMXFP4Tensor.from_dequantized(
-            main, correction, scale_mode=scale_mode, input_scale_inv=input_scale_inv, input_perm=input_perm, dtype=dtype
-        )
-    if fmt in ("w4a8", "w4a4"):
-        return SERQIntTensor.from_dequantized(
-            main, correction, activation_bits=ACTIVATION_BITS[fmt], group_size=INT_GROUP_SIZE,
-            input_scale_inv=input_scale_inv, input_perm=input_perm, dtype=dtype,
-        )
-    raise ValueError(f"fmt must be one of ('mxfp4', 'w4a8', 'w4a4'), got {fmt!r}")
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -55,25 +32,35 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def pack_linear(module: FakeQuantLinear) -> nn.Linear:
+    """The packed nn.Linear of an evaluation-mode linear: its records' codes and scales, its
+    pre-op, and the dtype of the linear it replaced."""
     if module.lowrank_b is not None:
         raise ValueError(
             "LQER / L2QER models have no packed format (their INT8 factors need a second, "
             "low-rank GEMM); keep them in evaluation mode (serq_ao.quantize_model)"
         )
-    weight = pack_weight(
-        module.weight, module.correction, module.fmt, scale_mode=module.scale_mode,
-        input_scale_inv=module.input_scale_inv, input_perm=module.input_perm,
+    if module.quantized is None:
+        raise ValueError(
+            "this evaluation-mode linear was reloaded from a folder and holds no codes to pack: "
+            "quantize the float model with serq_ao.quantize_ instead"
+        )
+    main, correction = module.quantized
+    device = module.weight.device
+    weight = module.quant_format.pack(
+        main, correction, input_scale_inv=module.input_scale_inv, input_perm=module.input_perm, dtype=module.model_dtype,
     )
-    return packed_linear(weight, module.bias)
+    bias = None if module.bias is None else module.bias.to(module.model_dtype)
+    return packed_linear(weight.to(device), bias)
 
 
 @torch.no_grad()
 def pack_model(model: nn.Module) -> nn.Module:
     """In place: replace every FakeQuantLinear by an nn.Linear with a packed weight."""
     names = [name for name, module in model.named_modules() if isinstance(module, FakeQuantLinear)]
-    lowrank = [n for n in names if model.get_submodule(n).lowrank_b is not None]
-    if lowrank:  # refuse before touching anything
-        pack_linear(model.get_submodule(lowrank[0]))
+    for name in names:  # refuse before touching anything
+        module = model.get_submodule(name)
+        if module.lowrank_b is not None or module.quantized is None:
+            pack_linear(module)
     for name in names:
         replace_module(model, name, pack_linear(model.get_submodule(name)))
     return model

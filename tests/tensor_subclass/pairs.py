@@ -1,0 +1,34 @@
+"""An evaluation-mode linear and the packed nn.Linear built from the same records."""
+
+import torch
+
+from serq_ao.formats import get_format
+from serq_ao.quant.fake_quant import FakeQuantLinear
+from serq_ao.quant.packing import packed_linear
+from serq_ao.quant.reconstruct import serq_reconstruct
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_pair(fmt="w4a8", d_in=200, d_out=48, rank=32, preop=True, bias=True, seed=0, dtype=torch.float32,
+              scale_mode="floor"):
+    """(FakeQuantLinear, packed nn.Linear) of one random weight in ``dtype`` (the model's)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(d_out, d_in, generator=g) * 0.1).to(dtype)
+    weight[:, 3] *= 20  # an outlier column
+    quant_format = get_format(fmt, scale_mode)
+    main, correction = serq_reconstruct(weight.float(), rank, quant_format)
+    scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
+    perm = torch.randperm(d_in, generator=g) if preop else None
+    b = (torch.randn(d_out, generator=g)).to(dtype) if bias else None
+    fake = FakeQuantLinear(main, correction, b, quant_format=quant_format, model_dtype=dtype,
+                           input_scale_inv=scale_inv, input_perm=perm)
+    packed = packed_linear(quant_format.pack(main, correction, input_scale_inv=scale_inv, input_perm=perm,
+                                             dtype=dtype), b)
+    return fake, packed
+
+
+def random_input(d_in, dtype, seed=1, shape=(3, 5)):
+    x = torch.randn(*shape, d_in, generator=torch.Generator().manual_seed(seed)) * 3
+    x[..., 7] *= 40  # a salient channel
+    return x.to(dtype)
