@@ -81,12 +81,13 @@ def test_rtn_output_error_is_the_fake_quantized_linear_on_float_inputs():
     assert diagnostics.error_tokens == 2 * 32
 
 
-def test_serq_diagnostics_cover_every_linear_and_the_correction_helps():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_serq_diagnostics_cover_every_linear_and_the_correction_helps(dtype):
     ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
     results = {}
     for rank in (0, 32):
         report, diagnostics = quantize_with_diagnostics(
-            make_tiny_llama(), SERQConfig(method="serq", format="mxfp4", rank=rank), ids, error_windows=2
+            make_tiny_llama().to(dtype), SERQConfig(method="serq", format="mxfp4", rank=rank), ids, error_windows=2
         )
         assert sorted(d.name for d in diagnostics.linears) == sorted(r.name for r in report.linears)
         assert len(diagnostics.curves) == 2 * 4  # per layer: qkv, o, gate/up, down

@@ -76,6 +76,20 @@ def test_from_pretrained_in_bfloat16_runs_the_packed_weights_in_bfloat16(packed,
     assert bf16_error < (reference - unquantized).norm() / unquantized.norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_quantized_in_half_precision_saves_and_reloads_bitwise(dtype, tmp_path):
+    # loaded in half precision as a user's checkpoint would be (model.to(dtype) would also
+    # cast the rotary inv_freq buffer, which from_pretrained keeps in fp32)
+    make_tiny_llama().save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=dtype)
+    serq_ao.quantize_(model, SERQConfig(rank=32, gptq=True), CALIBRATION)
+    assert {w.dtype for w in packed_weights(model).values()} == {dtype}
+    model.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")  # the checkpoint's dtype
+    assert loaded.dtype == dtype and {w.dtype for w in packed_weights(loaded).values()} == {dtype}
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_safetensors_round_trip(packed, tmp_path):
     tensors, metadata = flatten_state_dict(packed.state_dict())
     assert not any(isinstance(t, PACKED_TENSOR_CLASSES) for t in tensors.values())
