@@ -93,6 +93,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     """Quantize the same model with several methods and put their perplexities side by side."""
     from serq_ao.quant.calibration import calibrate
     from serq_ao.data import evaluation_windows
+    from serq_ao.formats import get_format
     from serq_ao.eval import perplexity
     from serq_ao.models import load_model
     from serq_ao.quant.pipeline import quantize_model
@@ -145,8 +146,6 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     if args.json:
         print(json.dumps(record))
         return 0
-    from serq_ao.formats import get_format
-
     label = get_format(args.format, args.scale_mode).label
     table = Table(title=f"{args.model}, {label}: perplexity on {args.corpus} ({record['windows']} windows)")
     for column in ("method", "bits/weight", "perplexity", "quantize s (calibration apart)"):

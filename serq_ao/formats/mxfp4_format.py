@@ -19,6 +19,7 @@ from serq_ao.formats.mxfp4 import (
     BLOCK_SIZE,
     E2M1_VALUES,
     _e2m1_magnitude_code,
+    cached_constant,
     fake_quantize_mxfp4,
     mxfp4_block_scales,
     pack_uint4,
@@ -63,7 +64,7 @@ class MXFP4Format(QuantFormat):
         # the column is rounded to fp32 first, as every MXFP4 quantizer here computes in fp32
         x32 = column.float()
         magnitude_code = _e2m1_magnitude_code(x32.abs() / scale).long()
-        table = torch.tensor(E2M1_VALUES, device=column.device)
+        table = cached_constant("e2m1_values", E2M1_VALUES, torch.float32, column.device)  # once, not per column
         negative = x32 < 0
         value = torch.where(negative, -table[magnitude_code], table[magnitude_code]) * scale
         codes = magnitude_code | (negative.long() << 3)
