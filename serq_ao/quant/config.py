@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 from serq_ao.formats import FORMATS, FormatName, QuantFormat, ScaleMode, enum_value, get_format
-from serq_ao.quant.methods import METHODS, CorrectionKind, Method, MethodSpec, TransformKind, method_spec
+from serq_ao.quant.methods import METHODS, CorrectionKind, Method, MethodSpec, ResidualOrder, TransformKind, method_spec
 
 RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 # The paper uses r = 128 for 4k-wide models (3% of d_in). For small models a smaller rank
@@ -14,9 +14,10 @@ RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 # perplexity 38.94 / 37.97 / 36.66 at r = 32 / 64 / 128 (protocol.md), so 64 (11% of 576)
 # is the knee, at 4.72 effective bits.
 DEFAULT_RANK = 64
-RESIDUAL_ORDERS = ("per_group", "global")
+RESIDUAL_ORDERS = tuple(o.value for o in ResidualOrder)
+DEFAULT_RESIDUAL_ORDER = ResidualOrder.PER_GROUP
 
-__all__ = ["DEFAULT_RANK", "FORMATS", "METHODS", "RANK_MULTIPLE", "SERQConfig", "check_format_rank_scale_mode"]
+__all__ = ["DEFAULT_RANK", "DEFAULT_RESIDUAL_ORDER", "FORMATS", "METHODS", "RANK_MULTIPLE", "SERQConfig", "check_format_rank_scale_mode"]
 
 
 def check_format_rank_scale_mode(fmt, rank: int, scale_mode) -> tuple[FormatName, ScaleMode]:
@@ -49,10 +50,13 @@ class SERQConfig:
       rows), whose quantized weights then include it; False keeps those scales as run-time
       pre-ops, so that no quantized weight absorbs them. Norms are folded either way.
     - ``residual_order``: ``"per_group"`` (each group its own saliency order; norm-fed groups
-      get a gather after their norm) or ``"global"`` (one order for the whole residual
+      get a gather after their norm), ``"global"`` (one order for the whole residual
       stream, :func:`~serq_ao.quant.reconstruct.residual_stream_order`, folded into the
       embeddings, norms and the linears that write and read the stream: norm-fed groups need
-      no gather, but share one set of salient channels). ``serq`` only.
+      no gather, but share one set of salient channels; an error on a model whose stream the
+      passes cannot permute exactly; ``serq`` only) or ``"auto"`` (global where the passes
+      prove it exact, per group elsewhere, with a warning). Methods without a saliency order
+      ignore ``"auto"`` and ``"per_group"``.
 
     ``method``, ``format`` and ``scale_mode`` accept strings or the enums
     (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
@@ -67,7 +71,7 @@ class SERQConfig:
     lowrank_rank: int = 32
     gptq: bool = False
     fold_into_linears: bool = True
-    residual_order: str = "per_group"
+    residual_order: ResidualOrder = DEFAULT_RESIDUAL_ORDER
 
     def __post_init__(self):
         object.__setattr__(self, "method", enum_value(Method, self.method, "method"))
@@ -80,9 +84,8 @@ class SERQConfig:
             raise ValueError(f"fold_into_linears must be True or False, got {self.fold_into_linears!r}")
         if not isinstance(self.gptq, bool):
             raise ValueError(f"gptq must be True or False, got {self.gptq!r}")
-        if self.residual_order not in RESIDUAL_ORDERS:
-            raise ValueError(f"residual_order must be one of {RESIDUAL_ORDERS}, got {self.residual_order!r}")
-        if self.residual_order == "global" and self.spec.input_transform is not TransformKind.FLATTEN:
+        object.__setattr__(self, "residual_order", enum_value(ResidualOrder, self.residual_order, "residual_order"))
+        if self.residual_order is ResidualOrder.GLOBAL and self.spec.input_transform is not TransformKind.FLATTEN:
             raise ValueError(f"residual_order='global' applies to method 'serq' only (its saliency order), "
                              f"got method {self.method.value!r}")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:

@@ -173,18 +173,19 @@ def quantize_with_diagnostics(
     report.seconds["total"] += stats.seconds + report.seconds["output_error"]
     linears, curves = [], []
     by_name = {r.name: r for r in report.linears}
-    for group in plan.groups:
-        channel_max = stats.amax[group.name]
-        rank = config.correction_rank
-        spread, share = saliency_statistics(channel_max, rank)
-        layer, _ = layer_and_kind(group.linears[0])
-        curves.append(SaliencyCurve(group.name, layer, _group_kind(group.linears), group.in_features,
-                                    saliency_curve(channel_max, rank)))
-        for name in group.linears:
-            linear = by_name[name]
-            linears.append(LinearDiagnostics(
-                name, *layer_and_kind(name), linear.in_features, linear.out_features, linear.rank, linear.bits,
-                spread, share, errors.get(name),
-            ))
+    group_statistics: dict[str, tuple[float, float]] = {}
+    for name, linear_plan in report.plans.items():
+        group, rank = linear_plan.group, linear_plan.rank
+        if group.name not in group_statistics:  # one curve per group, at its first linear
+            channel_max = stats.amax[group.name]
+            group_statistics[group.name] = saliency_statistics(channel_max, rank)
+            layer, _ = layer_and_kind(group.linears[0])
+            curves.append(SaliencyCurve(group.name, layer, _group_kind(group.linears), group.in_features,
+                                        saliency_curve(channel_max, rank)))
+        linear = by_name[name]
+        linears.append(LinearDiagnostics(
+            name, *layer_and_kind(name), linear.in_features, linear.out_features, rank, linear.bits,
+            *group_statistics[group.name], errors.get(name),
+        ))
     tokens = int(batches[:error_windows].numel())
     return report, Diagnostics(linears, curves, tokens)

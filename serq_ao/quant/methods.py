@@ -33,6 +33,15 @@ class TransformKind(enum.StrEnum):
     SMOOTH = "smooth"  # SmoothQuant's scales, channel order kept
 
 
+class ResidualOrder(enum.StrEnum):
+    """How SERQ orders the channels of linears fed by a norm on the residual stream."""
+
+    PER_GROUP = "per_group"  # each group its own saliency order: a gather after each norm
+    GLOBAL = "global"  # one order for the whole stream, folded into embeddings and norms; an
+    # error where the passes cannot prove the permutation exact
+    AUTO = "auto"  # GLOBAL where the passes prove it exact, PER_GROUP elsewhere (logged)
+
+
 class CorrectionKind(enum.StrEnum):
     NONE = "none"
     SALIENT = "salient"  # SERQ's R on the r most salient columns, rank SERQConfig.rank

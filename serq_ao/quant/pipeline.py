@@ -17,14 +17,23 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from serq_ao.integrations.hf_quantizer import attach_quantizer
-from serq_ao.passes import InputTransform, ModelPlan, analyze, analyze_residual, apply_input_transforms, apply_residual_order
+from serq_ao.passes import (
+    InputTransform,
+    ModelPlan,
+    ResidualOrderError,
+    ResidualPlan,
+    analyze,
+    analyze_residual,
+    apply_input_transforms,
+    apply_residual_order,
+)
 from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.calibration import CalibrationStats, calibrate
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.quant.linear_plan import LinearPlan, linear_plans
-from serq_ao.quant.methods import CorrectionKind, TransformKind
+from serq_ao.quant.methods import CorrectionKind, ResidualOrder, TransformKind
 from serq_ao.quant.packing import is_packed_linear, pack_model
 from serq_ao.quant.reconstruct import (
     flattening_scales,
@@ -60,6 +69,12 @@ class QuantizationReport:
     linears: list[LinearReport]
     calibration_tokens: int
     seconds: dict[str, float]
+    # the order SERQ used for norm-fed linears ("global" or "per_group"; "auto" resolved),
+    # None for methods without a saliency order
+    residual_order: ResidualOrder | None = None
+    # each quantized linear's plan (group, folds, pre-op, rank, format), in model order; what
+    # diagnostics and packing read instead of rediscovering it. Not part of to_dict.
+    plans: dict[str, LinearPlan] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def effective_bits(self) -> float:
@@ -72,6 +87,7 @@ class QuantizationReport:
             "config": self.config.to_dict(),
             "effective_bits": self.effective_bits,
             "calibration_tokens": self.calibration_tokens,
+            "residual_order": None if self.residual_order is None else str(self.residual_order),
             "seconds": self.seconds,
             "linears": [dataclasses.asdict(r) for r in self.linears],
         }
@@ -105,11 +121,30 @@ def _transforms(model: nn.Module, plan: ModelPlan, config: SERQConfig, stats: Ca
     return transforms
 
 
-def _apply_global_residual_order(model: nn.Module, plan: ModelPlan, stats: CalibrationStats):
+def _residual_plan(model: nn.Module, plan: ModelPlan, config: SERQConfig) -> ResidualPlan | None:
+    """The residual stream to permute by one saliency order, or None for per-group orders.
+
+    ``auto`` falls back to per-group orders (with a warning) where the passes cannot prove
+    the permutation exact; ``global`` raises there."""
+    if config.spec.input_transform is not TransformKind.FLATTEN or config.residual_order is ResidualOrder.PER_GROUP:
+        return None
+    try:
+        residual = analyze_residual(model)
+        if not any(set(g.linears) <= set(residual.readers) for g in plan.groups):
+            raise ResidualOrderError("no quantized linear reads the residual stream through a norm")
+        return residual
+    except ResidualOrderError as e:
+        if config.residual_order is ResidualOrder.GLOBAL:
+            raise ResidualOrderError(f"residual_order='global' is not possible for this model ({e}); "
+                                     "use residual_order='auto' or 'per_group'") from e
+        logger.warning("residual order: per group (the residual stream cannot be permuted exactly: %s)", e)
+        return None
+
+
+def _apply_global_residual_order(model: nn.Module, plan: ModelPlan, stats: CalibrationStats, residual: ResidualPlan):
     """Permute the residual stream by one saliency order (exact, checked on the logits);
     returns the statistics in the new channel order, the groups that read the stream, and
     the order."""
-    residual = analyze_residual(model)
     readers = set(residual.readers)
     stream_groups = [g for g in plan.groups if set(g.linears) <= readers]
     order = residual_stream_order([flattening_scales(stats.amax[g.name]) for g in stream_groups])
@@ -203,8 +238,9 @@ def quantize_model(
 
     transform_start = time.perf_counter()
     folds, in_stream_order = {}, set()
-    if config.residual_order == "global":
-        stats, in_stream_order, order = _apply_global_residual_order(model, plan, stats)
+    residual = _residual_plan(model, plan, config)
+    if residual is not None:
+        stats, in_stream_order, order = _apply_global_residual_order(model, plan, stats, residual)
         if layer_calls is not None:  # layer 0's recorded inputs are on the stream too
             layer_calls = ([h.index_select(-1, order.to(h.device)) for h in layer_calls[0]], layer_calls[1])
     if spec.transforms_input:
@@ -232,7 +268,10 @@ def quantize_model(
             report("quantize", done, len(plans))
     seconds["quantize"] = time.perf_counter() - quantize_start
     seconds["total"] = time.perf_counter() - started
-    return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds)
+    used_order = None
+    if spec.input_transform is TransformKind.FLATTEN:
+        used_order = ResidualOrder.PER_GROUP if residual is None else ResidualOrder.GLOBAL
+    return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds, used_order, plans)
 
 
 def quantize_(

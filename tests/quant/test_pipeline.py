@@ -265,3 +265,33 @@ def test_global_residual_order_with_gptq_and_its_option_errors():
         SERQConfig(residual_order="stream")
     with pytest.raises(ValueError, match="applies to method 'serq' only"):
         SERQConfig(method="rtn", residual_order="global")
+    assert SERQConfig(method="rtn", residual_order="auto").residual_order == "auto"  # nothing to order: ignored
+
+
+@pytest.mark.parametrize("order", ["auto", "global", "per_group"])
+def test_residual_order_auto_falls_back_where_the_stream_cannot_be_permuted(order, caplog):
+    from tests.passes.test_passes import OddModel
+
+    torch.manual_seed(0)
+    model = OddModel().eval()
+    calibration = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    config = SERQConfig(rank=0, residual_order=order)
+    if order == "global":
+        with pytest.raises(ValueError, match="residual_order='global' is not possible for this model.*'auto' or 'per_group'"):
+            quantize_model(model, config, calibration)
+        return
+    with caplog.at_level("WARNING", logger="serq_ao.quant.pipeline"):
+        report = quantize_model(model, config, calibration)
+    assert report.residual_order == "per_group" and report.to_dict()["residual_order"] == "per_group"
+    assert ("cannot be permuted exactly" in caplog.text) == (order == "auto")
+
+
+@pytest.mark.parametrize("method, expected", [("serq", "global"), ("rtn", None), ("smoothquant", None)])
+def test_residual_order_auto_takes_the_global_order_where_exact(method, expected):
+    from serq_ao.passes import OutputGather
+
+    model = build("llama")
+    report = quantize_model(model, SERQConfig(method=method, rank=0, residual_order="auto"), ids(0, vocab=64))
+    assert report.residual_order == expected
+    if method == "serq":
+        assert not any(isinstance(x, OutputGather) and x.perm is not None for x in model.modules())
