@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402,F401
+from serq_ao.bench import write_json, write_text  # noqa: E402
 from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
 from serq_ao.quant.config import FORMATS, METHODS, SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches, evaluation_windows  # noqa: E402
@@ -44,9 +45,19 @@ def cell_key(cell: dict) -> tuple:
 
 
 def load_cells(path: Path) -> list[dict]:
+    """The cells appended so far; a last line cut short by a kill is dropped (its cell reruns)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    cells = []
+    for number, line in enumerate(lines, 1):
+        try:
+            cells.append(json.loads(line))
+        except ValueError:
+            if number != len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON cell") from None
+            print(f"{path}: dropping a cut-short last line", file=sys.stderr)
+    return cells
 
 
 def statistics(corpus: str, windows: int, cache: Path) -> CalibrationStats:
@@ -201,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "processor": platform.machine()},
         "cells": cells,
     }
-    (RESULTS / "accuracy_smollm2.json").write_text(json.dumps(summary, indent=1))
+    write_json(RESULTS / "accuracy_smollm2.json", summary)
     markdown = tables(cells)
-    (RESULTS / "accuracy_smollm2.md").write_text(markdown)
+    write_text(RESULTS / "accuracy_smollm2.md", markdown)
     print(markdown)
     return 0
 

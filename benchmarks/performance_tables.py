@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from serq_ao.bench import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -103,7 +105,7 @@ def main() -> None:
             raise SystemExit(f"README.md has no <!-- perf:{name} --> block")
         table = render(json.loads((RESULTS / f"{name}.json").read_text()))
         text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
-    readme.write_text(text)
+    write_text(readme, text)
     print(f"rewrote {len(RENDERERS)} tables in {readme}")
 
 

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402
+from serq_ao.bench import write_json  # noqa: E402
 from serq_ao.data import calibration_batches, evaluation_windows  # noqa: E402
 from serq_ao.eval import perplexity  # noqa: E402
 from serq_ao.models import load_model  # noqa: E402
@@ -103,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{name} ...", file=sys.stderr, flush=True)
         run["cells"][name] = run_cell(known[name], getattr(torch, args.dtype), args.windows, args.calib_windows)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run, indent=1))  # after every cell, so a rerun resumes
+        write_json(path, run)  # after every cell, so a rerun resumes
         print(f"{name}: ppl {float(run['cells'][name]['ppl']):.4f}", file=sys.stderr, flush=True)
     compare([path])
     return 0

@@ -91,12 +91,16 @@ def time_model(model: nn.Module, *, batch: int = 1, prefill: int = 1024, prefill
     return timings
 
 
+def write_text(path, text: str) -> None:
+    """Replace ``path`` by ``text`` under the rules of :mod:`serq_ao.files` (a temporary file
+    renamed into place, one writer at a time): a result file is the old one or the new one."""
+    with atomic_path(path, option=str(path)) as tmp:
+        Path(tmp).write_text(text)
+
+
 def write_json(path, record: dict) -> None:
-    """Write ``record`` to ``path`` through a temporary file, so no half-written result remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=1))
+    """:func:`write_text` of ``record`` as JSON."""
+    write_text(path, json.dumps(record, indent=1))
 
 
 def machine_info() -> dict:

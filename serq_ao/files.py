@@ -1,12 +1,55 @@
-"""Helpers for outputs written atomically (a temporary name in the destination folder, then a rename)."""
+"""Everything serq writes to disk goes through here, so that no output can destroy anything.
+
+The rules (README, "Safety"):
+
+- A destination is checked before any work (:func:`claim_output`): an empty name, the current
+  folder or one that contains it, a symbolic link, a file where a folder is wanted (or the
+  reverse), and an unwritable parent are refused with the reason.
+- A folder output is written only where nothing is lost: a new or empty folder, or one that
+  holds exactly what an earlier serq run wrote, checked against the manifest that run left
+  (:data:`MANIFEST`: every file's size and SHA-256, written last). Replacing an earlier output
+  needs ``overwrite``; a folder with any file its manifest does not list, or a listed file that
+  changed size, is refused whatever ``overwrite`` says.
+- A file output replaces an existing file only with ``overwrite``.
+- The new output is written under a temporary name beside the destination and swapped in by
+  renames (one atomic exchange on Linux), the old one removed last, so an interrupt or a kill
+  at any instant leaves the old or the new output complete under the destination's name.
+- A lock (``flock`` on ``.<name>.serq-lock`` beside the destination, released by the kernel
+  when the process dies) refuses a second concurrent writer; whoever holds it removes the
+  temporaries of dead runs first.
+
+This module needs nothing but the standard library (the interrupt tests load it alone).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "serq-manifest.json"
+MANIFEST_FORMAT = "serq-ao output"
+_HASH_CHUNK = 1 << 24
+_NEW, _OLD, _LOCK = "serq-new", "serq-old", "serq-lock"
+
+
+class OutputError(ValueError):
+    """A destination serq refuses to write to; the message names the option and the reason."""
 
 
 def umask_permissions(path: str | os.PathLike) -> None:
@@ -25,18 +68,281 @@ def umask_permissions(path: str | os.PathLike) -> None:
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary file name next to ``path``; once the block succeeds, give it the usual
-    permissions and rename it to ``path``. On any error (Ctrl-C included) it is removed, so
-    ``path`` is either the old file, absent, or complete."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(handle)
+# ---- manifests ------------------------------------------------------------------------------
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_files(folder: Path, *, skip: str = MANIFEST) -> dict[str, int]:
+    """Every entry under ``folder`` but ``skip``: relative path -> size in bytes (-1 for
+    anything that is not a regular file: a link, a fifo; never something serq wrote)."""
+    files = {}
+    for item in sorted(folder.rglob("*")):
+        relative = item.relative_to(folder).as_posix()
+        if relative == skip or (item.is_dir() and not item.is_symlink()):
+            continue
+        files[relative] = item.lstat().st_size if item.is_file() and not item.is_symlink() else -1
+    return files
+
+
+def file_records(folder: Path, *, skip: str = MANIFEST) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under ``folder`` but ``skip``."""
+    return {name: {"size": size, "sha256": sha256_of(folder / name)} for name, size in folder_files(folder, skip=skip).items()}
+
+
+def _version() -> str:
     try:
-        yield tmp
-        umask_permissions(tmp)
-        os.replace(tmp, path)
+        return importlib.metadata.version("serq-ao")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_manifest(folder: Path, **fields) -> dict:
+    """Record every file of ``folder`` in its manifest (written last); returns the manifest."""
+    manifest = {"format": MANIFEST_FORMAT, "serq_ao": _version(), **fields, "files": file_records(folder)}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a folder serq wrote, or None where there is none (or it is not one)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        return None
+    return manifest
+
+
+def foreign_files(folder: Path, manifest: dict) -> list[str]:
+    """Files of ``folder`` that its manifest does not account for: not listed, or listed with
+    another size (edited since). Listed files that are gone are not foreign."""
+    listed = manifest["files"]
+    return [
+        name for name, size in folder_files(folder).items()
+        if not isinstance(listed.get(name), dict) or listed[name].get("size") != size
+    ]
+
+
+# ---- the lock -------------------------------------------------------------------------------
+
+
+class _Lock:
+    """An exclusive, non-blocking ``flock`` on ``path``; the file is removed on release."""
+
+    def __init__(self, path: Path, destination: Path, option: str):
+        self.path = path
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"{option}: cannot write beside {destination} ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(f"{option}: another serq process (pid {holder}) is writing {destination}; "
+                                  "wait for it to finish") from None
+            # the holder before us may have removed the file between our open and our lock
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+# ---- atomic exchange ------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where that is unavailable."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # filesystem or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), str(a))
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for a few renames, so that Ctrl-C cannot split them."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# ---- claiming a destination -----------------------------------------------------------------
+
+
+class Output:
+    """A destination claimed by :func:`claim_output`; :meth:`write` stages and commits it."""
+
+    def __init__(self, path: Path, folder: bool, option: str):
+        self.path, self.folder, self.option = path, folder, option
+
+    def _temporary(self, tag: str) -> Path:
+        suffix = "" if self.folder else self.path.suffix
+        return self.path.parent / f".{self.path.name}.{tag}-{secrets.token_hex(4)}{suffix}"
+
+    @contextlib.contextmanager
+    def write(self, **manifest_fields) -> Iterator[Path]:
+        """Yield a temporary folder (or file name) beside the destination to write into; when
+        the block succeeds, a folder gets its manifest and the result replaces the destination
+        atomically. On any error (Ctrl-C included) the temporary is removed and the
+        destination is untouched."""
+        staging = self._temporary(_NEW)
+        if self.folder:
+            staging.mkdir()
+        try:
+            yield staging
+            if self.folder:
+                write_manifest(staging, **manifest_fields)
+            umask_permissions(staging)
+            self._commit(staging)
+        finally:
+            _remove(staging)
+
+    def _commit(self, staging: Path) -> None:
+        if not self.folder or not self.path.exists():
+            os.replace(staging, self.path)  # a file, or a folder onto a missing or empty one
+            return
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            os.replace(staging, self.path)
+            return
+        old = self._temporary(_OLD)
+        with _signals_deferred():
+            if _exchange(staging, self.path):
+                os.rename(staging, old)  # the old output, under a name the next run cleans
+            else:
+                os.rename(self.path, old)
+                os.rename(staging, self.path)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove the temporaries of dead runs beside ``path`` (we hold its lock). Where a kill
+    came between the two renames of a swap, the complete old output is put back first."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:({_NEW}|{_OLD})-[0-9a-f]{{8}}.*|[A-Za-z0-9_]{{8}}\.tmp.*)$")
+    for item in path.parent.iterdir():
+        match = pattern.match(item.name)
+        if match is None:
+            continue
+        if match.group(1) == _OLD and not path.exists() and item.is_dir() and read_manifest(item) is not None \
+                and not foreign_files(item, read_manifest(item)):
+            logger.warning("restoring %s from %s (a run was killed while replacing it)", path, item.name)
+            os.rename(item, path)
+            continue
+        logger.info("removing %s, left by a serq run that did not finish", item)
+        _remove(item)
+
+
+def check_destination(path: str | os.PathLike, *, option: str, folder: bool, overwrite: bool) -> Path:
+    """The checks of :func:`claim_output` that need no lock; returns the destination path."""
+    if str(path).strip() == "":
+        raise OutputError(f"{option} must name a {'folder' if folder else 'file'}, got {str(path)!r}")
+    destination = Path(path).expanduser().absolute()
+    if destination.is_symlink():
+        raise OutputError(f"{option}: {path} is a symbolic link (to {os.readlink(destination)}); name the real path")
+    destination = Path(os.path.normpath(destination))
+    real = destination.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise OutputError(f"{option}: {path} is the current folder or contains it; name a folder elsewhere")
+    if folder and destination.exists() and not destination.is_dir():
+        raise OutputError(f"{option}: {path} is a file, not a folder")
+    if not folder and destination.is_dir():
+        raise OutputError(f"{option}: {path} is a folder, not a file")
+    if destination.exists():
+        if not folder:
+            if not overwrite:
+                raise OutputError(f"{option}: {path} exists; pass --overwrite to replace it")
+        elif any(destination.iterdir()):
+            manifest = read_manifest(destination)
+            if manifest is None:
+                example = next(iter(folder_files(destination, skip="")), "?")
+                raise OutputError(f"{option}: {path} holds files that no serq run wrote (such as {example}); "
+                                  "serq replaces only its own outputs: name a new or empty folder")
+            foreign = foreign_files(destination, manifest)
+            if foreign:
+                raise OutputError(f"{option}: {path} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, "
+                                  "which the serq run that wrote it did not write; move them away or name another folder")
+            if not overwrite:
+                raise OutputError(f"{option}: {path} holds an earlier serq output; pass --overwrite to replace it")
+    return destination
+
+
+@contextlib.contextmanager
+def claim_output(path: str | os.PathLike, *, option: str = "--out", folder: bool = True,
+                 overwrite: bool = False) -> Iterator[Output]:
+    """Check ``path`` as a destination and hold its lock for the block; see the module doc.
+
+    Call it before the expensive work, so that a bad destination costs nothing, and write with
+    ``output.write()`` inside the block. ``option`` names the destination in errors.
+    """
+    destination = check_destination(path, option=option, folder=folder, overwrite=overwrite)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{option}: cannot create the folder {destination.parent} ({e.strerror})") from None
+    if not os.access(destination.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option}: cannot write into {destination.parent} (permission denied or read-only)")
+    lock = _Lock(destination.parent / f".{destination.name}.{_LOCK}", destination, option)
+    try:
+        _clean_stale(destination)
+        # again under the lock: another run may have written it while we waited to check
+        check_destination(path, option=option, folder=folder, overwrite=overwrite)
+        yield Output(destination, folder, option)
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, option: str = "output") -> Iterator[str]:
+    """Claim the file ``path`` and yield a temporary name beside it, renamed to ``path`` once
+    the block succeeds (see :func:`claim_output`): ``path`` is the old file, absent, or complete."""
+    with claim_output(path, option=option, folder=False, overwrite=overwrite) as output, output.write() as tmp:
+        yield str(tmp)

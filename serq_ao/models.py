@@ -14,7 +14,6 @@ manifest is missing or disagrees with its files is half-written or corrupt, and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -26,12 +25,11 @@ from typing import Callable
 
 import torch
 
-from serq_ao.files import umask_permissions
+from serq_ao.files import file_records, sha256_of, umask_permissions
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "serq-cache.json"
-_HASH_CHUNK = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,29 +65,13 @@ def cache_dir() -> Path:
     return root
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _manifest_of(folder: Path) -> dict[str, dict]:
-    return {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-
-
 def is_complete(folder: Path) -> bool:
     """True when ``folder`` holds exactly the files its manifest lists, unchanged."""
     try:
         recorded = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError):
         return False
-    return recorded == _manifest_of(folder)
+    return recorded == file_records(folder, skip=MANIFEST)
 
 
 def cached_folder(key: str, build: Callable[[Path], None]) -> Path:
@@ -106,7 +88,7 @@ def cached_folder(key: str, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
     try:
         build(tmp)
-        manifest = {"key": key, "files": _manifest_of(tmp)}
+        manifest = {"key": key, "files": file_records(tmp, skip=MANIFEST)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         umask_permissions(tmp)
         if final.exists():
@@ -139,7 +121,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 
 
 def _gguf_cache_folder(gguf_path: Path, key_prefix: str) -> Path:
-    key = f"{key_prefix}-{_sha256(gguf_path)[:16]}"
+    key = f"{key_prefix}-{sha256_of(gguf_path)[:16]}"
     return cached_folder(key, lambda out: _convert_gguf(gguf_path, out))
 
 

@@ -5,18 +5,22 @@
 - ``layer_error.png``: each linear's relative output error, by layer, one line per kind.
 - ``rank_sweep.png``: perplexity against the SERQ rank, from the accuracy benchmark's results.
 
-Every file is written to a temporary name and renamed, so an interrupted run leaves none half
-written.
+Every file is written under the rules of :mod:`serq_ao.files`: to a temporary name, renamed
+into place, an existing figure replaced only with ``overwrite``, so an interrupted run leaves
+none half written and nothing else in the folder is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from pathlib import Path
 
 from serq_ao.quant.diagnostics import Diagnostics
-from serq_ao.files import atomic_path
+from serq_ao.files import Output, atomic_path, claim_output
+
+FIGURES = ("saliency.png", "layer_error.png", "rank_sweep.png")
 
 
 def _pyplot():
@@ -28,13 +32,14 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
+def _save(figure, path: Path | Output) -> Path:
+    """Write ``figure`` to ``path`` (replacing a file there) or to an Output claimed by the caller."""
+    with (path.write() if isinstance(path, Output) else atomic_path(path)) as tmp:
         figure.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
-    return path
+    return path.path if isinstance(path, Output) else path
 
 
-def plot_saliency(diagnostics: Diagnostics, path: Path, title: str = "") -> Path:
+def plot_saliency(diagnostics: Diagnostics, path: Path | Output, title: str = "") -> Path:
     plt = _pyplot()
     by_kind = defaultdict(list)
     for curve in diagnostics.curves:
@@ -63,7 +68,7 @@ def plot_saliency(diagnostics: Diagnostics, path: Path, title: str = "") -> Path
         plt.close(figure)
 
 
-def plot_layer_error(diagnostics: Diagnostics, path: Path, title: str = "") -> Path | None:
+def plot_layer_error(diagnostics: Diagnostics, path: Path | Output, title: str = "") -> Path | None:
     """None when no output error was measured."""
     rows = [d for d in diagnostics.linears if d.output_error is not None and d.layer is not None]
     if not rows:
@@ -90,14 +95,14 @@ def plot_layer_error(diagnostics: Diagnostics, path: Path, title: str = "") -> P
 def rank_sweep(cells: list[dict], fmt: str = "mxfp4") -> dict:
     """From benchmarks/accuracy.py cells: {"serq": [(rank, ppl)], "rtn": ppl or None, "fp": ppl or None}."""
     default = [c for c in cells if c.get("calib_corpus") == "wiki" and c.get("scale_mode") == "floor"
-               and c.get("folds", "all") == "all"]
+               and c.get("folds", "all") == "all" and c.get("residual_order", "per_group") == "per_group"]
     sweep = sorted((c["rank"], c["ppl"]) for c in default if c["method"] == "serq" and c["format"] == fmt)
     rtn = [c["ppl"] for c in default if c["method"] == "rtn" and c["format"] == fmt]
     fp = [c["ppl"] for c in default if c["method"] == "fp"]
     return {"serq": sweep, "rtn": rtn[0] if rtn else None, "fp": fp[0] if fp else None}
 
 
-def plot_rank_sweep(cells: list[dict], path: Path, fmt: str = "mxfp4", title: str = "") -> Path | None:
+def plot_rank_sweep(cells: list[dict], path: Path | Output, fmt: str = "mxfp4", title: str = "") -> Path | None:
     """None when the cells hold fewer than two SERQ ranks for ``fmt``."""
     sweep = rank_sweep(cells, fmt)
     if len(sweep["serq"]) < 2:
@@ -121,19 +126,25 @@ def plot_rank_sweep(cells: list[dict], path: Path, fmt: str = "mxfp4", title: st
 
 
 def plot_diagnostics(diagnostics: Diagnostics, folder: str | os.PathLike, *, sweep_cells: list[dict] | None = None,
-                     title: str = "") -> list[Path]:
-    """Write the figures into ``folder`` (made if needed); returns the files written."""
+                     title: str = "", overwrite: bool = False) -> list[Path]:
+    """Write the figures into ``folder`` (made if needed); returns the files written. A figure
+    that exists is replaced only with ``overwrite``; other files in ``folder`` are never touched."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    prefix = f"{title}: " if title else ""
-    written = [plot_saliency(diagnostics, folder / "saliency.png", prefix + "saliency concentration (dotted: uniform)")]
-    error = plot_layer_error(diagnostics, folder / "layer_error.png",
-                             prefix + f"per-layer output error, {diagnostics.error_tokens} calibration tokens")
-    if error is not None:
-        written.append(error)
-    if sweep_cells:
-        sweep = plot_rank_sweep(sweep_cells, folder / "rank_sweep.png",
-                                title=prefix + "perplexity against the SERQ rank, MXFP4 (accuracy benchmark)")
-        if sweep is not None:
-            written.append(sweep)
+    names = FIGURES if sweep_cells else FIGURES[:2]
+    with contextlib.ExitStack() as claims:
+        saliency, layer_error, *sweep = [
+            claims.enter_context(claim_output(folder / name, option="--plot", folder=False, overwrite=overwrite))
+            for name in names
+        ]
+        prefix = f"{title}: " if title else ""
+        written = [plot_saliency(diagnostics, saliency, prefix + "saliency concentration (dotted: uniform)")]
+        error = plot_layer_error(diagnostics, layer_error,
+                                 prefix + f"per-layer output error, {diagnostics.error_tokens} calibration tokens")
+        if error is not None:
+            written.append(error)
+        if sweep:
+            figure = plot_rank_sweep(sweep_cells, sweep[0],
+                                     title=prefix + "perplexity against the SERQ rank, MXFP4 (accuracy benchmark)")
+            if figure is not None:
+                written.append(figure)
     return written

@@ -14,19 +14,19 @@ from serq_ao.cli.common import UsageError, status
 def cmd_export(args: argparse.Namespace, err: Console) -> int:
     from pathlib import Path
 
+    from serq_ao.files import claim_output
     from serq_ao.integrations.export import export_model
     from serq_ao.models import load_model
 
     out = Path(args.out)
     if out.suffix != ".pt2":
         raise UsageError(f"--out must name a .pt2 file, got {out}")
-    if out.is_dir():
-        raise UsageError(f"--out must name a file, {out} is a folder")
-    with status(err, f"loading {args.model}", args.quiet):
-        model, _ = load_model(args.model)
-    what = "AOTInductor package" if args.aoti else "torch.export program"
-    with status(err, f"exporting a {what} for inputs ({args.batch}, {args.seqlen}) and running it", args.quiet):
-        result = export_model(model, out, batch=args.batch, seqlen=args.seqlen, aoti=args.aoti)
+    with claim_output(out, option="--out", folder=False, overwrite=args.overwrite) as output:
+        with status(err, f"loading {args.model}", args.quiet):
+            model, _ = load_model(args.model)
+        what = "AOTInductor package" if args.aoti else "torch.export program"
+        with status(err, f"exporting a {what} for inputs ({args.batch}, {args.seqlen}) and running it", args.quiet):
+            result = export_model(model, output, batch=args.batch, seqlen=args.seqlen, aoti=args.aoti)
     if args.json:
         print(json.dumps({"model": str(args.model), **result.to_dict()}))
     else:

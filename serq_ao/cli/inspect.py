@@ -133,8 +133,14 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
     from serq_ao.passes import analyze, plan_table
     from serq_ao.integrations.serialization import is_quantized_folder, read_report
 
-    if args.plot is not None and Path(args.plot).exists() and not Path(args.plot).is_dir():
-        raise UsageError(f"--plot must be a folder to write PNG files into, got the file {args.plot}")
+    if args.plot is not None:
+        from serq_ao.files import check_destination
+        from serq_ao.plots import FIGURES
+
+        if Path(args.plot).exists() and not Path(args.plot).is_dir():
+            raise UsageError(f"--plot must be a folder to write PNG files into, got the file {args.plot}")
+        for name in FIGURES:  # before any work; checked again, under a lock, when written
+            check_destination(Path(args.plot) / name, option="--plot", folder=False, overwrite=args.overwrite)
     layer_limit = args.layers or None
     record: dict = {"model": str(args.model)}
     tables: list = []
@@ -184,7 +190,7 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
             raise UsageError(f"--plot: {args.model} has no diagnostics to plot; re-quantize it with --diagnostics")
         with status(err, f"plotting into {args.plot}", args.quiet):
             written = plot_diagnostics(diagnostics, args.plot, sweep_cells=_sweep_cells(args, source),
-                                       title=Path(source).name)
+                                       title=Path(source).name, overwrite=args.overwrite)
         record["plots"] = [str(p) for p in written]
         if not args.quiet:
             err.print("wrote " + ", ".join(str(p) for p in written))

@@ -26,11 +26,12 @@ from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
 from serq_ao.cli.export import cmd_export  # noqa: E402
 from serq_ao.cli.inspect import DEFAULT_SWEEP, cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
-from serq_ao.quant.config import RESIDUAL_ORDERS, DEFAULT_RANK, FORMATS, METHODS  # noqa: E402
+from serq_ao.quant.config import DEFAULT_RANK, DEFAULT_RESIDUAL_ORDER, FORMATS, METHODS, RESIDUAL_ORDERS  # noqa: E402
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
 from serq_ao.formats import SCALE_MODES  # noqa: E402
 from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundError  # noqa: E402
+from serq_ao.files import OutputError  # noqa: E402
 
 MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
 
@@ -52,9 +53,10 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=non_negative_int, default=DEFAULT_RANK, help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK})")
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default="floor", help="MXFP4 block scale rule")
     parser.add_argument("--gptq", action="store_true", help="GPTQ for the main weights, layer by layer")
-    parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default="per_group",
-                        help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm) or "
-                             "global (one order for the residual stream, no gathers)")
+    parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default=str(DEFAULT_RESIDUAL_ORDER),
+                        help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm), "
+                             "global (one order for the residual stream, no gathers) or auto (global where exact, "
+                             f"else per_group); default {DEFAULT_RESIDUAL_ORDER}")
     parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki")
     parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS)
     parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN)
@@ -74,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="quantize a model and save it to a folder")
     quantize.add_argument("model", help=MODEL_HELP)
     quantize.add_argument("--method", choices=METHODS, default="serq")
-    quantize.add_argument("--out", required=True, help="output folder (written atomically)")
+    quantize.add_argument("--out", required=True,
+                          help="output folder: new, empty, or an earlier serq output (with --overwrite); written atomically")
+    quantize.add_argument("--overwrite", action="store_true",
+                          help="replace --out if it holds an earlier serq output (and nothing else)")
     _quantization_options(quantize)
     quantize.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=True,
                           help="record per-linear saliency and output error for serq inspect (default: on)")
@@ -99,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="float model: quantize a copy in memory (options below) and show its per-linear statistics")
     inspect.add_argument("--plot", metavar="DIR", default=None,
                          help="write PNG figures into DIR: saliency curves, per-layer error, perplexity against rank")
+    inspect.add_argument("--overwrite", action="store_true", help="with --plot: replace figures that exist")
     inspect.add_argument("--sweep", metavar="FILE", default=None,
                          help=f"benchmarks/accuracy.py results to plot the rank sweep from (default: {DEFAULT_SWEEP} "
                               "when it exists and is for this model)")
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="torch.export program or AOTInductor package of a model")
     export.add_argument("model", help=MODEL_HELP)
     export.add_argument("--out", required=True, help="the .pt2 file to write (atomically)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.add_argument("--aoti", action="store_true", help="an AOTInductor package instead of an ExportedProgram")
     export.add_argument("--batch", type=positive_int, default=1, help="input batch size it is exported for")
     export.add_argument("--seqlen", type=positive_int, default=128, help="input length it is exported for")
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return args.handler(args, err)
-    except (UsageError, ModelNotFoundError) as e:
+    except (UsageError, ModelNotFoundError, OutputError) as e:
         if args.debug:
             raise
         err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)

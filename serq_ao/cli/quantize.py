@@ -24,18 +24,24 @@ from serq_ao.quant.config import METHODS
 
 
 def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
+    from serq_ao.files import claim_output
+
+    config = config_from_args(args)
+    if args.diagnostics:
+        check_error_windows(args)
+    # the destination is checked and locked before any work; it is written only at the end
+    with claim_output(args.out, option="--out", overwrite=args.overwrite) as output:
+        return _quantize_into(output, config, args, err)
+
+
+def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> int:
     from serq_ao.quant.diagnostics import quantize_with_diagnostics
     from serq_ao.models import load_model
     from serq_ao.quant.packing import storage_report
     from serq_ao.quant.pipeline import quantize_, quantize_model
-    from serq_ao.integrations.serialization import is_quantized_folder, save_quantized
+    from serq_ao.integrations.serialization import save_quantized
 
-    config = config_from_args(args)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_quantized_folder(out))):
-        raise UsageError(f"--out must be a new or empty folder (or an earlier serq output), got {out}")
-    if args.diagnostics:
-        check_error_windows(args)
+    out = args.out
     with status(err, f"loading {args.model}", args.quiet):
         model, tokenizer = load_model(args.model)
         plan = checked_plan(model, config)
@@ -61,9 +67,9 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
         "diagnostics": None if diagnostics is None else diagnostics.to_dict(),
     }
     with status(err, f"saving {out}", args.quiet):
-        save_quantized(model, tokenizer, out, config, extra)
+        save_quantized(model, tokenizer, output, config, extra)
     summary = {
-        "out": str(out),
+        "out": str(args.out),
         **config.to_dict(),
         "effective_bits": report.effective_bits,
         "linears": len(report.linears),

@@ -1,8 +1,9 @@
 """torch.export and AOTInductor packages of a (quantized) causal LM, for fixed input shapes.
 
 The exported program maps input ids (batch, seqlen) to logits, without a KV cache; each
-packed linear stays one ``serq`` op node. Files are written to a temporary path in the
-destination folder and renamed into place, so an interrupted export leaves nothing behind.
+packed linear stays one ``serq`` op node. Files are written under the rules of
+:mod:`serq_ao.files` (a temporary name beside the destination, renamed into place; an existing
+file is replaced only with ``overwrite``), so an interrupted export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serq_ao.files import atomic_path
+from serq_ao.files import Output, claim_output
 
 
 class CausalLMLogits(nn.Module):
@@ -54,29 +55,29 @@ def example_input(model: nn.Module, batch: int, seqlen: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def export_model(model: nn.Module, out: str | os.PathLike, *, batch: int = 1, seqlen: int = 128,
-                 aoti: bool = False, atol: float = 1e-3) -> ExportResult:
+def export_model(model: nn.Module, out: str | os.PathLike | Output, *, batch: int = 1, seqlen: int = 128,
+                 aoti: bool = False, atol: float = 1e-3, overwrite: bool = False) -> ExportResult:
     """Export ``model`` for inputs (batch, seqlen) to ``out`` (.pt2), reload it and compare
-    its logits with the eager model's on an example input."""
-    out = Path(out)
-    if out.suffix != ".pt2":
-        raise ValueError(f"out must be a .pt2 file, got {out}")
-    if out.is_dir():
-        raise ValueError(f"out must be a file path, got the folder {out}")
+    its logits with the eager model's on an example input. An existing ``out`` is replaced
+    only with ``overwrite``; ``out`` may be an :class:`~serq_ao.files.Output` the caller claimed."""
+    if not isinstance(out, Output):
+        if Path(out).suffix != ".pt2":
+            raise ValueError(f"out must be a .pt2 file, got {out}")
+        with claim_output(out, option="out", folder=False, overwrite=overwrite) as output:
+            return export_model(model, output, batch=batch, seqlen=seqlen, aoti=aoti, atol=atol)
     if batch < 1 or seqlen < 1:
         raise ValueError(f"batch and seqlen must be positive, got {batch} and {seqlen}")
     started = time.perf_counter()
     wrapper = CausalLMLogits(model).eval()
     ids = example_input(model, batch, seqlen)
     program = torch.export.export(wrapper, (ids,))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
+    with out.write() as tmp:
         if aoti:
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-            runner = torch._inductor.aoti_load_package(tmp)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+            runner = torch._inductor.aoti_load_package(str(tmp))
         else:
             torch.export.save(program, tmp)
             runner = torch.export.load(tmp).module()
         difference = (runner(ids) - wrapper(ids)).abs().max().item()
-    return ExportResult(str(out), "aoti" if aoti else "program", batch, seqlen, count_serq_nodes(program),
+    return ExportResult(str(out.path), "aoti" if aoti else "program", batch, seqlen, count_serq_nodes(program),
                         time.perf_counter() - started, difference, difference <= atol)

@@ -1,8 +1,8 @@
 """Save a quantized model to a folder and load it back as the same model.
 
 Two kinds of folder, both Hugging Face folders (config.json, tokenizer files, safetensors),
-both written to a temporary folder first and renamed into place, so that an interrupted save
-leaves no folder:
+both written under the rules of :mod:`serq_ao.files` (a temporary folder beside the
+destination, a manifest of every file written last, then an atomic swap):
 
 - packed (format 2, :func:`serq_ao.quantize_`): written by ``save_pretrained`` with the
   "serq" quantizer (:mod:`serq_ao.integrations.hf_quantizer`); ``config.json`` holds the
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from torch import nn
 
 from serq_ao.formats import get_format
 from serq_ao.quant.config import SERQConfig
-from serq_ao.files import umask_permissions
+from serq_ao.files import Output, claim_output
 from serq_ao.integrations.hf_quantizer import QUANT_METHOD, attach_quantizer
 from serq_ao.quant.packing import is_packed_linear
 from serq_ao.passes import OutputGather
@@ -76,39 +74,39 @@ def _structure(model: nn.Module) -> dict[str, dict]:
     return structure
 
 
-def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, config: SERQConfig, extra: dict | None = None) -> Path:
-    """Write the quantized ``model`` (packed or evaluation mode) and its tokenizer to ``out``.
+def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike | Output, config: SERQConfig,
+                   extra: dict | None = None, *, overwrite: bool = False) -> Path:
+    """Write the quantized ``model`` (packed or evaluation mode) and its tokenizer to ``out``,
+    under the rules of :mod:`serq_ao.files`: a new or empty folder, or (with ``overwrite``) an
+    earlier serq output holding nothing but what its manifest lists; replaced atomically.
+    ``out`` may be an :class:`~serq_ao.files.Output` already claimed by the caller."""
+    if isinstance(out, Output):
+        with out.write(kind="quantized model") as tmp:
+            write_quantized(model, tokenizer, tmp, config, extra)
+        return out.path
+    with claim_output(out, option="out", overwrite=overwrite) as output:
+        return save_quantized(model, tokenizer, output, config, extra)
 
-    An existing folder is replaced only if it is itself a quantized-model folder.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not is_quantized_folder(out):
-        raise FileExistsError(f"out must be a new or empty folder (or an earlier serq output), got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if any(is_packed_linear(m) for m in model.modules()):
-            if getattr(model, "hf_quantizer", None) is None:
-                attach_quantizer(model, config)
-            model.save_pretrained(tmp)
-            (tmp / REPORT_FILE).write_text(json.dumps(extra or {}, indent=1))
-            _replace(tmp, out)
-            return out
-        model.config.save_pretrained(tmp)
-        save_safetensors_model(model, str(tmp / WEIGHTS_FILE))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "config": config.to_dict(),
-            "structure": _structure(model),
-            **(extra or {}),
-        }
-        (tmp / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=1))  # written last
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+def write_quantized(model: nn.Module, tokenizer, folder: Path, config: SERQConfig, extra: dict | None = None) -> None:
+    """Write the files of a quantized model into the (empty, temporary) ``folder``."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if any(is_packed_linear(m) for m in model.modules()):
+        if getattr(model, "hf_quantizer", None) is None:
+            attach_quantizer(model, config)
+        model.save_pretrained(folder)
+        (folder / REPORT_FILE).write_text(json.dumps(extra or {}, indent=1))
+        return
+    model.config.save_pretrained(folder)
+    save_safetensors_model(model, str(folder / WEIGHTS_FILE))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "structure": _structure(model),
+        **(extra or {}),
+    }
+    (folder / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def read_report(path: str | os.PathLike) -> dict:
@@ -120,13 +118,6 @@ def read_report(path: str | os.PathLike) -> dict:
         return json.loads(report.read_text()) if report.is_file() else {}
     meta = json.loads((path / QUANTIZATION_FILE).read_text())
     return {k: v for k, v in meta.items() if k not in ("format_version", "config", "structure")}
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    umask_permissions(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
 
 
 def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
