@@ -9,7 +9,6 @@ the warm-up of a compiled function, which includes compilation, is reported apar
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serq_ao.files import atomic_path
+from serq_ao.files import atomic_path, strict_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +99,7 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, record: dict) -> None:
     """:func:`write_text` of ``record`` as JSON."""
-    write_text(path, json.dumps(record, indent=1))
+    write_text(path, strict_json(record, indent=1))
 
 
 def machine_info() -> dict:

@@ -32,6 +32,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -66,6 +67,31 @@ def umask_permissions(path: str | os.PathLike) -> None:
     for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
         if not item.is_symlink():
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+# ---- strict JSON ----------------------------------------------------------------------------
+
+
+def strict_json(record, *, indent: int | None = None) -> str:
+    """``record`` as strict JSON (RFC 8259 has no NaN or Infinity): every non-finite float
+    becomes null, and a dict record gets ``"non_finite"``, the paths of those values
+    (``"linears[3].output_error"``), so that a reader can tell a missing value from a broken one."""
+    replaced: list[str] = []
+
+    def clean(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced.append(path or "$")
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item, f"{path}[{index}]") for index, item in enumerate(value)]
+        return value
+
+    cleaned = clean(record, "")
+    if replaced and isinstance(cleaned, dict):
+        cleaned["non_finite"] = replaced
+    return json.dumps(cleaned, indent=indent, allow_nan=False)
 
 
 # ---- manifests ------------------------------------------------------------------------------

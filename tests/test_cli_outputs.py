@@ -2,7 +2,6 @@
 inspect --plot refuse a bad destination before any work, replace only with --overwrite, and
 a real `serq quantize` interrupted or killed over an earlier output leaves it or the new one."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serq_ao.cli.common import UsageError, progress_bar, status
+from serq_ao.files import strict_json
 
 
 def _source_of(path: str) -> str | None:
@@ -65,7 +66,7 @@ def cmd_bench(args: argparse.Namespace, err: Console) -> int:
         "ratios": ratios, "machine": machine_info(),
     }
     if args.json:
-        print(json.dumps(record))
+        print(strict_json(record))
         return 0
     table = Table(title=f"Latency, batch {args.batch}, prefill {args.prefill} tokens, decode at {args.prefill}")
     for column in ("model", "phase", "mode", "ms per call", "tokens/s", "first call s", "x baseline"):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from serq_ao.cli.common import UsageError, progress_bar, status
+from serq_ao.files import strict_json
 
 
 def _read_text(path: str) -> str:
@@ -46,7 +46,7 @@ def cmd_eval_ppl(args: argparse.Namespace, err: Console) -> int:
     record = {"model": str(args.model), "corpus": None if text is not None else args.corpus,
               "text": args.text, "seqlen": args.seqlen, **result.to_dict()}
     if args.json:
-        print(json.dumps(record))
+        print(strict_json(record))
         return 0
     table = Table(title=f"Perplexity, {args.text}" if text is not None else f"Perplexity, {args.corpus} evaluation split")
     for column in ("model", "ppl", "windows", "tokens", "seconds"):
@@ -78,7 +78,7 @@ def cmd_eval_tasks(args: argparse.Namespace, err: Console) -> int:
         )
     record = {"model": str(args.model), **result.to_dict()}
     if args.json:
-        print(json.dumps(record))
+        print(strict_json(record))
         return 0
     limit = f"first {args.limit} documents per task" if args.limit else "all documents"
     table = Table(title=f"Zero-shot accuracy (lm-eval {result.lm_eval_version}), {args.model}, {limit}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from rich.console import Console
 from rich.table import Table
 
 from serq_ao.cli.common import UsageError, status
+from serq_ao.files import strict_json
 
 
 def cmd_export(args: argparse.Namespace, err: Console) -> int:
@@ -28,7 +28,7 @@ def cmd_export(args: argparse.Namespace, err: Console) -> int:
         with status(err, f"exporting a {what} for inputs ({args.batch}, {args.seqlen}) and running it", args.quiet):
             result = export_model(model, output, batch=args.batch, seqlen=args.seqlen, aoti=args.aoti)
     if args.json:
-        print(json.dumps({"model": str(args.model), **result.to_dict()}))
+        print(strict_json({"model": str(args.model), **result.to_dict()}))
     else:
         table = Table(title=f"Exported {args.model}")
         for column in ("file", "kind", "input", "serq ops", "smoke test", "seconds"):

@@ -27,6 +27,7 @@ from serq_ao.cli.common import (
     progress_bar,
     status,
 )
+from serq_ao.files import strict_json
 
 # Where benchmarks/accuracy.py leaves its rank sweep for the default model.
 DEFAULT_SWEEP = Path("benchmarks") / "results" / "accuracy_smollm2.json"
@@ -195,7 +196,7 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
         if not args.quiet:
             err.print("wrote " + ", ".join(str(p) for p in written))
     if args.json:
-        print(json.dumps(record))
+        print(strict_json(record))
     else:
         console = Console()
         for table in tables:

@@ -32,6 +32,7 @@ from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, C
 from serq_ao.formats import SCALE_MODES  # noqa: E402
 from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundError  # noqa: E402
 from serq_ao.files import OutputError  # noqa: E402
+from serq_ao.quant.calibration import NonFiniteError  # noqa: E402
 
 MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
-    except (ModelAssetMissingError, CorpusMissingError) as e:
+    except (ModelAssetMissingError, CorpusMissingError, NonFiniteError) as e:
         if args.debug:
             raise
         err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +18,7 @@ from serq_ao.cli.common import (
     progress_bar,
     status,
 )
+from serq_ao.files import strict_json
 from serq_ao.quant.config import METHODS
 
 
@@ -78,7 +77,7 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
         "seconds": report.seconds,
     }
     if args.json:
-        print(json.dumps(summary))
+        print(strict_json(summary))
         return 0
     table = Table(title=f"Quantized {args.model} -> {out}")
     table.add_column("method")
@@ -150,7 +149,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
         "results": rows,
     }
     if args.json:
-        print(json.dumps(record))
+        print(strict_json(record))
         return 0
     label = get_format(args.format, args.scale_mode).label
     table = Table(title=f"{args.model}, {label}: perplexity on {args.corpus} ({record['windows']} windows)")

@@ -27,7 +27,7 @@ from torch import nn
 
 from serq_ao.formats import get_format
 from serq_ao.quant.config import SERQConfig
-from serq_ao.files import Output, claim_output
+from serq_ao.files import Output, claim_output, strict_json
 from serq_ao.integrations.hf_quantizer import QUANT_METHOD, attach_quantizer
 from serq_ao.quant.packing import is_packed_linear
 from serq_ao.passes import OutputGather
@@ -96,7 +96,7 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, config: SERQConfi
         if getattr(model, "hf_quantizer", None) is None:
             attach_quantizer(model, config)
         model.save_pretrained(folder)
-        (folder / REPORT_FILE).write_text(json.dumps(extra or {}, indent=1))
+        (folder / REPORT_FILE).write_text(strict_json(extra or {}, indent=1))
         return
     model.config.save_pretrained(folder)
     save_safetensors_model(model, str(folder / WEIGHTS_FILE))
@@ -106,7 +106,7 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, config: SERQConfi
         "structure": _structure(model),
         **(extra or {}),
     }
-    (folder / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=1))
+    (folder / QUANTIZATION_FILE).write_text(strict_json(meta, indent=1))
 
 
 def read_report(path: str | os.PathLike) -> dict:

@@ -18,6 +18,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from serq_ao.formats import get_format
 from serq_ao.quant.config import DEFAULT_RANK, check_format_rank_scale_mode
+from serq_ao.quant.calibration import NonFiniteError
 from serq_ao.quant.reconstruct import flattening_scales, saliency_order, serq_reconstruct
 
 
@@ -67,6 +68,9 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
     if not isinstance(module, nn.Linear):
         raise ValueError(f"SERQLinearConfig applies to nn.Linear modules, got {type(module).__name__}")
     weight = module.weight.detach().float()  # (N, d_in)
+    if not bool(torch.isfinite(weight).all()):
+        raise NonFiniteError(f"the linear's weight has {int((~torch.isfinite(weight)).sum())} NaN or inf value(s): "
+                             "a non-finite weight cannot be quantized")
     d_in = weight.shape[1]
     if config.rank > d_in:
         raise ValueError(f"rank ({config.rank}) must be at most the linear's in_features ({d_in})")

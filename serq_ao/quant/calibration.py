@@ -49,8 +49,25 @@ class CalibrationStats:
         return cls(data["amax"], data["tokens"], data.get("seconds", 0.0), data.get("abs_mean", {}))
 
 
+class NonFiniteError(ValueError):
+    """NaN or inf where quantization needs finite numbers (weights, calibration activations)."""
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with a NaN or inf in any floating-point parameter or buffer, naming it:
+    quantizing it would give NaN codes or scales without a word."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and tensor.device.type != "meta":
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise NonFiniteError(f"{kind} {name} has {bad} NaN or inf value(s) of {tensor.numel()}: "
+                                         "a model with non-finite weights cannot be quantized")
+
+
 class StatisticsObserver:
-    """Forward pre-hooks that accumulate max |x| and sum |x| per input channel, per group."""
+    """Forward pre-hooks that accumulate max |x| and sum |x| per input channel, per group.
+    A non-finite activation raises :class:`NonFiniteError` naming the group where it appeared."""
 
     def __init__(self):
         self.amax: dict[str, torch.Tensor] = {}
@@ -60,6 +77,10 @@ class StatisticsObserver:
         def observe(module, args):
             x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()  # (tokens, d_in)
             current = x.amax(dim=0).cpu()
+            if not torch.isfinite(current).all():
+                bad = int((~torch.isfinite(current)).sum())
+                raise NonFiniteError(f"calibration produced NaN or inf activations in {bad} input channel(s) of "
+                                     f"{name}: check the model's dtype range (fp16 overflows) and its weights")
             self.amax[name] = current if name not in self.amax else torch.maximum(self.amax[name], current)
             total = x.double().sum(dim=0).cpu()
             self.abs_sum[name] = total if name not in self.abs_sum else self.abs_sum[name] + total
@@ -85,6 +106,7 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
 ) -> CalibrationStats:
     """Run ``batches`` (n, L) of input ids through ``model`` and record per-group statistics."""
+    check_finite_weights(model)  # name the weight, not the first activation it breaks
     start = time.perf_counter()
     observer = StatisticsObserver()
     handles = observer.attach(model, plan)

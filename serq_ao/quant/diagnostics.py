@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import time
 
@@ -131,7 +132,17 @@ def output_errors(reference: nn.Module, quantized: nn.Module, names: list[str], 
     finally:
         for handle in handles:
             handle.remove()
-    return {n: (squared_error[n] / squared_norm[n]) ** 0.5 if squared_norm[n] > 0 else 0.0 for n in names}
+    return {n: relative_error(squared_error[n], squared_norm[n]) for n in names}
+
+
+def relative_error(squared_error: float, squared_norm: float) -> float:
+    """sqrt(error / norm), NaN where either is NaN (never 0: a broken linear must show), 0 for
+    an exact zero output, inf for a nonzero error on a zero output."""
+    if math.isnan(squared_error) or math.isnan(squared_norm):
+        return math.nan
+    if squared_norm == 0:
+        return 0.0 if squared_error == 0 else math.inf
+    return math.sqrt(squared_error / squared_norm)
 
 
 def quantize_with_diagnostics(

@@ -28,7 +28,7 @@ from serq_ao.passes import (
     apply_residual_order,
 )
 from serq_ao.passes.transforms import replace_module
-from serq_ao.quant.calibration import CalibrationStats, calibrate
+from serq_ao.quant.calibration import CalibrationStats, calibrate, check_finite_weights
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
@@ -211,6 +211,7 @@ def quantize_model(
     seconds: dict[str, float] = {}
     if any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules()):
         raise ValueError("model is already quantized: quantize a fresh copy of the float model")
+    check_finite_weights(model)
     plan = plan if plan is not None else analyze(model)
     check_config_for_plan(config, plan)
     report = progress or (lambda stage, done, total: None)

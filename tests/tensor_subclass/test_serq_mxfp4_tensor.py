@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from tests.tensor_subclass.pairs import DTYPES, make_pair as make_any_pair, random_input
 
