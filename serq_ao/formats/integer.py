@@ -36,9 +36,10 @@ Granularity (one scale, and zero point, per group):
 
 Arithmetic is float32 for every input dtype: fp16 and bf16 are upcast (exactly), and fp64 is
 rounded to fp32, since the stored scale is fp32 and the codes must agree with it. Inputs must
-be finite in fp32 (for asymmetric, so must ``max - min``): NaN or inf give NaN scales, which we
-do not check for on the hot path. Everything branches only on shapes, so the quantizers run
-under ``torch.compile(fullgraph=True)``.
+be finite in fp32 (for asymmetric, so must ``max - min``): a group with a NaN or ±inf (or
+whose asymmetric range overflows fp32) gets a NaN scale and dequantizes to NaN, exactly that
+group, without an error on the hot path; MXFP4 does the same per block. Everything branches
+only on shapes, so the quantizers run under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def _quantize(
         zero_f = torch.round(-xmin / scale)  # in [0, levels]: xmin <= 0 <= xmax
         q = torch.clamp(torch.round(groups / scale) + zero_f, 0, levels).to(torch.uint8)
         zero = zero_f.to(torch.int32).squeeze(-1)
-    scale = scale.squeeze(-1)
+    # inf scales (inf inputs, overflowing ranges) would dequantize to inf or 0 * inf: NaN instead
+    scale = torch.where(torch.isfinite(scale), scale, torch.full_like(scale, float("nan"))).squeeze(-1)
     if granularity == "tensor":  # (1, 1) -> ()
         scale = scale.reshape(())
         zero = None if zero is None else zero.reshape(())
