@@ -168,10 +168,18 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serq_ao.integrations.serialization import is_quantized_folder, load_quantized
+    from serq_ao.integrations.verify import CheckpointError, verify_files, written_by_serq
 
     folder = resolve_model_folder(name_or_path)
     if is_quantized_folder(folder):
-        return load_quantized(folder)
+        return load_quantized(folder)  # verifies the folder
+    # a folder serq wrote whose serq markers are gone (quantization_config cut from config.json,
+    # serq_config.json deleted) must not load as a plain model with random weights
+    verify_files(folder)
+    if written_by_serq(folder):
+        raise CheckpointError(f"{folder}: its weights were written by serq, but neither config.json's "
+                              "quantization_config nor serq_config.json says how to load them; "
+                              "the checkpoint is damaged or was edited: re-quantize, or restore it")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()

@@ -33,6 +33,7 @@ from serq_ao.formats import SCALE_MODES  # noqa: E402
 from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundError  # noqa: E402
 from serq_ao.files import OutputError  # noqa: E402
 from serq_ao.quant.calibration import NonFiniteError  # noqa: E402
+from serq_ao.integrations.verify import CheckpointError  # noqa: E402
 
 MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
-    except (ModelAssetMissingError, CorpusMissingError, NonFiniteError) as e:
+    except (ModelAssetMissingError, CorpusMissingError, NonFiniteError, CheckpointError) as e:
         if args.debug:
             raise
         err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)

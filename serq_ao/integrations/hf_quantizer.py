@@ -20,6 +20,7 @@ import logging
 from safetensors import safe_open
 from torch import nn
 from transformers.core_model_loading import ConversionOps
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -35,11 +36,23 @@ from serq_ao.passes.transforms import replace_module
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
 from serq_ao.tensor_subclass.common import field_names
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten_state_dict
+from serq_ao.integrations.verify import (
+    TENSOR_MANIFEST_KEY,
+    CheckpointError,
+    check_config_agrees,
+    check_expected_keys,
+    check_output_gather,
+    check_packed,
+    tensor_manifest,
+    verify_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "serq"
-FORMAT_VERSION = 2  # 1: the evaluation-mode folders of serq_ao.integrations.serialization
+# 1: the evaluation-mode folders of serq_ao.integrations.serialization; 2: packed, without the
+# tensor manifest (refused: nothing in it can be verified)
+FORMAT_VERSION = 3
 # every field a packed weight may store, as "weight_<field>" in the checkpoint
 SERIALIZED_FIELDS = sorted({f for cls in PACKED_TENSOR_CLASSES for f in field_names(cls)})
 
@@ -57,7 +70,9 @@ class SERQHfConfig(QuantizationConfigMixin):
                  packed_linears: list | None = None, format_version: int = FORMAT_VERSION, **kwargs):
         self.quant_method = QUANT_METHOD
         if format_version != FORMAT_VERSION:
-            raise ValueError(f"this serq-ao reads quantization format {FORMAT_VERSION}, the checkpoint has {format_version}")
+            raise ValueError(f"this serq-ao reads quantization format {FORMAT_VERSION}, the checkpoint has format "
+                             f"{format_version!r}" + (" (an older serq-ao, whose weights cannot be verified): re-quantize it"
+                                                      if format_version in (1, 2) else ""))
         self.format_version = format_version
         self.serq_config = SERQConfig.from_dict(serq_config or {}).to_dict()  # validates
         self.output_gathers = dict(output_gathers or {})
@@ -90,7 +105,7 @@ class SERQDeserialize(ConversionOps):
         if self.hf_quantizer.load_dtype is not None:  # the logical dtype follows from_pretrained(dtype=...)
             description = {**description, "attributes": {**description["attributes"],
                                                          "dtype": str(self.hf_quantizer.load_dtype).removeprefix("torch.")}}
-        return {full_layer_name: build_packed(description, fields)}
+        return {full_layer_name: build_packed(description, fields)}  # checked before loading
 
 
 class SERQHfQuantizer(HfQuantizer):
@@ -116,15 +131,63 @@ class SERQHfQuantizer(HfQuantizer):
         return {"deserialize": SERQDeserialize}
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        # config.json's quantization_config must name modules of the model config.json builds
+        modules = dict(model.named_modules())
+        for what, names in (("output_gathers", self.quantization_config.output_gathers),
+                            ("packed_linears", self.quantization_config.packed_linears)):
+            unknown = [n for n in names if not isinstance(modules.get(n), nn.Module)]
+            if unknown:
+                raise CheckpointError(f"config.json: quantization_config.{what} names {unknown[0]}, which the model "
+                                      "it describes does not have; the checkpoint is damaged or was edited: "
+                                      "re-quantize, or restore it")
         # the model is still on the meta device: re-create the wrappers so that their keys exist
         for name, spec in self.quantization_config.output_gathers.items():
             replace_module(model, name, OutputGather.from_spec(model.get_submodule(name), spec))
-        for path in checkpoint_files or []:
-            if str(path).endswith(".safetensors"):
+        files = [str(p) for p in checkpoint_files or [] if str(p).endswith(".safetensors")]
+        if not files:
+            raise CheckpointError("a packed serq checkpoint must be stored as .safetensors files; found none")
+        for path in files:
+            try:
                 with safe_open(path, framework="pt") as handle:
-                    for key, text in (handle.metadata() or {}).items():
-                        if METADATA_MARK in text:
-                            self.packed_descriptions[key] = json.loads(text)[METADATA_MARK]
+                    metadata = handle.metadata() or {}
+                descriptions = {k: json.loads(t)[METADATA_MARK] for k, t in metadata.items() if METADATA_MARK in t}
+            except Exception as e:  # noqa: BLE001 - safetensors and json raise their own types
+                raise CheckpointError(f"{path}: not a readable serq safetensors file ({' '.join(str(e).split())[:160]}); "
+                                      "the checkpoint is damaged or was edited: re-quantize, or restore it") from None
+            self.packed_descriptions.update(descriptions)
+        # before any weight is read into the model: every stored tensor is the one written,
+        # and the model config.json builds expects exactly these
+        stored = verify_tensors(files, on_tensor=self._packed_value_checker())
+        described = set(self.packed_descriptions)
+        declared = {f"{name}.weight" for name in self.quantization_config.packed_linears}
+        if described != declared:
+            odd = sorted(described ^ declared)[0]
+            raise CheckpointError(f"checkpoint: {odd} is {'described as packed' if odd in described else 'declared packed'} "
+                                  "in only one of the weights' metadata and config.json's packed_linears; "
+                                  "the checkpoint is damaged or was edited: re-quantize, or restore it")
+        check_expected_keys(model, stored, self.packed_descriptions)
+
+    def _packed_value_checker(self):
+        """``on_tensor`` for :func:`verify_tensors`: gathers each packed weight's fields as they
+        are read and checks the weight once it is whole (fields are adjacent in key order)."""
+        pending: dict[str, dict] = {}
+        prefixes = {f"{key}_{field}": (key, field) for key, d in self.packed_descriptions.items() for field in d["fields"]}
+
+        def on_tensor(name, tensor):
+            if name not in prefixes:
+                return
+            key, field = prefixes[name]
+            fields = pending.setdefault(key, {})
+            fields[field] = tensor
+            if len(fields) == len(self.packed_descriptions[key]["fields"]):
+                try:
+                    packed = build_packed(self.packed_descriptions[key], pending.pop(key))
+                except (ValueError, TypeError, KeyError, AttributeError) as e:
+                    raise CheckpointError(f"{key}: its packed-weight metadata cannot describe a weight ({e}); the "
+                                          "checkpoint is damaged or was edited: re-quantize, or restore it") from None
+                check_packed(key, packed)
+
+        return on_tensor
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # save_pretrained would try to reverse our converters; get_state_dict_and_metadata
@@ -137,11 +200,17 @@ class SERQHfQuantizer(HfQuantizer):
                    if not isinstance(model.get_submodule(n).weight, PACKED_TENSOR_CLASSES)]
         if missing:
             raise ValueError(f"the checkpoint did not provide packed weights for {missing[:3]} ({len(missing)} linears)")
+        config = SERQConfig.from_dict(self.quantization_config.serq_config)
         for name in self.quantization_config.packed_linears:
             # transformers makes every floating parameter trainable; packed weights are not
             # (and AOTInductor refuses to lift their uint8 parts if they claim to be)
-            model.get_submodule(name).weight.requires_grad_(False)
-        model.serq_config = SERQConfig.from_dict(self.quantization_config.serq_config)
+            weight = model.get_submodule(name).weight
+            weight.requires_grad_(False)
+            check_config_agrees(f"{name}.weight", weight, config)
+        for name, module in model.named_modules():
+            if isinstance(module, OutputGather):
+                check_output_gather(name, module)
+        model.serq_config = config
         return model
 
     def param_needs_quantization(self, model, param_name, **kwargs):
@@ -149,7 +218,10 @@ class SERQHfQuantizer(HfQuantizer):
         return param == "weight" and module in self.quantization_config.packed_linears
 
     def get_state_dict_and_metadata(self, model):
-        return flatten_state_dict(model.state_dict())
+        tensors, metadata = flatten_state_dict(model.state_dict())
+        # the tensors as they will be stored: transformers drops tied duplicates before writing
+        metadata[TENSOR_MANIFEST_KEY] = tensor_manifest(remove_tied_weights_from_state_dict(dict(tensors), model))
+        return tensors, metadata
 
     def is_serializable(self):
         return True

@@ -21,14 +21,24 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from serq_ao.formats import get_format
 from serq_ao.quant.config import SERQConfig
 from serq_ao.files import Output, claim_output, strict_json
 from serq_ao.integrations.hf_quantizer import QUANT_METHOD, attach_quantizer
+from serq_ao.integrations.verify import (
+    TENSOR_MANIFEST_KEY,
+    CheckpointError,
+    check_expected_keys,
+    check_order,
+    check_output_gather,
+    tensor_manifest,
+    verify_files,
+    verify_tensors,
+)
 from serq_ao.quant.packing import is_packed_linear
 from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
@@ -99,7 +109,9 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, config: SERQConfi
         (folder / REPORT_FILE).write_text(strict_json(extra or {}, indent=1))
         return
     model.config.save_pretrained(folder)
-    save_safetensors_model(model, str(folder / WEIGHTS_FILE))
+    # tied duplicates dropped as transformers does, so the manifest names what is stored
+    state = {k: v.contiguous() for k, v in remove_tied_weights_from_state_dict(model.state_dict(), model).items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", TENSOR_MANIFEST_KEY: tensor_manifest(state)})
     meta = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -138,6 +150,9 @@ def load_quantized(path: str | os.PathLike):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    # every file against the manifest the save wrote; the weights are checked tensor by tensor
+    # (by the quantizer of a packed folder as they load), so only their sizes here
+    verify_files(path, hash_weights=False)
     if is_packed_folder(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path)
@@ -147,7 +162,18 @@ def load_quantized(path: str | os.PathLike):
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
     for name, spec in meta["structure"].items():
         replace_module(model, name, _placeholder(spec, model.get_submodule(name)))
-    missing, unexpected = load_safetensors_model(model, str(path / WEIGHTS_FILE), strict=True)
+    stored = verify_tensors([path / WEIGHTS_FILE])
+    check_expected_keys(model, stored, {})
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)  # tied weights: via their source
+    except RuntimeError as e:  # a shape that disagrees with config.json; torch lists them over many lines
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: its tensors do not fit the model config.json describes "
+                              f"({' '.join(str(e).split())[:300]})") from None
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantLinear):
+            check_order(name, module.input_perm, module.in_features)
+        elif isinstance(module, OutputGather):
+            check_output_gather(name, module)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.serq_config = SERQConfig.from_dict(meta["config"])

@@ -52,11 +52,15 @@ def _quantize_activation_mxfp4_kernel(
 
     if HAS_PERM:
         source_cols = tl.load(perm_ptr + cols, mask=col_in, other=0).to(tl.int32)
+        # memory safety whatever the order holds (loading checks it is a permutation): an id
+        # outside [0, K) reads nothing and counts as 0
+        source_in = col_in & (source_cols >= 0) & (source_cols < K)
     else:
         source_cols = cols
+        source_in = col_in
     # int64 row offsets: M * stride can pass 2**31 on prefill-sized inputs
     offsets = rows.to(tl.int64)[:, None] * stride_x_m + source_cols[None, :]
-    mask = row_in[:, None] & col_in[None, :]
+    mask = row_in[:, None] & source_in[None, :]
     # All arithmetic is fp32, as in the reference. bf16 widens by placing its bits in the high
     # half of an fp32, which is exact (subnormals included); the interpreter's bf16 -> fp32
     # cast turns bf16 subnormals into wrong values.
@@ -67,7 +71,7 @@ def _quantize_activation_mxfp4_kernel(
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
     if HAS_SCALE:
         # scale_inv is indexed by the source channel: product first, gather second
-        scale_inv = tl.load(scale_inv_ptr + source_cols, mask=col_in, other=0.0)  # (BLOCK_K,)
+        scale_inv = tl.load(scale_inv_ptr + source_cols, mask=source_in, other=0.0)  # (BLOCK_K,)
         x = x * scale_inv[None, :]  # (BLOCK_M, BLOCK_K)
 
     blocks = tl.reshape(x, (BLOCK_M, N_BLOCKS, 32))

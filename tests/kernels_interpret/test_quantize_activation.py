@@ -174,3 +174,16 @@ def test_validation():
         quantize_activation_mxfp4(x, "floor", input_perm=torch.arange(64))  # int64
     with pytest.raises(ValueError, match="block_k"):
         quantize_activation_mxfp4(x, "floor", block_k=48)
+
+
+@pytest.mark.parametrize("perm_dtype", [torch.int16, torch.int32])
+def test_out_of_range_order_ids_read_nothing(perm_dtype):
+    """Memory safety: an order id outside [0, K) (a damaged checkpoint that bypassed the load
+    checks) gathers nothing and counts as 0, never a read past the row."""
+    x = random_input(3, 96, torch.float32, seed=21)
+    scale_inv, perm = random_pre_op(96, True, perm_dtype, seed=21)
+    bad = perm.clone()
+    bad[5], bad[40], bad[95] = 30000, -7, 96
+    x_hat = (x * scale_inv)[..., perm.long()]
+    x_hat[..., [5, 40, 95]] = 0.0
+    assert_bit_exact(quantize_poisoned(x, "floor", scale_inv, bad), quantize_mxfp4(x_hat, "floor"))

@@ -46,7 +46,7 @@ def packed_weights(model):
 def test_save_pretrained_then_from_pretrained_gives_identical_logits(packed, tmp_path):
     packed.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "serq" and config["format_version"] == 2
+    assert config["quant_method"] == "serq" and config["format_version"] == 3
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert torch.equal(logits(loaded), logits(packed))
