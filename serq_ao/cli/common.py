@@ -9,6 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+DEFAULT_ERROR_WINDOWS = 2
+
+
 class UsageError(Exception):
     """A mistake in the command line: one line on stderr, exit status 2."""
 
@@ -62,21 +65,58 @@ class StageProgress:
 # The quantization options that quantize, compare and inspect --stats share.
 
 
-def config_from_args(args: argparse.Namespace, method: str | None = None):
-    """The SERQConfig of the quantization options (``method`` overrides ``--method``)."""
-    from serq_ao.quant.config import SERQConfig
-    from serq_ao.quant.methods import TransformKind, method_spec
+def config_from_args(args: argparse.Namespace, method: str | None = None, methods: list[str] | None = None):
+    """The SERQConfig of the quantization options (``method`` overrides ``--method``).
 
-    residual_order = args.residual_order
-    if method is not None and method_spec(method).input_transform is not TransformKind.FLATTEN:
-        residual_order = "per_group"  # serq compare: the order is SERQ's, the other methods have none
+    An option given on the command line that none of ``methods`` (default: the one method)
+    with this format uses is a usage error, not something silently ignored: ``--rank`` and
+    ``--residual-order`` are SERQ's, ``--scale-mode`` is MXFP4's. Options left out take the
+    SERQConfig defaults."""
+    from serq_ao.formats import FormatName
+    from serq_ao.quant.config import SERQConfig
+    from serq_ao.quant.methods import CorrectionKind, TransformKind, method_spec
+
+    method = method or args.method
+    chosen = methods or [method]
     try:
-        return SERQConfig(
-            method=method or args.method, format=args.format, rank=args.rank, scale_mode=args.scale_mode, gptq=args.gptq,
-            residual_order=residual_order,
-        )
+        specs = [method_spec(m) for m in chosen]
     except ValueError as e:
         raise UsageError(str(e)) from e
+    uses = {
+        "rank": any(s.correction is CorrectionKind.SALIENT for s in specs),
+        "residual_order": any(s.input_transform is TransformKind.FLATTEN for s in specs),
+        "scale_mode": args.format == FormatName.MXFP4,
+    }
+    for option, used in uses.items():
+        if getattr(args, option) is not None and not used:
+            whose = "the MXFP4 format" if option == "scale_mode" else "method serq"
+            raise UsageError(f"--{option.replace('_', '-')} applies to {whose} only; "
+                             f"{'--format ' + args.format if option == 'scale_mode' else '--method ' + ','.join(chosen)} "
+                             "does not use it")
+    fields = {option: getattr(args, option) for option in uses if getattr(args, option) is not None}
+    if method_spec(method).input_transform is not TransformKind.FLATTEN:
+        fields.pop("residual_order", None)  # serq compare: the order is SERQ's, the other methods have none
+    try:
+        return SERQConfig(method=method, format=args.format, gptq=args.gptq, **fields)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def check_positions(model, option: str, positions: int) -> None:
+    """``positions`` tokens in one sequence must fit the model's ``max_position_embeddings``."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and positions > limit:
+        raise UsageError(f"{option} needs {positions} positions per sequence, the model has "
+                         f"max_position_embeddings {limit}")
+
+
+def check_not_quantized(model, name) -> None:
+    """Quantizing (or measuring as if quantizing) needs the float model."""
+    from serq_ao.quant.fake_quant import FakeQuantLinear
+    from serq_ao.quant.packing import is_packed_linear
+
+    if any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules()):
+        raise UsageError(f"{name} is already quantized (a serq output): quantize the float model it came from")
 
 
 def checked_plan(model, config):
@@ -92,17 +132,23 @@ def checked_plan(model, config):
     return plan
 
 
-def calibration_from_args(tokenizer, args):
-    """Calibration input ids per --calib-corpus / --calib-windows / --calib-seqlen."""
+def calibration_from_args(tokenizer, args, model):
+    """Calibration input ids per --calib-corpus / --calib-windows / --calib-seqlen, checked
+    against ``model``'s positions."""
     from serq_ao.data import calibration_batches
 
     try:
-        return calibration_batches(tokenizer, args.calib_corpus, args.calib_windows, args.calib_seqlen)
+        batches = calibration_batches(tokenizer, args.calib_corpus, args.calib_windows, args.calib_seqlen)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_positions(model, "--calib-seqlen", batches.shape[1])
+    return batches
 
 
 def check_error_windows(args) -> None:
-    """--error-windows must fit in the calibration windows it is taken from."""
-    if args.error_windows > args.calib_windows:
+    """--error-windows must fit in the calibration windows it is taken from; left out, it is
+    2 or --calib-windows, whichever is smaller."""
+    if args.error_windows is None:
+        args.error_windows = min(DEFAULT_ERROR_WINDOWS, args.calib_windows)
+    elif args.error_windows > args.calib_windows:
         raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-windows ({args.calib_windows})")

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from serq_ao.cli.common import UsageError, progress_bar, status
+from serq_ao.cli.common import UsageError, check_positions, progress_bar, status
 from serq_ao.files import strict_json
 
 
@@ -40,6 +40,7 @@ def cmd_eval_ppl(args: argparse.Namespace, err: Console) -> int:
                 windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
         except ValueError as e:  # too many windows for the text
             raise UsageError(f"--windows / --seqlen: {e}") from e
+        check_positions(model, "--seqlen", windows.shape[1])
     with progress_bar(err, args.quiet) as progress:
         task = progress.add_task(f"perplexity on {source}", total=windows.shape[0])
         result = perplexity(model, windows, batch_size=args.batch_size, on_batch=lambda k: progress.advance(task, k))

@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from serq_ao.cli.common import UsageError, status
+from serq_ao.cli.common import UsageError, check_positions, status
 from serq_ao.files import strict_json
 
 
@@ -24,6 +24,7 @@ def cmd_export(args: argparse.Namespace, err: Console) -> int:
     with claim_output(out, option="--out", folder=False, overwrite=args.overwrite) as output:
         with status(err, f"loading {args.model}", args.quiet):
             model, _ = load_model(args.model)
+        check_positions(model, "--seqlen", args.seqlen)
         what = "AOTInductor package" if args.aoti else "torch.export program"
         with status(err, f"exporting a {what} for inputs ({args.batch}, {args.seqlen}) and running it", args.quiet):
             result = export_model(model, output, batch=args.batch, seqlen=args.seqlen, aoti=args.aoti)

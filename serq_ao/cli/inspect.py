@@ -118,7 +118,7 @@ def _diagnose_float_model(model, tokenizer, args, err: Console):
     config = config_from_args(args)
     plan = checked_plan(model, config)
     check_error_windows(args)
-    batches = calibration_from_args(tokenizer, args)
+    batches = calibration_from_args(tokenizer, args, model)
     with progress_bar(err, args.quiet) as progress:
         report, diagnostics = quantize_with_diagnostics(
             model, config, batches, quantize=quantize_model, error_windows=args.error_windows, plan=plan,

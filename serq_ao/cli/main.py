@@ -30,7 +30,8 @@ from serq_ao.quant.config import DEFAULT_RANK, DEFAULT_RESIDUAL_ORDER, FORMATS, 
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
 from serq_ao.formats import SCALE_MODES  # noqa: E402
-from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelNotFoundError  # noqa: E402
+from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelLoadError, ModelNotFoundError  # noqa: E402
+from serq_ao.passes.trace import UnsupportedModelError  # noqa: E402
 from serq_ao.files import OutputError  # noqa: E402
 from serq_ao.quant.calibration import NonFiniteError  # noqa: E402
 from serq_ao.integrations.verify import CheckpointError  # noqa: E402
@@ -52,13 +53,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="mxfp4", help="mxfp4 (W4A4 MXFP4), w4a8 or w4a4 (INT)")
-    parser.add_argument("--rank", type=non_negative_int, default=DEFAULT_RANK, help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK})")
-    parser.add_argument("--scale-mode", choices=SCALE_MODES, default="floor", help="MXFP4 block scale rule")
+    # left out (None): SERQConfig's default; given to a method or format that does not use it: an error
+    parser.add_argument("--rank", type=non_negative_int, default=None,
+                        help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK}; method serq only)")
+    parser.add_argument("--scale-mode", choices=SCALE_MODES, default=None,
+                        help="MXFP4 block scale rule (default floor; format mxfp4 only)")
     parser.add_argument("--gptq", action="store_true", help="GPTQ for the main weights, layer by layer")
-    parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default=str(DEFAULT_RESIDUAL_ORDER),
+    parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default=None,
                         help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm), "
                              "global (one order for the residual stream, no gathers) or auto (global where exact, "
-                             f"else per_group); default {DEFAULT_RESIDUAL_ORDER}")
+                             f"else per_group); default {DEFAULT_RESIDUAL_ORDER}; method serq only")
     parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki")
     parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS)
     parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN)
@@ -85,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quantization_options(quantize)
     quantize.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=True,
                           help="record per-linear saliency and output error for serq inspect (default: on)")
-    quantize.add_argument("--error-windows", type=non_negative_int, default=2,
-                          help="calibration windows the output errors are measured on (0: none)")
+    quantize.add_argument("--error-windows", type=non_negative_int, default=None,
+                          help="calibration windows the output errors are measured on (0: none; default 2, or "
+                               "--calib-windows if fewer)")
     _common(quantize)
     quantize.set_defaults(handler=cmd_quantize)
 
@@ -112,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "when it exists and is for this model)")
     inspect.add_argument("--method", choices=METHODS, default="serq", help="with --stats: the method")
     _quantization_options(inspect)
-    inspect.add_argument("--error-windows", type=non_negative_int, default=2,
-                         help="with --stats: calibration windows the output errors are measured on")
+    inspect.add_argument("--error-windows", type=non_negative_int, default=None,
+                         help="with --stats: calibration windows the output errors are measured on (default 2, or "
+                              "--calib-windows if fewer)")
     _common(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return args.handler(args, err)
-    except (UsageError, ModelNotFoundError, OutputError) as e:
+    except (UsageError, ModelNotFoundError, ModelLoadError, UnsupportedModelError, OutputError) as e:
         if args.debug:
             raise
         err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)

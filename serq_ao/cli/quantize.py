@@ -13,6 +13,8 @@ from serq_ao.cli.common import (
     UsageError,
     calibration_from_args,
     check_error_windows,
+    check_not_quantized,
+    check_positions,
     checked_plan,
     config_from_args,
     progress_bar,
@@ -43,9 +45,10 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
     out = args.out
     with status(err, f"loading {args.model}", args.quiet):
         model, tokenizer = load_model(args.model)
+        check_not_quantized(model, args.model)
         plan = checked_plan(model, config)
         needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
-        batches = calibration_from_args(tokenizer, args) if needs_batches else None
+        batches = calibration_from_args(tokenizer, args, model) if needs_batches else None
     # packed weights where the method has a packed format; LQER / L2QER stay in evaluation mode
     quantize = quantize_ if config.spec.packs else quantize_model
     diagnostics = None
@@ -108,23 +111,30 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     bad = [m for m in methods if m not in allowed]
     if bad or not methods:
         raise UsageError(f"--methods must be a comma-separated list of {allowed}, got {args.methods!r}")
-    configs = {m: config_from_args(args, m) for m in methods if m != "fp"}
+    quantized = [m for m in methods if m != "fp"]
+    configs = {m: config_from_args(args, m, quantized) for m in quantized}
+    if not quantized and (args.rank is not None or args.scale_mode is not None or args.residual_order is not None
+                          or args.gptq):
+        raise UsageError("--methods fp quantizes nothing: drop --rank, --scale-mode, --residual-order and --gptq")
+    first = next(iter(configs.values()), None)
     rows, stats = [], None
     with progress_bar(err, args.quiet) as progress:
         for method in methods:
             loading = progress.add_task(f"{method}: load {args.model}", total=None)
             model, tokenizer = load_model(args.model)
+            check_not_quantized(model, args.model)
             windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
+            check_positions(model, "--seqlen", windows.shape[1])
             progress.remove_task(loading)
             bits, quant_seconds = 32.0, 0.0
             if method != "fp":
                 config = configs[method]
                 plan = checked_plan(model, config)
                 if config.gptq:  # GPTQ runs the layers on the ids itself
-                    calibration = calibration_from_args(tokenizer, args)
+                    calibration = calibration_from_args(tokenizer, args, model)
                 elif config.needs_statistics:
                     if stats is None:
-                        batches = calibration_from_args(tokenizer, args)
+                        batches = calibration_from_args(tokenizer, args, model)
                         task = progress.add_task(f"{method}: calibrate", total=batches.shape[0])
                         stats = calibrate(model, plan, batches, on_batch=lambda k: progress.advance(task, k))
                     calibration = stats
@@ -140,8 +150,8 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     record = {
         "model": str(args.model),
         "format": args.format,
-        "rank": args.rank,
-        "scale_mode": args.scale_mode,
+        "rank": configs["serq"].rank if "serq" in configs else None,
+        "scale_mode": None if first is None or args.format != "mxfp4" else str(first.scale_mode),
         "gptq": args.gptq,
         "corpus": args.corpus,
         "windows": int(windows.shape[0]),
@@ -151,12 +161,12 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     if args.json:
         print(strict_json(record))
         return 0
-    label = get_format(args.format, args.scale_mode).label
+    label = get_format(args.format, record["scale_mode"] or "floor").label
     table = Table(title=f"{args.model}, {label}: perplexity on {args.corpus} ({record['windows']} windows)")
     for column in ("method", "bits/weight", "perplexity", "quantize s (calibration apart)"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        name = f"serq (r={args.rank})" if row["method"] == "serq" else row["method"]
+        name = f"serq (r={record['rank']})" if row["method"] == "serq" else row["method"]
         table.add_row(name, f"{row['bits']:.2f}", f"{row['ppl']:.2f}", f"{row['quantize_seconds']:.1f}")
     Console().print(table)
     return 0

@@ -12,6 +12,10 @@ logger = logging.getLogger(__name__)
 LayerInputs = tuple[tuple, dict]  # (args, kwargs) of one decoder-layer call
 
 
+class UnsupportedModelError(ValueError):
+    """The model's structure is not one serq can quantize; the message says what is missing."""
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ``nn.ModuleList`` of same-class blocks that contain linears."""
     best: tuple[str, nn.ModuleList] | None = None
@@ -25,9 +29,12 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
-        raise ValueError(
+        conv1d = next((type(m).__name__ for m in model.modules() if type(m).__name__ == "Conv1D"), None)
+        hint = (f": its projections are {conv1d} modules (GPT-2 style, weight stored transposed), "
+                "which serq does not quantize" if conv1d else "")
+        raise UnsupportedModelError(
             "model has no decoder layers: expected an nn.ModuleList of blocks of one class "
-            "that contain nn.Linear modules"
+            "that contain nn.Linear modules" + hint
         )
     return best
 

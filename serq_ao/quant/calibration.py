@@ -65,6 +65,30 @@ def check_finite_weights(model: nn.Module) -> None:
                                          "a model with non-finite weights cannot be quantized")
 
 
+def check_input_ids(ids, model: nn.Module, option: str = "calibration") -> None:
+    """Calibration input ids must be an integer tensor (n, L), n, L >= 1, of token ids the
+    model's vocabulary has; anything else is an error naming ``option``."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{option} must be a tensor of input ids (n, L), got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"{option} must be input ids of shape (n, L) with n, L >= 1, got shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{option} must hold integer token ids, got dtype {ids.dtype}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"{option} holds token ids in [{low}, {high}], outside the model's vocabulary "
+                         f"[0, {vocab if vocab is not None else '?'})")
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse weights on the meta device (a model built without its checkpoint's values)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (no values): load the model's weights before "
+                             "quantizing, e.g. without device_map='meta' or init_empty_weights")
+
+
 class StatisticsObserver:
     """Forward pre-hooks that accumulate max |x| and sum |x| per input channel, per group.
     A non-finite activation raises :class:`NonFiniteError` naming the group where it appeared."""
@@ -106,7 +130,9 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
 ) -> CalibrationStats:
     """Run ``batches`` (n, L) of input ids through ``model`` and record per-group statistics."""
+    check_materialized(model)
     check_finite_weights(model)  # name the weight, not the first activation it breaks
+    check_input_ids(batches, model)
     start = time.perf_counter()
     observer = StatisticsObserver()
     handles = observer.attach(model, plan)

@@ -28,7 +28,13 @@ from serq_ao.passes import (
     apply_residual_order,
 )
 from serq_ao.passes.transforms import replace_module
-from serq_ao.quant.calibration import CalibrationStats, calibrate, check_finite_weights
+from serq_ao.quant.calibration import (
+    CalibrationStats,
+    calibrate,
+    check_finite_weights,
+    check_input_ids,
+    check_materialized,
+)
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
@@ -94,7 +100,11 @@ class QuantizationReport:
 
 
 def check_config_for_plan(config: SERQConfig, plan: ModelPlan) -> None:
-    """Reject a rank that does not fit some linear, before any work starts."""
+    """Reject a model with nothing to quantize, and a rank that does not fit some linear,
+    before any work starts."""
+    if not plan.groups:
+        raise ValueError("the model has no nn.Linear to quantize inside its decoder layers "
+                         "(already quantized? quantize the float model it came from)")
     narrowest = min(plan.groups, key=lambda g: g.in_features)
     if config.correction_rank > narrowest.in_features:
         raise ValueError(
@@ -211,7 +221,10 @@ def quantize_model(
     seconds: dict[str, float] = {}
     if any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules()):
         raise ValueError("model is already quantized: quantize a fresh copy of the float model")
+    check_materialized(model)
     check_finite_weights(model)
+    if calibration is not None and not isinstance(calibration, CalibrationStats):
+        check_input_ids(calibration, model)
     plan = plan if plan is not None else analyze(model)
     check_config_for_plan(config, plan)
     report = progress or (lambda stage, done, total: None)
