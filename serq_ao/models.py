@@ -182,7 +182,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     from serq_ao.integrations.serialization import is_quantized_folder, load_quantized
     from safetensors import SafetensorError
 
-    from serq_ao.integrations.verify import CheckpointError, verify_files, written_by_serq
+    from serq_ao.integrations.verify import CheckpointError, fail_checkpoint, verify_files, written_by_serq
 
     folder = resolve_model_folder(name_or_path)
     if is_quantized_folder(folder):
@@ -191,9 +191,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     # serq_config.json deleted) must not load as a plain model with random weights
     verify_files(folder)
     if written_by_serq(folder):
-        raise CheckpointError(f"{folder}: its weights were written by serq, but neither config.json's "
-                              "quantization_config nor serq_config.json says how to load them; "
-                              "the checkpoint is damaged or was edited: re-quantize, or restore it")
+        fail_checkpoint(folder, "its weights were written by serq, but neither config.json's quantization_config "
+                                "nor serq_config.json says how to load them")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
                              "save the tokenizer beside the model (tokenizer.save_pretrained)")

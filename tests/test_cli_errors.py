@@ -2,7 +2,6 @@
 the file, exit 2, no traceback, nothing written."""
 
 import pytest
-import torch
 
 from serq_ao.cli.main import main
 from tests.conftest import make_byte_tokenizer, make_tiny_llama

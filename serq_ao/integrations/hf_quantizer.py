@@ -38,11 +38,11 @@ from serq_ao.tensor_subclass.common import field_names
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten_state_dict
 from serq_ao.integrations.verify import (
     TENSOR_MANIFEST_KEY,
-    CheckpointError,
     check_config_agrees,
     check_expected_keys,
     check_output_gather,
     check_packed,
+    fail_checkpoint,
     tensor_manifest,
     verify_tensors,
 )
@@ -137,23 +137,21 @@ class SERQHfQuantizer(HfQuantizer):
                             ("packed_linears", self.quantization_config.packed_linears)):
             unknown = [n for n in names if not isinstance(modules.get(n), nn.Module)]
             if unknown:
-                raise CheckpointError(f"config.json: quantization_config.{what} names {unknown[0]}, which the model "
-                                      "it describes does not have; the checkpoint is damaged or was edited: "
-                                      "re-quantize, or restore it")
+                fail_checkpoint("config.json", f"quantization_config.{what} names {unknown[0]}, which the model "
+                                               "it describes does not have")
         # the model is still on the meta device: re-create the wrappers so that their keys exist
         for name, spec in self.quantization_config.output_gathers.items():
             replace_module(model, name, OutputGather.from_spec(model.get_submodule(name), spec))
         files = [str(p) for p in checkpoint_files or [] if str(p).endswith(".safetensors")]
         if not files:
-            raise CheckpointError("a packed serq checkpoint must be stored as .safetensors files; found none")
+            fail_checkpoint("checkpoint", "a packed serq checkpoint is stored as .safetensors files; found none")
         for path in files:
             try:
                 with safe_open(path, framework="pt") as handle:
                     metadata = handle.metadata() or {}
                 descriptions = {k: json.loads(t)[METADATA_MARK] for k, t in metadata.items() if METADATA_MARK in t}
             except Exception as e:  # noqa: BLE001 - safetensors and json raise their own types
-                raise CheckpointError(f"{path}: not a readable serq safetensors file ({' '.join(str(e).split())[:160]}); "
-                                      "the checkpoint is damaged or was edited: re-quantize, or restore it") from None
+                fail_checkpoint(path, f"not a readable serq safetensors file ({' '.join(str(e).split())[:160]})")
             self.packed_descriptions.update(descriptions)
         # before any weight is read into the model: every stored tensor is the one written,
         # and the model config.json builds expects exactly these
@@ -162,9 +160,8 @@ class SERQHfQuantizer(HfQuantizer):
         declared = {f"{name}.weight" for name in self.quantization_config.packed_linears}
         if described != declared:
             odd = sorted(described ^ declared)[0]
-            raise CheckpointError(f"checkpoint: {odd} is {'described as packed' if odd in described else 'declared packed'} "
-                                  "in only one of the weights' metadata and config.json's packed_linears; "
-                                  "the checkpoint is damaged or was edited: re-quantize, or restore it")
+            fail_checkpoint("checkpoint", f"{odd} is {'described as packed' if odd in described else 'declared packed'} "
+                                          "in only one of the weights' metadata and config.json's packed_linears")
         check_expected_keys(model, stored, self.packed_descriptions)
 
     def _packed_value_checker(self):
@@ -183,8 +180,7 @@ class SERQHfQuantizer(HfQuantizer):
                 try:
                     packed = build_packed(self.packed_descriptions[key], pending.pop(key))
                 except (ValueError, TypeError, KeyError, AttributeError) as e:
-                    raise CheckpointError(f"{key}: its packed-weight metadata cannot describe a weight ({e}); the "
-                                          "checkpoint is damaged or was edited: re-quantize, or restore it") from None
+                    fail_checkpoint(key, f"its packed-weight metadata cannot describe a weight ({e})")
                 check_packed(key, packed)
 
         return on_tensor

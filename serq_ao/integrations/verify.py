@@ -39,7 +39,8 @@ class CheckpointError(ValueError):
     """A checkpoint that does not hold what it claims; the message names the first problem."""
 
 
-def _fail(where: str | os.PathLike, problem: str):
+def fail_checkpoint(where: str | os.PathLike, problem: str):
+    """Raise the one-line :class:`CheckpointError` for ``problem`` found at ``where``."""
     raise CheckpointError(f"{where}: {problem}; the checkpoint is damaged or was edited: re-quantize, or restore it")
 
 
@@ -54,20 +55,20 @@ def verify_files(folder: str | os.PathLike, *, hash_weights: bool = True) -> Non
     manifest = read_manifest(folder)
     if manifest is None:
         if (folder / MANIFEST).exists():
-            _fail(folder / MANIFEST, "is not a serq manifest")
+            fail_checkpoint(folder / MANIFEST, "is not a serq manifest")
         return
     listed = manifest["files"]
     present = folder_files(folder)
     for name, record in listed.items():
         if name not in present:
-            _fail(folder, f"{name} is missing (listed in {MANIFEST})")
+            fail_checkpoint(folder, f"{name} is missing (listed in {MANIFEST})")
         if not isinstance(record, dict) or present[name] != record.get("size"):
-            _fail(folder / name, f"has {present[name]} bytes, {MANIFEST} says {record.get('size') if isinstance(record, dict) else '?'}")
+            fail_checkpoint(folder / name, f"has {present[name]} bytes, {MANIFEST} says {record.get('size') if isinstance(record, dict) else '?'}")
         if (hash_weights or not name.endswith(".safetensors")) and sha256_of(folder / name) != record.get("sha256"):
-            _fail(folder / name, "its SHA-256 differs from the one recorded when it was written")
+            fail_checkpoint(folder / name, "its SHA-256 differs from the one recorded when it was written")
     extra = [n for n in present if n not in listed and (n.endswith(".safetensors") or n.endswith(".json"))]
     if extra:
-        _fail(folder / extra[0], f"is not listed in {MANIFEST}")
+        fail_checkpoint(folder / extra[0], f"is not listed in {MANIFEST}")
 
 
 # ---- 2. tensors -----------------------------------------------------------------------------
@@ -95,35 +96,35 @@ def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, 
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            _fail(path, f"is not a readable safetensors file ({' '.join(str(e).split())[:160]})")
+            fail_checkpoint(path, f"is not a readable safetensors file ({' '.join(str(e).split())[:160]})")
         with handle:
             text = (handle.metadata() or {}).get(TENSOR_MANIFEST_KEY)
             if text is None:
-                _fail(path, f"has no {TENSOR_MANIFEST_KEY} record (written by an older serq-ao, or not by serq)")
+                fail_checkpoint(path, f"has no {TENSOR_MANIFEST_KEY} record (written by an older serq-ao, or not by serq)")
             try:
                 listed = json.loads(text)
             except ValueError:
-                _fail(path, f"its {TENSOR_MANIFEST_KEY} record is not JSON")
+                fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record is not JSON")
             if manifest is None:
                 manifest = listed
             elif listed != manifest:
-                _fail(path, f"its {TENSOR_MANIFEST_KEY} record differs from the other shards'")
+                fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record differs from the other shards'")
             for key in handle.keys():
                 expected = manifest.get(key)
                 if expected is None:
-                    _fail(path, f"holds tensor {key}, which its {TENSOR_MANIFEST_KEY} record does not list")
+                    fail_checkpoint(path, f"holds tensor {key}, which its {TENSOR_MANIFEST_KEY} record does not list")
                 tensor = handle.get_tensor(key)
                 got = [list(tensor.shape), str(tensor.dtype).removeprefix("torch.")]
                 if got != expected[:2]:
-                    _fail(path, f"tensor {key} is {got[1]} {got[0]}, recorded as {expected[1]} {expected[0]}")
+                    fail_checkpoint(path, f"tensor {key} is {got[1]} {got[0]}, recorded as {expected[1]} {expected[0]}")
                 if tensor_digest(tensor) != expected[2]:
-                    _fail(path, f"tensor {key} differs from the one written (SHA-256)")
+                    fail_checkpoint(path, f"tensor {key} differs from the one written (SHA-256)")
                 found.add(key)
                 if on_tensor is not None:
                     on_tensor(key, tensor)
     missing = sorted(set(manifest or {}) - found)
     if missing:
-        _fail(Path(files[0]).parent, f"tensor {missing[0]} is missing ({len(missing)} in all)")
+        fail_checkpoint(Path(files[0]).parent, f"tensor {missing[0]} is missing ({len(missing)} in all)")
     return manifest or {}
 
 
@@ -138,7 +139,7 @@ def check_expected_keys(model: torch.nn.Module, stored: dict[str, list], packed:
         if key in packed:
             logical = list(packed[key]["attributes"]["shape"])
             if logical != list(tensor.shape):
-                _fail("checkpoint", f"{key} is stored as a {logical} weight, the model config.json describes has "
+                fail_checkpoint("checkpoint", f"{key} is stored as a {logical} weight, the model config.json describes has "
                                     f"{list(tensor.shape)}: config.json and the weights disagree")
             expected |= {f"{key}_{field}": None for field in packed[key]["fields"]}
         elif key not in tied or key in stored:
@@ -146,14 +147,14 @@ def check_expected_keys(model: torch.nn.Module, stored: dict[str, list], packed:
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     if missing:
-        _fail("checkpoint", f"the model config.json describes expects {missing[0]}, which is not stored "
+        fail_checkpoint("checkpoint", f"the model config.json describes expects {missing[0]}, which is not stored "
                             f"({len(missing)} such tensors: config.json and the weights disagree)")
     if unexpected:
-        _fail("checkpoint", f"it stores {unexpected[0]}, which the model config.json describes has no place for "
+        fail_checkpoint("checkpoint", f"it stores {unexpected[0]}, which the model config.json describes has no place for "
                             f"({len(unexpected)} such tensors: config.json and the weights disagree)")
     for key, shape in expected.items():
         if shape is not None and tuple(stored[key][0]) != shape:
-            _fail("checkpoint", f"{key} is stored as {list(stored[key][0])}, the model config.json describes has "
+            fail_checkpoint("checkpoint", f"{key} is stored as {list(stored[key][0])}, the model config.json describes has "
                                 f"{list(shape)}: config.json and the weights disagree")
 
 
@@ -180,30 +181,30 @@ def check_order(name: str, perm: torch.Tensor | None, width: int) -> None:
     if perm is None:
         return
     if perm.dim() != 1 or perm.numel() != width:
-        _fail(name, f"order has shape {tuple(perm.shape)}, expected ({width},)")
+        fail_checkpoint(name, f"order has shape {tuple(perm.shape)}, expected ({width},)")
     if perm.is_floating_point() or perm.dtype == torch.bool:
-        _fail(name, f"order has dtype {perm.dtype}, expected an integer type")
+        fail_checkpoint(name, f"order has dtype {perm.dtype}, expected an integer type")
     values = perm.long()
     if values.numel() and (values.min() < 0 or values.max() >= width):
-        _fail(name, f"order holds channel ids outside [0, {width})")
+        fail_checkpoint(name, f"order holds channel ids outside [0, {width})")
     if not torch.equal(values.sort().values, torch.arange(width, device=values.device)):
-        _fail(name, "order repeats a channel (it is not a permutation)")
+        fail_checkpoint(name, "order repeats a channel (it is not a permutation)")
 
 
 def _check_scale_inv(name: str, scale_inv: torch.Tensor | None, width: int) -> None:
     if scale_inv is None:
         return
     if tuple(scale_inv.shape) != (width,):
-        _fail(name, f"input scale has shape {tuple(scale_inv.shape)}, expected ({width},)")
+        fail_checkpoint(name, f"input scale has shape {tuple(scale_inv.shape)}, expected ({width},)")
     if not bool(torch.isfinite(scale_inv).all()) or bool((scale_inv <= 0).any()):
-        _fail(name, "input scale has a non-finite or non-positive value")
+        fail_checkpoint(name, "input scale has a non-finite or non-positive value")
 
 
 def _check_shape(name: str, field: str, tensor: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> None:
     if tensor is None:
-        _fail(name, f"lacks its {field}")
+        fail_checkpoint(name, f"lacks its {field}")
     if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-        _fail(name, f"{field} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
+        fail_checkpoint(name, f"{field} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
                     f"its attributes imply {str(dtype).removeprefix('torch.')} {list(shape)}")
 
 
@@ -216,18 +217,18 @@ def check_packed(name: str, weight) -> None:
     rows, d_in = weight.shape
     if isinstance(weight, SERQMXFP4Tensor):
         if not isinstance(weight.rank, int) or weight.rank < 0 or weight.rank % 32:
-            _fail(name, f"rank {weight.rank!r} is not a multiple of 32")
+            fail_checkpoint(name, f"rank {weight.rank!r} is not a multiple of 32")
         if weight.scale_mode not in ("floor", "rceil"):
-            _fail(name, f"scale mode {weight.scale_mode!r} is not floor or rceil")
+            fail_checkpoint(name, f"scale mode {weight.scale_mode!r} is not floor or rceil")
         columns = padded_in_features(d_in) + weight.rank
         _check_shape(name, "qdata", weight.qdata, (rows, columns // 2), torch.uint8)
         _check_shape(name, "scale", weight.scale, (rows, columns // 32), torch.uint8)
         if bool((weight.scale == _E8M0_NAN).any()):
-            _fail(name, "has an E8M0 NaN scale byte (255), which quantization never writes")
+            fail_checkpoint(name, "has an E8M0 NaN scale byte (255), which quantization never writes")
     elif isinstance(weight, SERQIntTensor):
         group = weight.group_size
         if not isinstance(group, int) or group <= 0 or group % 2 or weight.activation_bits not in (4, 8):
-            _fail(name, f"group size {group!r} or activation bits {weight.activation_bits!r} is not a valid INT format")
+            fail_checkpoint(name, f"group size {group!r} or activation bits {weight.activation_bits!r} is not a valid INT format")
         groups = -(-d_in // group)
         _check_shape(name, "qdata", weight.qdata, (rows, groups * group // 2), torch.uint8)
         _check_shape(name, "scale", weight.scale, (rows, groups), torch.float32)
@@ -238,9 +239,9 @@ def check_packed(name: str, weight) -> None:
         for field in ("scale", "correction_scale"):
             value = getattr(weight, field)
             if value is not None and (not bool(torch.isfinite(value).all()) or bool((value <= 0).any())):
-                _fail(name, f"{field} has a non-finite or non-positive value")
+                fail_checkpoint(name, f"{field} has a non-finite or non-positive value")
     else:
-        _fail(name, f"is a {type(weight).__name__}, not a packed SERQ weight")
+        fail_checkpoint(name, f"is a {type(weight).__name__}, not a packed SERQ weight")
     _check_scale_inv(name, weight.input_scale_inv, d_in)
     check_order(name, weight.input_perm, d_in)
 
@@ -259,6 +260,6 @@ def check_config_agrees(name: str, weight, config) -> None:
 
     fmt = FormatName.MXFP4 if isinstance(weight, SERQMXFP4Tensor) else {8: FormatName.W4A8, 4: FormatName.W4A4}[weight.activation_bits]
     if fmt != config.format:
-        _fail(name, f"is packed as {fmt}, the checkpoint's config says format {config.format}")
+        fail_checkpoint(name, f"is packed as {fmt}, the checkpoint's config says format {config.format}")
     if weight.rank != config.correction_rank:
-        _fail(name, f"has rank {weight.rank}, the checkpoint's config says {config.correction_rank}")
+        fail_checkpoint(name, f"has rank {weight.rank}, the checkpoint's config says {config.correction_rank}")
