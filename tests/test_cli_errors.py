@@ -21,6 +21,13 @@ def models(tmp_path_factory):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (root / "empty.gguf").write_bytes(b"")
     (root / "random.gguf").write_bytes(b"GGUF" + bytes(range(200)))
+    import gguf
+
+    writer = gguf.GGUFWriter(str(root / "header-only.gguf"), "llama")  # a valid header, no tensors
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return root
 
 
@@ -35,6 +42,7 @@ CALIB = ["--calib-windows", "2", "--calib-seqlen", "32"]
     (["quantize", "{bad}/truncated", "--out", "{tmp}/o"], "cannot load the model (Error while deserializing header"),
     (["eval", "ppl", "{bad}/empty.gguf"], "empty.gguf: not a GGUF model transformers can convert"),
     (["eval", "ppl", "{bad}/random.gguf"], "random.gguf: not a GGUF model transformers can convert"),
+    (["eval", "ppl", "{bad}/header-only.gguf"], "header-only.gguf: not a GGUF model transformers can convert"),
     (["quantize", "{m}", "--out", "{tmp}/o", "--method", "rtn", "--rank", "64"], "--rank applies to method serq only"),
     (["quantize", "{m}", "--out", "{tmp}/o", "--format", "w4a8", "--scale-mode", "rceil"],
      "--scale-mode applies to the MXFP4 format only"),
