@@ -172,21 +172,60 @@ def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` in eval mode on the CPU. See :func:`resolve_model_folder`.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available, else cpu)"
 
-    A folder written by ``serq quantize`` loads as the quantized model it holds.
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """``"auto"`` (the checkpoint's own dtype), a name from :data:`DTYPES`, or one of its dtypes."""
+    if dtype == "auto" or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {('auto', *DTYPES)}, got {dtype!r}")
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """The device a model loads on: cpu, cuda, cuda:N, or auto; a clear error for a device
+    this machine does not have."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be {DEVICE_HELP}, got {device!r}") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise ValueError(f"device must be {DEVICE_HELP}, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    return resolved
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu"):
+    """Load ``(model, tokenizer)`` in eval mode. See :func:`resolve_model_folder`.
+
+    ``dtype``: float32 (default), bfloat16, float16, or "auto" for the checkpoint's own.
+    ``device``: cpu (default), cuda, cuda:N or "auto". Both are checked before anything loads.
+    A folder written by ``serq quantize`` loads as the quantized model it holds (its packed
+    codes and scales keep their storage; ``dtype`` is what its linears return).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serq_ao.integrations.serialization import is_quantized_folder, load_quantized
-    from safetensors import SafetensorError
-
     from serq_ao.integrations.verify import CheckpointError, fail_checkpoint, verify_files, written_by_serq
 
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = resolve_model_folder(name_or_path)
     if is_quantized_folder(folder):
-        return load_quantized(folder)  # verifies the folder
+        model, tokenizer = load_quantized(folder, dtype=dtype)  # verifies the folder
+        return model.to(device), tokenizer
     # a folder serq wrote whose serq markers are gone (quantization_config cut from config.json,
     # serq_config.json deleted) must not load as a plain model with random weights
     verify_files(folder)
@@ -204,4 +243,4 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
             raise
         raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(e)})") from None
     model.eval()
-    return model, tokenizer
+    return model.to(device), tokenizer

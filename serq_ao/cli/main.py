@@ -30,7 +30,14 @@ from serq_ao.quant.config import DEFAULT_RANK, DEFAULT_RESIDUAL_ORDER, FORMATS, 
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
 from serq_ao.formats import SCALE_MODES  # noqa: E402
-from serq_ao.models import DEFAULT_MODEL, ModelAssetMissingError, ModelLoadError, ModelNotFoundError  # noqa: E402
+from serq_ao.models import (  # noqa: E402
+    DEFAULT_MODEL,
+    DEVICE_HELP,
+    DTYPES,
+    ModelAssetMissingError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from serq_ao.passes.trace import UnsupportedModelError  # noqa: E402
 from serq_ao.files import OutputError  # noqa: E402
 from serq_ao.quant.calibration import NonFiniteError  # noqa: E402
@@ -49,6 +56,24 @@ class Parser(argparse.ArgumentParser):
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _device_argument(text: str) -> str:
+    from serq_ao.models import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _loading_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=_device_argument, default="cpu", help=f"where the model runs: {DEVICE_HELP} "
+                        "(default cpu)")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="the model's dtype: auto (the checkpoint's own, default), float32, bfloat16 or float16; "
+                             "quantization math keeps its own precision whatever this is")
 
 
 def _quantization_options(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--error-windows", type=non_negative_int, default=None,
                           help="calibration windows the output errors are measured on (0: none; default 2, or "
                                "--calib-windows if fewer)")
+    _loading_options(quantize)
     _common(quantize)
     quantize.set_defaults(handler=cmd_quantize)
 
@@ -100,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default="fp,rtn,serq", help="comma-separated, from: fp, " + ", ".join(METHODS))
     _quantization_options(compare)
     _evaluation_options(compare)
+    _loading_options(compare)
     _common(compare)
     compare.set_defaults(handler=cmd_compare)
 
@@ -120,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--error-windows", type=non_negative_int, default=None,
                          help="with --stats: calibration windows the output errors are measured on (default 2, or "
                               "--calib-windows if fewer)")
+    _loading_options(inspect)
     _common(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 
@@ -130,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--aoti", action="store_true", help="an AOTInductor package instead of an ExportedProgram")
     export.add_argument("--batch", type=positive_int, default=1, help="input batch size it is exported for")
     export.add_argument("--seqlen", type=positive_int, default=128, help="input length it is exported for")
+    _loading_options(export)
     _common(export)
     export.set_defaults(handler=cmd_export)
 
@@ -142,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=3, help="prefill calls to time")
     bench.add_argument("--baseline", default="auto",
                        help="model to compare with: 'auto' (a serq folder's source model), 'none', or a model")
+    _loading_options(bench)
     _common(bench)
     bench.set_defaults(handler=cmd_bench)
 
@@ -153,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--text", metavar="FILE", default=None,
                      help="evaluate on this UTF-8 text file instead of a corpus (same windowing)")
     ppl.add_argument("--batch-size", type=positive_int, default=1)
+    _loading_options(ppl)
     _common(ppl)
     ppl.set_defaults(handler=cmd_eval_ppl)
     tasks = evaluations.add_parser("tasks", help="zero-shot accuracy through lm-eval, offline")
@@ -163,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     tasks.add_argument("--include-path", action="append", default=[], metavar="DIR",
                        help="a folder of further lm-eval task YAMLs (repeatable)")
+    _loading_options(tasks)
     _common(tasks)
     tasks.set_defaults(handler=cmd_eval_tasks)
     return parser

@@ -44,7 +44,7 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
 
     out = args.out
     with status(err, f"loading {args.model}", args.quiet):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         check_not_quantized(model, args.model)
         plan = checked_plan(model, config)
         needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
@@ -121,7 +121,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     with progress_bar(err, args.quiet) as progress:
         for method in methods:
             loading = progress.add_task(f"{method}: load {args.model}", total=None)
-            model, tokenizer = load_model(args.model)
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
             check_not_quantized(model, args.model)
             windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
             check_positions(model, "--seqlen", windows.shape[1])

@@ -145,8 +145,9 @@ def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
     raise ValueError(f"unknown module kind {spec['kind']!r} in {QUANTIZATION_FILE}")
 
 
-def load_quantized(path: str | os.PathLike):
-    """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in eval mode."""
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32):
+    """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in eval mode, in ``dtype``
+    ("auto": the dtype the model was saved in)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -154,12 +155,16 @@ def load_quantized(path: str | os.PathLike):
     # (by the quantizer of a packed folder as they load), so only their sizes here
     verify_files(path, hash_weights=False)
     if is_packed_folder(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         return model, AutoTokenizer.from_pretrained(path)
     meta = json.loads((path / QUANTIZATION_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} was written by an incompatible serq-ao (format {meta.get('format_version')})")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in meta["structure"].items():
         replace_module(model, name, _placeholder(spec, model.get_submodule(name)))
     stored = verify_tensors([path / WEIGHTS_FILE])
