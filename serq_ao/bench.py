@@ -9,6 +9,7 @@ the warm-up of a compiled function, which includes compilation, is reported apar
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serq_ao.files import atomic_path, strict_json
+from serq_ao.files import OutputError, atomic_path, strict_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,17 @@ def write_text(path, text: str) -> None:
 
 
 def write_json(path, record: dict) -> None:
-    """:func:`write_text` of ``record`` as JSON."""
+    """:func:`write_text` of ``record`` as JSON. An existing file is replaced only if it is a
+    JSON object itself (an earlier result): a benchmark's ``--out`` pointed at anything else,
+    your notes say, is refused rather than overwritten."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict):
+            raise OutputError(f"{path} exists and is not a JSON result; remove it or write elsewhere")
     write_text(path, strict_json(record, indent=1))
 
 

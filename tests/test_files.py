@@ -228,3 +228,17 @@ def test_interrupt_or_kill_at_every_step_leaves_the_old_or_the_new_output(tmp_pa
     assert {"old", "new"} <= set(outcomes.values()), outcomes  # both sides of the swap were hit
     if swap == "rename" and signal_name == "KILL":
         assert "restored old" in outcomes.values()
+
+
+def test_benchmark_results_replace_only_earlier_results(tmp_path):
+    from serq_ao.bench import write_json
+
+    result = tmp_path / "r.json"
+    write_json(result, {"a": 1})
+    write_json(result, {"a": 2})  # an earlier result: replaced
+    assert json.loads(result.read_text()) == {"a": 2}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("years of work")
+    with pytest.raises(OutputError, match="exists and is not a JSON result"):
+        write_json(notes, {"a": 1})
+    assert notes.read_text() == "years of work"
