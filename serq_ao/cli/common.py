@@ -112,10 +112,9 @@ def check_positions(model, option: str, positions: int) -> None:
 
 def check_not_quantized(model, name) -> None:
     """Quantizing (or measuring as if quantizing) needs the float model."""
-    from serq_ao.quant.fake_quant import FakeQuantLinear
-    from serq_ao.quant.packing import is_packed_linear
+    from serq_ao.quant.pipeline import is_quantized
 
-    if any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules()):
+    if is_quantized(model):
         raise UsageError(f"{name} is already quantized (a serq output): quantize the float model it came from")
 
 

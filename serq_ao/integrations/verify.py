@@ -77,7 +77,8 @@ def verify_files(folder: str | os.PathLike, *, hash_weights: bool = True) -> Non
 def tensor_digest(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (row-major, as safetensors stores them)."""
     data = tensor.detach().contiguous().cpu().reshape(-1)
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    # hashed through the buffer protocol: no bytes copy of a tensor that may be gigabytes
+    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
 
 
 def tensor_manifest(tensors: dict[str, torch.Tensor]) -> str:

@@ -130,9 +130,29 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
 ) -> CalibrationStats:
     """Run ``batches`` (n, L) of input ids through ``model`` and record per-group statistics."""
+    check_model_and_ids(model, batches)
+    return collect_statistics(model, plan, batches, batch_size=batch_size, on_batch=on_batch)
+
+
+def check_model_and_ids(model: nn.Module, ids) -> None:
+    """What every entry point that runs a model on calibration ids checks first: real
+    (non-meta), finite weights, named before an activation they break; well-formed ids."""
     check_materialized(model)
-    check_finite_weights(model)  # name the weight, not the first activation it breaks
-    check_input_ids(batches, model)
+    check_finite_weights(model)
+    if ids is not None:
+        check_input_ids(ids, model)
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    plan: ModelPlan,
+    batches: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> CalibrationStats:
+    """:func:`calibrate` without its checks, for callers that made them already."""
     start = time.perf_counter()
     observer = StatisticsObserver()
     handles = observer.attach(model, plan)

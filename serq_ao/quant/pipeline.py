@@ -28,13 +28,7 @@ from serq_ao.passes import (
     apply_residual_order,
 )
 from serq_ao.passes.transforms import replace_module
-from serq_ao.quant.calibration import (
-    CalibrationStats,
-    calibrate,
-    check_finite_weights,
-    check_input_ids,
-    check_materialized,
-)
+from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids, collect_statistics
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
@@ -97,6 +91,11 @@ class QuantizationReport:
             "seconds": self.seconds,
             "linears": [dataclasses.asdict(r) for r in self.linears],
         }
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Does ``model`` hold quantized linears already (evaluation mode or packed)?"""
+    return any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules())
 
 
 def check_config_for_plan(config: SERQConfig, plan: ModelPlan) -> None:
@@ -219,12 +218,9 @@ def quantize_model(
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    if any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("model is already quantized: quantize a fresh copy of the float model")
-    check_materialized(model)
-    check_finite_weights(model)
-    if calibration is not None and not isinstance(calibration, CalibrationStats):
-        check_input_ids(calibration, model)
+    check_model_and_ids(model, None if isinstance(calibration, CalibrationStats) else calibration)
     plan = plan if plan is not None else analyze(model)
     check_config_for_plan(config, plan)
     report = progress or (lambda stage, done, total: None)
@@ -246,7 +242,8 @@ def quantize_model(
         else:
             total = calibration.shape[0]
             counter = iter(range(1, total + 1))
-            stats = calibrate(model, plan, calibration, on_batch=lambda k: report("calibrate", next(counter), total))
+            stats = collect_statistics(model, plan, calibration,
+                                       on_batch=lambda k: report("calibrate", next(counter), total))
     if stats is not None:
         seconds["calibration"] = stats.seconds
 
