@@ -17,7 +17,7 @@ from serq_ao.quant.methods import Method  # noqa: E402
 from serq_ao.quant.config import SERQConfig  # noqa: E402
 from serq_ao.integrations.hf_quantizer import register as _register_with_transformers  # noqa: E402
 from serq_ao.quant.packing import pack_model, storage_report  # noqa: E402
-from serq_ao.quant.pipeline import QuantizationReport, quantize_, quantize_model  # noqa: E402
+from serq_ao.quant.pipeline import QuantizationReport, quantize_, quantize_model, transform_model  # noqa: E402
 from serq_ao.integrations.torchao_config import SERQLinearConfig  # noqa: E402
 
 _register_with_transformers()
@@ -34,5 +34,6 @@ __all__ = [
     "pack_model",
     "quantize_",
     "quantize_model",
+    "transform_model",
     "storage_report",
 ]

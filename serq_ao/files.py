@@ -47,6 +47,8 @@ MANIFEST = "serq-manifest.json"
 MANIFEST_FORMAT = "serq-ao output"
 _HASH_CHUNK = 1 << 24
 _NEW, _OLD, _LOCK = "serq-new", "serq-old", "serq-lock"
+# the work folder of a resumable run (serq_ao.resume); never cleaned as stale: it is kept for --resume
+_PARTIAL = "serq-partial"
 
 
 class OutputError(ValueError):
@@ -241,6 +243,11 @@ class Output:
 
     def __init__(self, path: Path, folder: bool, option: str):
         self.path, self.folder, self.option = path, folder, option
+
+    @property
+    def partial(self) -> Path:
+        """Where a resumable run of this destination keeps its work (:mod:`serq_ao.resume`)."""
+        return self.path.parent / f".{self.path.name}.{_PARTIAL}"
 
     def _temporary(self, tag: str) -> Path:
         suffix = "" if self.folder else self.path.suffix

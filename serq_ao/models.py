@@ -216,16 +216,34 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
     codes and scales keep their storage; ``dtype`` is what its linears return).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from serq_ao.integrations.serialization import is_quantized_folder, load_quantized
-    from serq_ao.integrations.verify import CheckpointError, fail_checkpoint, verify_files, written_by_serq
+    from serq_ao.integrations.verify import CheckpointError
 
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = resolve_model_folder(name_or_path)
     if is_quantized_folder(folder):
         model, tokenizer = load_quantized(folder, dtype=dtype)  # verifies the folder
         return model.to(device), tokenizer
+    tokenizer = load_float_tokenizer(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # safetensors, json, transformers
+        if isinstance(e, CheckpointError):
+            raise
+        raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(e)})") from None
+    model.eval()
+    return model.to(device), tokenizer
+
+
+def load_float_tokenizer(folder: Path):
+    """The tokenizer of a float model folder, once the folder is checked: its serq manifest
+    (if any) holds, it is not a serq output stripped of its markers, it has a tokenizer."""
+    from transformers import AutoTokenizer
+
+    from serq_ao.integrations.verify import fail_checkpoint, verify_files, written_by_serq
+
     # a folder serq wrote whose serq markers are gone (quantization_config cut from config.json,
     # serq_config.json deleted) must not load as a plain model with random weights
     verify_files(folder)
@@ -236,11 +254,6 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
         raise ModelLoadError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
                              "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # safetensors, json, transformers
-        if isinstance(e, CheckpointError):
-            raise
-        raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(e)})") from None
-    model.eval()
-    return model.to(device), tokenizer
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({_one_line(e)})") from None

@@ -65,7 +65,8 @@ def test_quantize_then_eval_the_saved_folder(tiny_model_dir, tmp_path, capsys):
     # the packed format: a transformers folder whose config names the "serq" quantizer
     assert summary["packed"] and summary["model_bytes"] > 0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "serq"
-    assert (out / "model.safetensors").is_file() and (out / "serq_report.json").is_file()
+    # streamed: one shard per decoder layer, one for the rest, and their index
+    assert (out / "model.safetensors.index.json").is_file() and (out / "serq_report.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     assert main(["eval", "ppl", str(out), "--windows", "1", "--seqlen", "32", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] > 1

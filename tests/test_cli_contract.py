@@ -51,10 +51,34 @@ def test_interrupted_quantize_leaves_no_folder(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_half_then_interrupt)
     out = tmp_path / "out" / "q"
     argv = ["quantize", str(tiny_model_dir), "--rank", "32", "--out", str(out), "--calib-windows", "2",
-            "--calib-seqlen", "32", "--quiet"]
+            "--calib-seqlen", "32", "--quiet", "--in-memory"]
     assert main(argv) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []  # neither the folder nor its temporary twin
+
+
+def test_interrupted_streamed_quantize_leaves_only_its_resumable_work(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from serq_ao.streaming import PackedShardWriter
+
+    original = PackedShardWriter.finish
+
+    def finish_then_interrupt(self, *args, **kwargs):
+        original(self, *args, **kwargs)  # every file is in the staging folder, none committed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PackedShardWriter, "finish", finish_then_interrupt)
+    out = tmp_path / "out" / "q"
+    argv = ["quantize", str(tiny_model_dir), "--rank", "32", "--out", str(out), "--calib-windows", "2",
+            "--calib-seqlen", "32", "--quiet"]
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    # no folder, no temporary twin: only the work a --resume continues from (layer 0 of 2)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".q.serq-partial"]
+    assert main(argv) == 2
+    assert "--resume to continue it" in capsys.readouterr().err
+    monkeypatch.setattr(PackedShardWriter, "finish", original)
+    assert main([*argv, "--resume"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["q"]
 
 
 def test_interrupted_export_leaves_no_file(quantized_tiny_dir, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ def test_quantize_out_rules(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
     assert quantize(tiny_model_dir, out) == 0
     manifest = read_manifest(out)
-    assert "model.safetensors" in manifest["files"] and "config.json" in manifest["files"]
+    assert "model.safetensors.index.json" in manifest["files"] and "config.json" in manifest["files"]
     assert quantize(tiny_model_dir, out) == 2
     assert "--out: " in capsys.readouterr().err
     assert quantize(tiny_model_dir, out, "--overwrite") == 0

@@ -35,6 +35,9 @@ def folders(tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("corruption")
     common = ["--calib-windows", "2", "--calib-seqlen", "32", "--quiet"]
+    # in memory: one model.safetensors, as save_pretrained writes it (the streamed, sharded
+    # output has its own cases below)
+    common += ["--in-memory"]
     assert main(["quantize", str(tiny_model_dir), "--rank", "32", "--out", str(root / "packed"), *common]) == 0
     assert main(["quantize", str(tiny_model_dir), "--method", "lqer", "--out", str(root / "lqer"), *common]) == 0
     assert main(["quantize", str(tiny_model_dir), "--format", "w4a8", "--rank", "32", "--out", str(root / "int"), *common]) == 0
@@ -280,3 +283,77 @@ def test_sharded_checkpoint_verifies_across_shards(folders, tmp_path):
     save_file(tensors, str(shards[-1]), metadata=metadata)
     with pytest.raises(ValueError, match=f"tensor {key} differs from the one written"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_model_dir, tmp_path_factory):
+    from serq_ao.cli.main import main
+
+    root = tmp_path_factory.mktemp("streamed")
+    common = ["--calib-windows", "2", "--calib-seqlen", "32", "--quiet"]
+    assert main(["quantize", str(tiny_model_dir), "--rank", "32", "--out", str(root / "packed"), *common]) == 0
+    assert not (root / "packed" / WEIGHTS).exists()  # one shard per decoder layer, and one for the rest
+    return root / "packed"
+
+
+def _shard_of(folder: Path, key: str) -> Path:
+    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def _flip_byte(folder: Path, key: str, forge: bool) -> None:
+    shard = _shard_of(folder, key)
+    with safe_open(str(shard), framework="pt") as handle:
+        tensors, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata())
+    raw = tensors[key].contiguous().view(torch.uint8).reshape(-1).clone()
+    raw[0] ^= 0x01
+    tensors[key] = raw.view(tensors[key].dtype).reshape(tensors[key].shape)
+    if forge:
+        metadata[TENSOR_MANIFEST_KEY] = tensor_manifest(tensors)
+    save_file(tensors, str(shard), metadata=metadata)
+
+
+def _drop_from_index(folder: Path, key: str) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"][key]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+LAYER_KEY = "model.layers.1.self_attn.q_proj.weight_qdata"
+# name -> (damage, must it raise?). Damage the verification cannot see by design (an index
+# entry dropped while the shard still holds the tensor, with a manifest rewritten to match)
+# may load, but then only as the very model that was saved.
+STREAMED_DAMAGE = {
+    "layer shard byte flipped": (lambda f: _flip_byte(f, LAYER_KEY, forge=False), True),
+    "norm shard byte flipped": (lambda f: _flip_byte(f, "model.layers.0.input_layernorm.inner.weight", forge=False), True),
+    "layer shard deleted": (lambda f: _shard_of(f, LAYER_KEY).unlink(), True),
+    "layer shard truncated": (lambda f: _shard_of(f, LAYER_KEY).write_bytes(_shard_of(f, LAYER_KEY).read_bytes()[:200]),
+                              True),
+    "tensor dropped from the index": (lambda f: _drop_from_index(f, LAYER_KEY), False),
+    "norm dropped from the index": (lambda f: _drop_from_index(f, "model.layers.0.input_layernorm.inner.weight"), False),
+}
+
+
+@pytest.mark.parametrize("manifest", ["kept", "rewritten"])
+@pytest.mark.parametrize("damage", sorted(STREAMED_DAMAGE))
+def test_streamed_sharded_output_damage_is_caught(streamed, tmp_path, damage, manifest):
+    """The streamed writer's folder (a shard per layer, each with its own tensor record) is
+    as well guarded: damage to one shard, or to the index, is one clear error (or, where
+    the damage is invisible by design, the very model that was saved), even when the file
+    manifest is rewritten to match."""
+    folder = tmp_path / "copy"
+    shutil.copytree(streamed, folder)
+    reference = logits(load_model(streamed)[0])
+    apply, must_raise = STREAMED_DAMAGE[damage]
+    apply(folder)
+    if manifest == "rewritten":
+        (folder / MANIFEST).unlink()
+        write_manifest(folder)
+    try:
+        model, _ = load_model(folder)
+    except (ValueError, OSError) as error:
+        message = str(error)
+        assert message and "\n" not in message.strip(), message
+        assert type(error).__name__ not in ("KeyError", "IndexError", "AttributeError", "TypeError"), repr(error)
+        return
+    assert torch.equal(logits(model), reference), f"{damage}: loaded a different model without a word"
+    assert not must_raise, f"{damage}: loaded although damaged"

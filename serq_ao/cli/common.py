@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import contextlib
 
 from rich.console import Console
@@ -31,6 +32,16 @@ def _int_at_least(minimum: int, description: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
 
 
 def progress_bar(console: Console, quiet: bool) -> Progress:
@@ -103,8 +114,9 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
 
 
 def check_positions(model, option: str, positions: int) -> None:
-    """``positions`` tokens in one sequence must fit the model's ``max_position_embeddings``."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """``positions`` tokens in one sequence must fit the ``max_position_embeddings`` of
+    ``model`` (or of a model config)."""
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if limit is not None and positions > limit:
         raise UsageError(f"{option} needs {positions} positions per sequence, the model has "
                          f"max_position_embeddings {limit}")

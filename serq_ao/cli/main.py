@@ -20,7 +20,7 @@ from rich.console import Console
 tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 import serq_ao  # noqa: E402,F401  (silences torchao's CPU-only load messages first)
-from serq_ao.cli.common import UsageError, non_negative_int, positive_int  # noqa: E402
+from serq_ao.cli.common import UsageError, non_negative_float, non_negative_int, positive_int  # noqa: E402
 from serq_ao.cli.bench import cmd_bench  # noqa: E402
 from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
 from serq_ao.cli.export import cmd_export  # noqa: E402
@@ -42,6 +42,8 @@ from serq_ao.passes.trace import UnsupportedModelError  # noqa: E402
 from serq_ao.files import OutputError  # noqa: E402
 from serq_ao.quant.calibration import NonFiniteError  # noqa: E402
 from serq_ao.integrations.verify import CheckpointError  # noqa: E402
+from serq_ao.quant.pipeline import ConfigMismatchError  # noqa: E402
+from serq_ao.resume import ResumeError  # noqa: E402
 
 MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
 
@@ -118,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="calibration windows the output errors are measured on (0: none; default 2, or "
                                "--calib-windows if fewer)")
     _loading_options(quantize)
+    quantize.add_argument("--in-memory", action="store_true",
+                          help="load the whole model before quantizing (default: read each decoder layer from the "
+                               "checkpoint's safetensors when its turn comes, where the method packs and the "
+                               "residual order is per group)")
+    quantize.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run of the same command from its last finished layer "
+                               "(streamed runs keep their work beside --out after every layer)")
+    quantize.add_argument("--activation-memory", type=non_negative_float, default=None, metavar="GIB",
+                          help="CPU memory for the cached calibration activations; past it they go to disk "
+                               "(default: a quarter of this machine's memory, at most 8)")
+    quantize.add_argument("--offload-folder", default=None,
+                          help="where activations past --activation-memory are written (default: beside --out)")
     _common(quantize)
     quantize.set_defaults(handler=cmd_quantize)
 
@@ -215,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return args.handler(args, err)
-    except (UsageError, ModelNotFoundError, ModelLoadError, UnsupportedModelError, OutputError) as e:
+    except (UsageError, ModelNotFoundError, ModelLoadError, UnsupportedModelError, OutputError, ResumeError,
+            ConfigMismatchError) as e:
         if args.debug:
             raise
         err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)

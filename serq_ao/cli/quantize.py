@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -22,6 +24,9 @@ from serq_ao.cli.common import (
 )
 from serq_ao.files import strict_json
 from serq_ao.quant.config import METHODS
+from serq_ao.quant.methods import TransformKind
+
+logger = logging.getLogger(__name__)
 
 
 def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
@@ -36,53 +41,31 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
 
 
 def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> int:
-    from serq_ao.quant.diagnostics import quantize_with_diagnostics
-    from serq_ao.models import load_model
-    from serq_ao.quant.packing import storage_report
-    from serq_ao.quant.pipeline import quantize_, quantize_model
-    from serq_ao.integrations.serialization import save_quantized
+    from serq_ao.models import resolve_model_folder
 
-    out = args.out
-    with status(err, f"loading {args.model}", args.quiet):
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        check_not_quantized(model, args.model)
-        plan = checked_plan(model, config)
-        needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
-        batches = calibration_from_args(tokenizer, args, model) if needs_batches else None
-    # packed weights where the method has a packed format; LQER / L2QER stay in evaluation mode
-    quantize = quantize_ if config.spec.packs else quantize_model
-    diagnostics = None
-    with progress_bar(err, args.quiet) as progress:
-        if args.diagnostics:
-            report, diagnostics = quantize_with_diagnostics(
-                model, config, batches, quantize=quantize, error_windows=args.error_windows, plan=plan,
-                progress=StageProgress(progress),
-            )
-        else:
-            report = quantize(model, config, batches, plan=plan, progress=StageProgress(progress))
-    storage = storage_report(model)
-    extra = {
-        "source": str(args.model),
-        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows, "seqlen": args.calib_seqlen},
-        "report": report.to_dict(),
-        "storage": storage.to_dict(),
-        "diagnostics": None if diagnostics is None else diagnostics.to_dict(),
-    }
-    with status(err, f"saving {out}", args.quiet):
-        save_quantized(model, tokenizer, output, config, extra)
+    folder = resolve_model_folder(args.model)
+    streamed = _streams(folder, config, args)
+    if args.resume and not streamed:
+        raise UsageError("--resume continues a streamed run; this one loads the whole model (--in-memory, a method "
+                         "without a packed format, or residual order global), which has nothing to resume")
+    if streamed:
+        report, storage, extra = _quantize_streamed(folder, output, config, args, err)
+    else:
+        report, storage, extra = _quantize_in_memory(output, config, args, err)
     summary = {
         "out": str(args.out),
         **config.to_dict(),
         "effective_bits": report.effective_bits,
         "linears": len(report.linears),
         "packed": bool(storage.linears),
+        "streamed": streamed,
         "model_bytes": storage.model_bytes,
         "seconds": report.seconds,
     }
     if args.json:
         print(strict_json(summary))
         return 0
-    table = Table(title=f"Quantized {args.model} -> {out}")
+    table = Table(title=f"Quantized {args.model} -> {args.out}")
     table.add_column("method")
     table.add_column("format")
     table.add_column("rank", justify="right")
@@ -95,6 +78,104 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
                   str(len(report.linears)), stored, f"{report.seconds['total']:.1f}")
     Console().print(table)
     return 0
+
+
+def _streams(folder, config, args: argparse.Namespace) -> bool:
+    """Quantize layer by layer straight from the checkpoint's shards? Where the output is
+    packed, the order is per group and the weights are safetensors; else load it whole."""
+    from serq_ao.integrations.serialization import is_quantized_folder
+    from serq_ao.quant.methods import ResidualOrder
+    from serq_ao.streaming import INDEX_FILE, SINGLE_FILE
+
+    if args.in_memory or is_quantized_folder(folder):  # the in-memory path refuses a quantized one
+        return False
+    if not config.spec.packs:
+        logger.info("method %s has no packed format: loading the whole model", config.method)
+        return False
+    if config.spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.GLOBAL:
+        logger.info("residual order global permutes every layer at once: loading the whole model")
+        return False
+    return (folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()
+
+
+def _activation_cache(args: argparse.Namespace):
+    from serq_ao.quant.activations import GiB, ActivationCache
+
+    memory = None if args.activation_memory is None else int(args.activation_memory * GiB)
+    return ActivationCache(memory, args.offload_folder or Path(args.out).absolute().parent)
+
+
+def _describe(args: argparse.Namespace, report, storage, diagnostics) -> dict:
+    """What serq_report.json records beside the weights."""
+    return {
+        "source": str(args.model),
+        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows, "seqlen": args.calib_seqlen},
+        "report": report.to_dict(),
+        "storage": storage.to_dict(),
+        "diagnostics": None if diagnostics is None else diagnostics.to_dict(),
+    }
+
+
+def _quantize_streamed(folder, output, config, args: argparse.Namespace, err: Console):
+    from transformers import AutoConfig
+
+    from serq_ao.models import load_float_tokenizer, resolve_dtype
+    from serq_ao.quant.diagnostics import diagnostics_of
+    from serq_ao.quant.methods import ResidualOrder
+    from serq_ao.streaming import CheckpointReader, quantize_checkpoint
+
+    if config.spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.AUTO:
+        logger.warning("residual order: per group (streamed layers cannot share one order; pass --in-memory for auto)")
+    with status(err, f"reading {args.model}", args.quiet):
+        tokenizer = load_float_tokenizer(folder)
+        CheckpointReader(folder)  # every shard's header, before calibration data is prepared
+        needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
+        batches = calibration_from_args(tokenizer, args, AutoConfig.from_pretrained(folder)) if needs_batches else None
+    result = {}
+
+    def describe(report, storage):
+        diagnostics = diagnostics_of(report) if args.diagnostics else None
+        result["extra"] = _describe(args, report, storage, diagnostics)
+        return result["extra"]
+
+    with _activation_cache(args) as cache, progress_bar(err, args.quiet) as progress:
+        report, written = quantize_checkpoint(
+            folder, config, batches, output, overwrite=args.overwrite, resume=args.resume, tokenizer=tokenizer, dtype=resolve_dtype(args.dtype),
+            device=args.device, activations=cache, error_windows=args.error_windows if args.diagnostics else 0,
+            collect_statistics=args.diagnostics, progress=StageProgress(progress), describe=describe,
+        )
+    return report, written.storage, result["extra"]
+
+
+def _quantize_in_memory(output, config, args: argparse.Namespace, err: Console):
+    from serq_ao.quant.diagnostics import quantize_with_diagnostics
+    from serq_ao.models import load_model
+    from serq_ao.quant.packing import storage_report
+    from serq_ao.quant.pipeline import quantize_, quantize_model
+    from serq_ao.integrations.serialization import save_quantized
+
+    with status(err, f"loading {args.model}", args.quiet):
+        # the layers visit --device one at a time; the model itself stays on the CPU
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+        check_not_quantized(model, args.model)
+        plan = checked_plan(model, config)
+        needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
+        batches = calibration_from_args(tokenizer, args, model) if needs_batches else None
+    # packed weights where the method has a packed format; LQER / L2QER stay in evaluation mode
+    quantize = quantize_ if config.spec.packs else quantize_model
+    diagnostics = None
+    with _activation_cache(args) as cache, progress_bar(err, args.quiet) as progress:
+        options = {"plan": plan, "progress": StageProgress(progress), "device": args.device, "activations": cache}
+        if args.diagnostics:
+            report, diagnostics = quantize_with_diagnostics(model, config, batches, quantize=quantize,
+                                                            error_windows=args.error_windows, **options)
+        else:
+            report = quantize(model, config, batches, **options)
+    storage = storage_report(model)
+    extra = _describe(args, report, storage, diagnostics)
+    with status(err, f"saving {args.out}", args.quiet):
+        save_quantized(model, tokenizer, output, config, extra)
+    return report, storage, extra
 
 
 def cmd_compare(args: argparse.Namespace, err: Console) -> int:

@@ -90,7 +90,10 @@ def tensor_manifest(tensors: dict[str, torch.Tensor]) -> str:
 
 def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, list]:
     """Check every tensor of the safetensors ``files`` against their ``serq_tensors`` entry;
-    returns that manifest (name -> [shape, dtype, sha256]). ``on_tensor(name, tensor)`` sees
+    returns the union of the records (name -> [shape, dtype, sha256]). A shard's record lists
+    at least its own tensors (``save_pretrained`` writes the whole model's into every shard,
+    a streamed write each shard's own); records that name one tensor must agree, and every
+    tensor any record lists must be stored. ``on_tensor(name, tensor)`` sees
     each tensor once it has passed, for checks of its values."""
     manifest, found = None, set()
     for path in files:
@@ -106,12 +109,14 @@ def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, 
                 listed = json.loads(text)
             except ValueError:
                 fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record is not JSON")
-            if manifest is None:
-                manifest = listed
-            elif listed != manifest:
-                fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record differs from the other shards'")
+            if not isinstance(listed, dict):
+                fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record is not a table of tensors")
+            manifest = {} if manifest is None else manifest
+            for key, record in listed.items():
+                if manifest.setdefault(key, record) != record:
+                    fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record of {key} differs from another shard's")
             for key in handle.keys():
-                expected = manifest.get(key)
+                expected = listed.get(key)
                 if expected is None:
                     fail_checkpoint(path, f"holds tensor {key}, which its {TENSOR_MANIFEST_KEY} record does not list")
                 tensor = handle.get_tensor(key)

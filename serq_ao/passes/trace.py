@@ -39,9 +39,10 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def example_input_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
+def example_input_ids(model: nn.Module, length: int = 8, device: torch.device | str | None = None) -> torch.Tensor:
+    """The short window the passes trace with (on ``device``, default: the model's)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     return (torch.arange(length, device=device).unsqueeze(0) * 7 + 3) % vocab  # (1, T)
 
 

@@ -53,15 +53,15 @@ class NonFiniteError(ValueError):
     """NaN or inf where quantization needs finite numbers (weights, calibration activations)."""
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with a NaN or inf in any floating-point parameter or buffer, naming it:
-    quantizing it would give NaN codes or scales without a word."""
+def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    """Refuse a model with a NaN or inf in any floating-point parameter or buffer, naming it
+    (``prefix`` + its name): quantizing it would give NaN codes or scales without a word."""
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in named:
             if tensor.is_floating_point() and tensor.device.type != "meta":
                 bad = int((~torch.isfinite(tensor)).sum())
                 if bad:
-                    raise NonFiniteError(f"{kind} {name} has {bad} NaN or inf value(s) of {tensor.numel()}: "
+                    raise NonFiniteError(f"{kind} {prefix}{name} has {bad} NaN or inf value(s) of {tensor.numel()}: "
                                          "a model with non-finite weights cannot be quantized")
 
 

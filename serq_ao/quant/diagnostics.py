@@ -17,18 +17,15 @@ Per group, ``SaliencyCurve`` keeps the cumulative share of the top-k channels at
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import re
-import time
 
 import torch
 from torch import nn
 
-from serq_ao.quant.calibration import CalibrationStats, calibrate
 from serq_ao.quant.config import SERQConfig
-from serq_ao.passes import ModelPlan, analyze
+from serq_ao.passes import ModelPlan
+from serq_ao.quant.layerwise import relative_error  # noqa: F401 - re-exported, tests use it here
 from serq_ao.quant.pipeline import Progress, QuantizationReport, quantize_
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -107,44 +104,6 @@ def saliency_statistics(channel_max: torch.Tensor, rank: int) -> tuple[float, fl
     return spread, share
 
 
-@torch.no_grad()
-def output_errors(reference: nn.Module, quantized: nn.Module, names: list[str], batches: torch.Tensor) -> dict[str, float]:
-    """||Y_q - Y|| / ||Y|| per linear: ``reference`` runs ``batches``, and each of its linears'
-    inputs also goes through the same-named linear of ``quantized`` (which must take the
-    same input: the transformed float model and its quantized copy)."""
-    squared_error = {n: 0.0 for n in names}
-    squared_norm = {n: 0.0 for n in names}
-
-    def hook(name: str):
-        quantized_linear = quantized.get_submodule(name)
-
-        def compare(module, args, output):
-            difference = quantized_linear(args[0]).double() - output.double()
-            squared_error[name] += float(difference.pow(2).sum())
-            squared_norm[name] += float(output.double().pow(2).sum())
-
-        return compare
-
-    handles = [reference.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        for batch in batches.split(1):
-            reference(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: relative_error(squared_error[n], squared_norm[n]) for n in names}
-
-
-def relative_error(squared_error: float, squared_norm: float) -> float:
-    """sqrt(error / norm), NaN where either is NaN (never 0: a broken linear must show), 0 for
-    an exact zero output, inf for a nonzero error on a zero output."""
-    if math.isnan(squared_error) or math.isnan(squared_norm):
-        return math.nan
-    if squared_norm == 0:
-        return 0.0 if squared_error == 0 else math.inf
-    return math.sqrt(squared_error / squared_norm)
-
-
 def quantize_with_diagnostics(
     model: nn.Module,
     config: SERQConfig,
@@ -154,34 +113,27 @@ def quantize_with_diagnostics(
     error_windows: int = 2,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,
+    **options,
 ) -> tuple[QuantizationReport, Diagnostics]:
     """``quantize(model, config, ...)`` (quantize_ or quantize_model) calibrated on ``batches``
     (n, L) input ids, and the diagnostics of every quantized linear.
 
     The output errors are measured on the first ``error_windows`` of ``batches`` (0: not
-    measured); this keeps a copy of the transformed float model while it runs.
+    measured), layer by layer as the model is quantized (:mod:`serq_ao.quant.layerwise`).
     """
     if not 0 <= error_windows <= batches.shape[0]:
         raise ValueError(f"error_windows must be in [0, {batches.shape[0]}] (the calibration windows), got {error_windows}")
-    report_progress = progress or (lambda stage, done, total: None)
-    plan = plan if plan is not None else analyze(model)
-    total = batches.shape[0]
-    counter = iter(range(1, total + 1))
-    stats: CalibrationStats = calibrate(model, plan, batches, on_batch=lambda k: report_progress("calibrate", next(counter), total))
-    snapshot: list[nn.Module] = []
-    keep = (lambda transformed: snapshot.append(copy.deepcopy(transformed))) if error_windows else None
-    calibration = batches if config.needs_input_ids else (stats if config.needs_statistics else None)
-    report = quantize(model, config, calibration, plan=plan, progress=progress, on_transformed=keep)
-    names = [r.name for r in report.linears]
-    errors: dict[str, float] = {}
-    measure_start = time.perf_counter()
-    if error_windows:
-        report_progress("output error", 0, 1)
-        errors = output_errors(snapshot.pop(), model, names, batches[:error_windows])
-        report_progress("output error", 1, 1)
-    # the statistics were computed here, not handed in: count them, and the measurement, in the total
-    report.seconds["output_error"] = time.perf_counter() - measure_start
-    report.seconds["total"] += stats.seconds + report.seconds["output_error"]
+    report = quantize(model, config, batches, plan=plan, progress=progress, error_windows=error_windows,
+                      collect_statistics=True, **options)
+    return report, diagnostics_of(report)
+
+
+def diagnostics_of(report: QuantizationReport) -> Diagnostics:
+    """The diagnostics of a quantization that recorded its statistics (``collect_statistics``)
+    and, where measured, its output errors (``error_windows``)."""
+    if report.statistics is None:
+        raise ValueError("diagnostics need the calibration statistics: quantize with collect_statistics=True")
+    stats, errors = report.statistics, report.output_errors
     linears, curves = [], []
     by_name = {r.name: r for r in report.linears}
     group_statistics: dict[str, tuple[float, float]] = {}
@@ -198,5 +150,4 @@ def quantize_with_diagnostics(
             name, *layer_and_kind(name), linear.in_features, linear.out_features, rank, linear.bits,
             *group_statistics[group.name], errors.get(name),
         ))
-    tokens = int(batches[:error_windows].numel())
-    return report, Diagnostics(linears, curves, tokens)
+    return Diagnostics(linears, curves, report.error_tokens)

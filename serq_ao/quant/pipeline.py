@@ -28,7 +28,9 @@ from serq_ao.passes import (
     apply_residual_order,
 )
 from serq_ao.passes.transforms import replace_module
-from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids, collect_statistics
+from serq_ao.quant.activations import ActivationCache
+from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
+from serq_ao.quant.calibration import collect_statistics as collect_model_statistics
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
@@ -46,7 +48,7 @@ from serq_ao.quant.reconstruct import (
     serq_reconstruct,
     smoothquant_scales,
 )
-from serq_ao.quant.sequential import quantize_layers_sequentially, record_layer_calls
+from serq_ao.quant.layerwise import LayerWeights, quantize_layerwise, relative_error
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,12 @@ class QuantizationReport:
     # each quantized linear's plan (group, folds, pre-op, rank, format), in model order; what
     # diagnostics and packing read instead of rediscovering it. Not part of to_dict.
     plans: dict[str, LinearPlan] = dataclasses.field(default_factory=dict, repr=False)
+    # the calibration statistics used (or collected for diagnostics); not part of to_dict
+    statistics: CalibrationStats | None = dataclasses.field(default=None, repr=False)
+    # ||Y_q - Y|| / ||Y|| per linear on the first error windows (error_windows > 0), and
+    # how many tokens those were
+    output_errors: dict[str, float] = dataclasses.field(default_factory=dict, repr=False)
+    error_tokens: int = 0
 
     @property
     def effective_bits(self) -> float:
@@ -98,15 +106,19 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, FakeQuantLinear) or is_packed_linear(m) for m in model.modules())
 
 
+class ConfigMismatchError(ValueError):
+    """The config does not fit the model (a rank wider than a linear, nothing to quantize)."""
+
+
 def check_config_for_plan(config: SERQConfig, plan: ModelPlan) -> None:
     """Reject a model with nothing to quantize, and a rank that does not fit some linear,
     before any work starts."""
     if not plan.groups:
-        raise ValueError("the model has no nn.Linear to quantize inside its decoder layers "
+        raise ConfigMismatchError("the model has no nn.Linear to quantize inside its decoder layers "
                          "(already quantized? quantize the float model it came from)")
     narrowest = min(plan.groups, key=lambda g: g.in_features)
     if config.correction_rank > narrowest.in_features:
-        raise ValueError(
+        raise ConfigMismatchError(
             f"rank ({config.rank}) must be at most the smallest d_in of the model's linears "
             f"({narrowest.in_features}, {narrowest.name})"
         )
@@ -207,82 +219,156 @@ def quantize_model(
     *,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,
-    on_transformed: Callable[[nn.Module], None] | None = None,
+    device: torch.device | str | None = None,
+    activations: ActivationCache | None = None,
+    error_windows: int = 0,
+    collect_statistics: bool = False,
 ) -> QuantizationReport:
-    """Quantize ``model`` in place per ``config``.
+    """Quantize ``model`` in place per ``config``, one decoder layer at a time
+    (:mod:`serq_ao.quant.layerwise`).
 
     ``calibration``: input ids (n, L) to calibrate on, or statistics from :func:`calibrate`
     on this same, untransformed model. RTN needs none (pass None); GPTQ needs input ids.
-    ``on_transformed(model)`` is called once the exact transforms are applied and before any
-    weight is quantized (:mod:`serq_ao.quant.diagnostics` keeps a copy there).
+    ``device``: where each layer computes (default: where it is); the model's layers may
+    live on the CPU and visit a GPU one at a time. ``activations``: the budget and spill
+    folder of the cached calibration activations (default: CPU up to a quarter of memory).
+    ``error_windows``: measure each linear's output error on the first windows of
+    ``calibration`` (diagnostics; needs input ids). ``collect_statistics``: record the
+    calibration statistics in the report even where the method needs none (diagnostics).
     """
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
     if is_quantized(model):
         raise ValueError("model is already quantized: quantize a fresh copy of the float model")
     check_model_and_ids(model, None if isinstance(calibration, CalibrationStats) else calibration)
-    plan = plan if plan is not None else analyze(model)
-    check_config_for_plan(config, plan)
+    return run_quantization(model, config, calibration, plan=plan, progress=progress, device=device,
+                            activations=activations, error_windows=error_windows,
+                            collect_statistics=collect_statistics)
+
+
+def run_quantization(
+    model: nn.Module,
+    config: SERQConfig,
+    calibration: torch.Tensor | CalibrationStats | None,
+    *,
+    plan: ModelPlan | None = None,
+    progress: Progress | None = None,
+    device: torch.device | str | None = None,
+    activations: ActivationCache | None = None,
+    error_windows: int = 0,
+    collect_statistics: bool = False,
+    weights: LayerWeights | None = None,
+    on_layer_done: Callable[[int, nn.Module, dict[str, LinearPlan]], None] | None = None,
+    resume=None,
+    on_checkpoint=None,
+    transform_only: bool = False,
+) -> QuantizationReport:
+    """:func:`quantize_model` without its checks of the whole model, for callers whose layers
+    are not all in memory: ``weights`` brings each layer in for its turn (and checks it),
+    ``on_layer_done(index, layer, plans)`` takes it once quantized (:mod:`serq_ao.streaming`);
+    ``resume`` / ``on_checkpoint`` as in :func:`~serq_ao.quant.layerwise.quantize_layerwise`."""
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
     report = progress or (lambda stage, done, total: None)
     spec = config.spec
+    ids = None if isinstance(calibration, CalibrationStats) else calibration
+    stats = calibration if isinstance(calibration, CalibrationStats) else None
     if (spec.needs_statistics or config.needs_input_ids) and calibration is None:
         raise ValueError(f"method {config.method!r}{' with GPTQ' if config.gptq else ''} needs calibration data")
-    if config.needs_input_ids and isinstance(calibration, CalibrationStats):
+    if config.needs_input_ids and ids is None:
         raise ValueError("GPTQ needs calibration input ids (it runs the layers), not statistics")
+    if error_windows and (ids is None or not 0 <= error_windows <= ids.shape[0]):
+        raise ValueError(f"error_windows must be in [0, {0 if ids is None else ids.shape[0]}] (the calibration "
+                         f"windows, given as input ids), got {error_windows}")
+    if plan is not None:
+        check_config_for_plan(config, plan)
+    device = None if device is None else torch.device(device)
 
-    stats, layer_calls = None, None
-    if config.needs_input_ids:
-        total = calibration.shape[0]
-        counter = iter(range(1, total + 1))
-        stats, hidden, calls = record_layer_calls(model, plan, calibration, on_batch=lambda k: report("calibrate", next(counter), total))
-        layer_calls = (hidden, calls)
-    elif spec.needs_statistics:
-        if isinstance(calibration, CalibrationStats):
-            stats = calibration
-        else:
-            total = calibration.shape[0]
-            counter = iter(range(1, total + 1))
-            stats = collect_statistics(model, plan, calibration,
-                                       on_batch=lambda k: report("calibrate", next(counter), total))
-    if stats is not None:
-        seconds["calibration"] = stats.seconds
+    in_stream_order: set[str] = set()
+    residual = None
+    if weights is None:
+        plan_for_order = plan
+        if spec.input_transform is TransformKind.FLATTEN and config.residual_order is not ResidualOrder.PER_GROUP:
+            plan_for_order = plan if plan is not None else analyze(model)
+            check_config_for_plan(config, plan_for_order)
+            residual = _residual_plan(model, plan_for_order, config)
+        if residual is not None:  # one order for the whole stream needs every statistic first
+            if stats is None:
+                total = ids.shape[0]
+                counter = iter(range(1, total + 1))
+                stats = collect_model_statistics(model, plan_for_order, ids,
+                                           on_batch=lambda k: report("calibrate", next(counter), total))
+            seconds["calibration"] = stats.seconds
+            stats, in_stream_order, _ = _apply_global_residual_order(model, plan_for_order, stats, residual)
+            plan = plan_for_order
+    elif spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.GLOBAL:
+        raise ResidualOrderError("residual_order='global' permutes every layer at once, so it needs the whole model "
+                                 "in memory; use residual_order='per_group' (the default) when streaming layers")
 
-    transform_start = time.perf_counter()
-    folds, in_stream_order = {}, set()
-    residual = _residual_plan(model, plan, config)
-    if residual is not None:
-        stats, in_stream_order, order = _apply_global_residual_order(model, plan, stats, residual)
-        if layer_calls is not None:  # layer 0's recorded inputs are on the stream too
-            layer_calls = ([h.index_select(-1, order.to(h.device)) for h in layer_calls[0]], layer_calls[1])
-    if spec.transforms_input:
-        transforms = _transforms(model, plan, config, stats, in_stream_order)
-        folds = apply_input_transforms(model, plan, transforms, fold=True if config.fold_into_linears else ("norm",))
-    plans = linear_plans(plan.groups, folds, config.correction_rank, config.quant_format)
-    seconds["transform"] = time.perf_counter() - transform_start
-    if on_transformed is not None:
-        on_transformed(model)
+    def transform_layer(layer_plan: ModelPlan, layer_stats: CalibrationStats | None) -> dict[str, LinearPlan]:
+        folds = {}
+        if spec.transforms_input:
+            transforms = _transforms(model, layer_plan, config, layer_stats, in_stream_order)
+            folds = apply_input_transforms(model, layer_plan, transforms,
+                                           fold=True if config.fold_into_linears else ("norm",))
+        return linear_plans(layer_plan.groups, folds, config.correction_rank, config.quant_format)
 
-    quantize_start = time.perf_counter()
-    linears: list[LinearReport] = []
-    if layer_calls is not None:
-        quantize_layers_sequentially(
-            model,
-            plan,
-            plans,
-            *layer_calls,
-            lambda name, hessian: linears.append(_quantize_linear(model, plans[name], config, stats, hessian)),
-            on_layer=lambda done, total: report("gptq", done, total),
-        )
-    else:
-        for done, linear_plan in enumerate(plans.values(), 1):
-            linears.append(_quantize_linear(model, linear_plan, config, stats))
-            report("quantize", done, len(plans))
-    seconds["quantize"] = time.perf_counter() - quantize_start
+    def quantize_linear(linear_plan: LinearPlan, hessian, layer_stats) -> LinearReport | None:
+        if transform_only:
+            return None
+        return _quantize_linear(model, linear_plan, config, layer_stats, hessian)
+
+    def check_groups(groups) -> None:
+        check_config_for_plan(config, ModelPlan("", groups))
+
+    layers_start = time.perf_counter()
+    result = quantize_layerwise(
+        model,
+        windows=ids,
+        plan=plan,
+        statistics=stats,
+        collect_statistics=stats is None and ids is not None and (spec.needs_statistics or error_windows > 0
+                                                                  or collect_statistics),
+        transform_layer=transform_layer,
+        quantize_linear=quantize_linear,
+        gptq=config.needs_input_ids and not transform_only,
+        check_groups=check_groups,
+        weights=weights,
+        device=device,
+        cache=activations,
+        error_windows=error_windows,
+        on_layer_done=on_layer_done,
+        resume=resume,
+        on_checkpoint=on_checkpoint,
+        progress=report,
+    )
+    for stage, spent in result.seconds.items():  # calibration, transform, quantize, output_error
+        seconds[stage] = seconds.get(stage, 0.0) + spent
+    seconds["layers"] = time.perf_counter() - layers_start
     seconds["total"] = time.perf_counter() - started
     used_order = None
     if spec.input_transform is TransformKind.FLATTEN:
         used_order = ResidualOrder.PER_GROUP if residual is None else ResidualOrder.GLOBAL
-    return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds, used_order, plans)
+    stats = result.statistics if result.statistics is not None else stats
+    errors = {name: relative_error(*sums) for name, sums in result.output_errors.items()}
+    error_tokens = 0 if ids is None else int(ids[:error_windows].numel())
+    linears = [r for r in result.linears if r is not None]
+    return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds, used_order,
+                              result.plans, stats, errors, error_tokens)
+
+
+@torch.no_grad()
+def transform_model(
+    model: nn.Module,
+    config: SERQConfig,
+    calibration: torch.Tensor | CalibrationStats | None,
+    *,
+    plan: ModelPlan | None = None,
+) -> dict[str, LinearPlan]:
+    """Apply ``config``'s exact transforms (global residual order, flattening scales, orders,
+    folds) to ``model`` in place without quantizing anything; returns each linear's plan. The
+    model's outputs do not change (up to float rounding): the passes' proof, and a way to
+    look at what the quantizer sees."""
+    check_model_and_ids(model, None if isinstance(calibration, CalibrationStats) else calibration)
+    return run_quantization(model, config, calibration, plan=plan, transform_only=True).plans
 
 
 def quantize_(
@@ -292,7 +378,10 @@ def quantize_(
     *,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,
-    on_transformed: Callable[[nn.Module], None] | None = None,
+    device: torch.device | str | None = None,
+    activations: ActivationCache | None = None,
+    error_windows: int = 0,
+    collect_statistics: bool = False,
 ) -> QuantizationReport:
     """Quantize ``model`` in place and leave packed weights (SERQMXFP4Tensor / SERQIntTensor).
 
@@ -306,7 +395,9 @@ def quantize_(
             f"method {config.method!r} has no packed format (its INT8 factors need a second "
             "low-rank GEMM): use quantize_model for its evaluation mode"
         )
-    report = quantize_model(model, config, calibration, plan=plan, progress=progress, on_transformed=on_transformed)
+    report = quantize_model(model, config, calibration, plan=plan, progress=progress, device=device,
+                            activations=activations, error_windows=error_windows,
+                            collect_statistics=collect_statistics)
     pack_model(model)
     model.serq_config = config
     if isinstance(model, PreTrainedModel):
