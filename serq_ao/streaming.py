@@ -226,7 +226,7 @@ class PackedShardWriter:
 
     def _write(self, number: int, state: dict[str, torch.Tensor], folder: Path) -> None:
         tensors, metadata = flatten_state_dict(state)
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}  # a layer may sit on a GPU
         metadata = {"format": "pt", **metadata, TENSOR_MANIFEST_KEY: tensor_manifest(tensors)}
         name = self._shard_name(number)
         tmp = folder / f".{name}.tmp"

@@ -48,10 +48,11 @@ def logits(folder):
 
 
 @pytest.mark.parametrize("signal_name, where, layer", [
-    ("KILL", "boundary", 0),  # killed right after layer 0 is committed
     ("KILL", "shard", 1),  # killed with layer 1 written but not committed: redone
-    ("INT", "compute", 2),  # Ctrl-C while layer 2's linears are being quantized
-    ("KILL", "compute", 0),  # killed before any layer is committed: nothing to resume
+    # each a real process killed and one resumed: the rest of the matrix runs with -m slow
+    pytest.param("KILL", "boundary", 0, marks=pytest.mark.slow),  # right after layer 0 is committed
+    pytest.param("INT", "compute", 2, marks=pytest.mark.slow),  # Ctrl-C while layer 2's linears are quantized
+    pytest.param("KILL", "compute", 0, marks=pytest.mark.slow),  # before any layer is committed: nothing to resume
 ])
 def test_killed_then_resumed_equals_uninterrupted(source_and_reference, tmp_path, signal_name, where, layer):
     source, reference = source_and_reference
