@@ -32,6 +32,7 @@ window at a time, so the result is bitwise that of quantizing the whole model at
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import logging
 import math
@@ -332,6 +333,7 @@ def quantize_layerwise(
                 on_layer_done(index, layer, layer_plans)
             weights.offload(index, layer)
             state.release()
+            release_freed_memory()
             state.analysis, state.floats, state.quantized = next_analysis, next_floats, next_quantized
             state.next_layer = index + 1
             if on_checkpoint is not None and not last:
@@ -370,6 +372,19 @@ def _hessians(model, layer, groups, layer_plans, stream, calls, device) -> dict[
         for handle in handles:
             handle.remove()
     return hessians
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed with a layer back to the system (glibc's ``malloc_trim``).
+
+    glibc keeps freed blocks in its arenas, fragmented by the small allocations made between
+    layers, so without this the resident size creeps up layer after layer although nothing
+    is held (benchmarks/scale.py measured the same streamed run peaking anywhere from 1.1 to
+    2.1 GB at 32 layers). Nothing happens where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def relative_error(squared_error: float, squared_norm: float) -> float:
