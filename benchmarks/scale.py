@@ -14,10 +14,11 @@ SERQ ``--in-memory``, the path that loads the whole model first. Every run is a 
 of its own (``OMP_NUM_THREADS=--threads``, default 1); its peak resident memory is the
 kernel's ``ru_maxrss`` for that pid (``os.wait4``), its time the wall time of the whole
 command, start-up included. The streamed RTN and SERQ cells run ``--repeats`` times (default
-3): their peak differs from run to run of the same command. A control cell runs SERQ streamed
-with ``MALLOC_MMAP_THRESHOLD_=1048576``: glibc's mmap threshold fixed at 1 MiB instead of rising
-(up to 32 MiB) as large blocks are freed, so that freed tensors go back to the system rather
-than stay in the heap; the difference from the plain run is memory the allocator kept.
+3): their peak differs from run to run of the same command. ``serq quantize`` pins glibc's mmap
+threshold at 1 MiB for its process (serq_ao/memory.py), so that freed tensors go back to the
+system rather than stay in the heap. A control cell runs the same command with
+``MALLOC_MMAP_THRESHOLD_=33554432``: the threshold at 32 MiB, where glibc's default (rising as
+large blocks are freed) ends up; the difference is memory the allocator kept.
 
 Then one "large" model (default 60 layers, a 3.0 GB fp32 checkpoint) is quantized under a
 memory cap (default 1.4 GB, under half the checkpoint: 1.2 GB is below what SERQ streamed
@@ -304,13 +305,13 @@ def serq_command() -> list[str]:
 
 
 # how each path runs `serq quantize`: extra flags and environment
-CONTROL = "streamed, MALLOC_MMAP_THRESHOLD_=1MiB"
+CONTROL = "streamed, MALLOC_MMAP_THRESHOLD_=32MiB"
 PATHS = {
     "streamed": ([], {}),
     "in-memory": (["--in-memory"], {}),
-    # the control: the same streamed run with glibc's mmap threshold fixed at 1 MiB (not raised
-    # as large blocks are freed), so that every freed tensor of 1 MiB or more goes back to the system
-    CONTROL: ([], {"MALLOC_MMAP_THRESHOLD_": str(2**20)}),
+    # the control: the same streamed run with glibc's mmap threshold at 32 MiB, where its default
+    # ends up once large blocks were freed (the environment's value overrides serq's own pin)
+    CONTROL: ([], {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}),
 }
 
 
@@ -452,10 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="also SERQ --in-memory at each depth and on the large model (default on)")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
-                        help="also --control-methods streamed with MALLOC_MMAP_THRESHOLD_=1048576 (glibc) at each "
+                        help="also --control-methods streamed with MALLOC_MMAP_THRESHOLD_=33554432 (glibc) at each "
                              "depth and on the large model (default on)")
-    parser.add_argument("--control-methods", type=parse_methods, default=parse_methods("serq"),
-                        help="methods of the control cells (default serq; on the large model, those of "
+    parser.add_argument("--control-methods", type=parse_methods, default=parse_methods("serq,serq+gptq"),
+                        help="methods of the control cells (default serq,serq+gptq; on the large model, those of "
                              "--large-methods)")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=True,
                         help=f"also the large model under --cap-gb (default on, {LARGE_DEPTH} layers)")

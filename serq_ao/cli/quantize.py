@@ -41,8 +41,10 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
 
 
 def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> int:
+    from serq_ao.memory import fix_mmap_threshold
     from serq_ao.models import resolve_model_folder
 
+    fix_mmap_threshold()  # this process frees layer-sized tensors all run long (serq_ao/memory.py)
     folder = resolve_model_folder(args.model)
     streamed = _streams(folder, config, args)
     if args.resume and not streamed:

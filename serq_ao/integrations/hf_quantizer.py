@@ -20,6 +20,7 @@ import logging
 from safetensors import safe_open
 from torch import nn
 from transformers.core_model_loading import ConversionOps
+from transformers.integrations.accelerate import load_offloaded_parameter
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
@@ -216,7 +217,9 @@ class SERQHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         tensors, metadata = flatten_state_dict(model.state_dict())
         # the tensors as they will be stored: transformers drops tied duplicates before writing
-        metadata[TENSOR_MANIFEST_KEY] = tensor_manifest(remove_tied_weights_from_state_dict(dict(tensors), model))
+        # (save_pretrained reads the offloaded ones itself, shard by shard)
+        metadata[TENSOR_MANIFEST_KEY] = tensor_manifest(remove_tied_weights_from_state_dict(dict(tensors), model),
+                                                        values=lambda name: load_offloaded_parameter(model, name))
         return tensors, metadata
 
     def is_serializable(self):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -81,11 +82,15 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
 
 
-def tensor_manifest(tensors: dict[str, torch.Tensor]) -> str:
-    """The ``serq_tensors`` header entry for the plain tensors about to be written."""
-    return json.dumps({
-        name: [list(t.shape), str(t.dtype).removeprefix("torch."), tensor_digest(t)] for name, t in sorted(tensors.items())
-    })
+def tensor_manifest(tensors: dict[str, torch.Tensor], values: Callable[[str], torch.Tensor] | None = None) -> str:
+    """The ``serq_tensors`` header entry for the plain tensors about to be written.
+    ``values(name)``: where a tensor's bytes come from when they are not in ``tensors``
+    (accelerate's offload: the tensor there is on the meta device), read one at a time."""
+    def entry(name: str, tensor: torch.Tensor) -> list:
+        data = values(name) if values is not None and tensor.device.type == "meta" else tensor
+        return [list(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor_digest(data.to(tensor.dtype))]
+
+    return json.dumps({name: entry(name, tensors[name]) for name in sorted(tensors)})
 
 
 def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, list]:

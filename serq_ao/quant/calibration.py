@@ -83,8 +83,11 @@ def check_input_ids(ids, model: nn.Module, option: str = "calibration") -> None:
 
 def check_materialized(model: nn.Module) -> None:
     """Refuse weights on the meta device (a model built without its checkpoint's values)."""
+    from serq_ao.quant.offload import offloaded_tensor_names  # offload imports this module
+
+    offloaded = offloaded_tensor_names(model)  # accelerate holds their values
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type == "meta":
+        if tensor.device.type == "meta" and name not in offloaded:
             raise ValueError(f"{name} is on the meta device (no values): load the model's weights before "
                              "quantizing, e.g. without device_map='meta' or init_empty_weights")
 

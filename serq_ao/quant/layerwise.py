@@ -32,7 +32,6 @@ window at a time, so the result is bitwise that of quantizing the whole model at
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
 import logging
 import math
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from serq_ao.kernels.reference import apply_pre_op
+from serq_ao.memory import release_freed_memory
 from serq_ao.passes import LinearGroup, ModelPlan
 from serq_ao.passes.analysis import analyze_layer
 from serq_ao.passes.planner import _prefixed_group
@@ -163,8 +163,11 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[
 
         return forward
 
+    # an instance attribute: the class's forward is untouched; one that was there already
+    # (accelerate's hook wrapper) is put back afterwards
+    wrapped = [layer.__dict__.get("forward") for layer in layers]
     for index, layer in enumerate(layers):
-        layer.forward = recorder(index)  # an instance attribute: the class's forward is untouched
+        layer.forward = recorder(index)
     device = device or _first_tensor_device(model) or torch.device("cpu")
     try:
         for ids in windows:
@@ -173,8 +176,11 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[
             except _Stop:
                 pass
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, wrapped):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     if len(hidden) != len(windows) or any(len(c) != len(windows) for c in calls):
         raise RuntimeError("the model's forward did not call every decoder layer once per window")
     return hidden, calls
@@ -372,19 +378,6 @@ def _hessians(model, layer, groups, layer_plans, stream, calls, device) -> dict[
         for handle in handles:
             handle.remove()
     return hessians
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed with a layer back to the system (glibc's ``malloc_trim``).
-
-    glibc keeps freed blocks in its arenas, fragmented by the small allocations made between
-    layers, so without this the resident size creeps up layer after layer although nothing
-    is held (benchmarks/scale.py measured the same streamed run peaking anywhere from 1.1 to
-    2.1 GB at 32 layers). Nothing happens where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def relative_error(squared_error: float, squared_norm: float) -> float:

@@ -27,6 +27,7 @@ from serq_ao.passes import (
     apply_input_transforms,
     apply_residual_order,
 )
+from serq_ao.passes.trace import find_decoder_layers
 from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
@@ -49,6 +50,7 @@ from serq_ao.quant.reconstruct import (
     smoothquant_scales,
 )
 from serq_ao.quant.layerwise import LayerWeights, quantize_layerwise, relative_error
+from serq_ao.quant.offload import AcceleratedWeights, execution_device, is_dispatched
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +283,13 @@ def run_quantization(
     if plan is not None:
         check_config_for_plan(config, plan)
     device = None if device is None else torch.device(device)
+    if weights is None and is_dispatched(model):
+        layers_name, layers = find_decoder_layers(model)
+        weights = AcceleratedWeights(model, layers_name)
+        device = device or execution_device(layers[0])
+        if spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.AUTO:
+            logger.warning("residual order: per group (the layers of a model placed by accelerate are quantized one "
+                           "at a time, so they cannot share one order)")
 
     in_stream_order: set[str] = set()
     residual = None
@@ -301,7 +310,8 @@ def run_quantization(
             plan = plan_for_order
     elif spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.GLOBAL:
         raise ResidualOrderError("residual_order='global' permutes every layer at once, so it needs the whole model "
-                                 "in memory; use residual_order='per_group' (the default) when streaming layers")
+                                 "in memory; use residual_order='per_group' (the default) when streaming layers "
+                                 "or with an accelerate device map")
 
     def transform_layer(layer_plan: ModelPlan, layer_stats: CalibrationStats | None) -> dict[str, LinearPlan]:
         folds = {}
