@@ -55,7 +55,6 @@ GB = 10**9
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
              vocab_size=32000)
 METHOD_ARGS = {"rtn": ["--method", "rtn"], "serq": ["--method", "serq"], "serq+gptq": ["--method", "serq", "--gptq"]}
-BYTE_VOCAB = 256
 SEED = 0
 LARGE_DEPTH = 60
 POLL_SECONDS = 0.02
@@ -63,28 +62,6 @@ POLL_SECONDS = 0.02
 
 # ---------------------------------------------------------------------------------------------
 # synthetic checkpoints
-
-def make_byte_tokenizer(bos: bool = True):
-    """Byte-level BPE with no merges: one token per byte, plus "<s>" when ``bos`` (a copy of
-    tests/conftest.py's, so that benchmarks do not import the tests)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    assert len(vocab) == BYTE_VOCAB
-    if bos:
-        vocab["<s>"] = BYTE_VOCAB
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    if bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", BYTE_VOCAB)]
-        )
-        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
-
 
 def model_name(depth: int, shape: dict, seed: int) -> str:
     return (f"llama-h{shape['hidden_size']}-i{shape['intermediate_size']}-a{shape['num_attention_heads']}"
@@ -96,8 +73,10 @@ def build_model(folder, depth: int, *, shape: dict | None = None, seed: int = SE
     """A random float32 Llama of ``depth`` decoder layers saved in ``folder`` (sharded
     safetensors + byte tokenizer). Reuses ``folder`` if a complete build is there; a build is
     written beside it and renamed into place, so an interrupted one is never reused."""
-    import torch
+    import torch  # here, not at the top: the launcher (python -S) imports this file too
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from serq_ao.testing import make_byte_tokenizer
 
     folder = Path(folder)
     if (folder / "config.json").is_file():

@@ -4,38 +4,14 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import serq_ao  # noqa: F401  (quiet torchao before anything imports it)
-
-BYTE_VOCAB = 256
+from serq_ao.testing import BYTE_VOCAB, make_byte_tokenizer  # noqa: F401  (tests import them from here)
 
 # Triton kernel tests need TRITON_INTERPRET=1 from the start of the process: the Makefile
 # runs them in a pytest process of their own.
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["kernels_interpret"]
-
-
-def make_byte_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges: one token per byte, plus "<s>" when ``bos``.
-
-    Its post-processor adds BOS, as Llama tokenizers do, so that tests can check that the
-    protocol's tokenization really asks for no special tokens.
-    """
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    assert len(vocab) == BYTE_VOCAB
-    if bos:
-        vocab["<s>"] = BYTE_VOCAB
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    if bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", BYTE_VOCAB)]
-        )
-        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
 def make_tiny_llama(vocab_size: int = BYTE_VOCAB + 1, seed: int = 0) -> LlamaForCausalLM:
