@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import serq_ao  # noqa: F401  (quiet torchao before anything imports it)
 from serq_ao.testing import BYTE_VOCAB, make_byte_tokenizer  # noqa: F401  (tests import them from here)
 
-# Triton kernel tests need TRITON_INTERPRET=1 from the start of the process: the Makefile
-# runs them in a pytest process of their own.
+# Triton kernel tests need TRITON_INTERPRET=1 from the start of the process (the Makefile runs
+# them in a pytest process of their own) or a CUDA device (benchmarks/gpu_check.py runs them).
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["kernels_interpret"]
 
 

@@ -1,17 +1,21 @@
 """The Triton SERQ MXFP4 GEMM against a float64 reference and the plain-PyTorch op.
 
-Runs under the Triton interpreter only, in its own process (TRITON_INTERPRET must be set
-before triton is imported):
-``TRITON_INTERPRET=1 python -m pytest -p no:logging tests/kernels_interpret/test_gemm.py``.
-"""
+Two ways to run it (inputs are made on the CPU either way; references stay on the CPU):
 
-import os
+- under the Triton interpreter, on CPU tensors, in its own process (TRITON_INTERPRET must be
+  set before triton is imported):
+  ``TRITON_INTERPRET=1 python -m pytest -p no:logging tests/kernels_interpret/test_gemm.py``;
+- on a CUDA machine, against the real Triton backend (inputs moved to the GPU):
+  ``python -m pytest tests/kernels_interpret``.
+
+Skipped otherwise.
+"""
 
 import pytest
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernel tests need TRITON_INTERPRET=1 (set before importing triton)",
-                allow_module_level=True)
+from tests.kernels_interpret.device import DEVICE, on_device, skip_unless_runnable
+
+skip_unless_runnable()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -83,7 +87,8 @@ def assert_close_to(out, expected, magnitude, rtol=RTOL, bf16=False):
     tolerance = rtol * magnitude
     if bf16:
         # One bf16 ulp (at most 2**-7 relative): the interpreter's fp32 -> bf16 cast truncates
-        # instead of rounding to nearest even as the GPU does.
+        # (an error of up to one ulp) instead of rounding to nearest even as the GPU does (up to
+        # half an ulp), so the bound holds on both backends.
         tolerance = tolerance + 2.0**-7 * expected.abs()
     error = (out.double() - expected).abs()
     assert not out.isnan().any()
@@ -95,8 +100,11 @@ def run_case(m, n, d_in, rank, with_bias, out_dtype, config=None, outliers=False
     a_codes, a_scales = quantize_mxfp4(random_activations(m, d_in, seed, outliers))
     w_codes, w_scales = packed_weight(n, d_in, rank, seed)
     bias = random_bias(n, seed) if with_bias else None
-    out = torch.full((m, n), float("nan"), dtype=out_dtype)  # poisoned: every element must be written
-    launch_serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, kp, rank, bias, out, config)
+    # poisoned: every element must be written
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    launch_serq_mxfp4_gemm(*map(on_device, (a_codes, a_scales, w_codes, w_scales)), kp, rank, on_device(bias),
+                           out, config)
+    out = out.cpu()
     expected, magnitude = float64_reference(a_codes, a_scales, w_codes, w_scales, kp, rank, bias)
     assert_close_to(out, expected, magnitude, bf16=out_dtype == torch.bfloat16)
     plain = plain_fp32_reference(a_codes, a_scales, w_codes, w_scales, d_in, rank, bias)
@@ -137,7 +145,7 @@ def test_smallest_scale():
     a_codes, a_scales = quantize_mxfp4(x)
     assert (a_scales == 0).all()
     w_codes, w_scales = packed_weight(16, 96, 32, seed=8)
-    out = serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, 96, 32, None, torch.float32)
+    out = serq_mxfp4_gemm(*map(on_device, (a_codes, a_scales, w_codes, w_scales)), 96, 32, None, torch.float32).cpu()
     expected, magnitude = float64_reference(a_codes, a_scales, w_codes, w_scales, 96, 32, None)
     assert (expected != 0).float().mean() > 0.9
     assert_close_to(out, expected, magnitude)
@@ -150,8 +158,9 @@ def test_matches_the_custom_op_end_to_end():
     w_codes, w_scales = packed_weight(n, d_in, rank, seed=4)
     bias = random_bias(n, seed=4)
     a_codes, a_scales = quantize_mxfp4(x)
-    out = serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, padded_in_features(d_in), rank, bias, torch.float32)
-    expected = serq_linear_mxfp4(x, w_codes, w_scales, d_in, rank, "floor", bias=bias)
+    out = serq_mxfp4_gemm(*map(on_device, (a_codes, a_scales, w_codes, w_scales)), padded_in_features(d_in), rank,
+                          on_device(bias), torch.float32).cpu()
+    expected = serq_linear_mxfp4(x, w_codes, w_scales, d_in, rank, "floor", bias=bias)  # CPU: the reference
     _, magnitude = float64_reference(a_codes, a_scales, w_codes, w_scales, padded_in_features(d_in), rank, bias)
     assert_close_to(out, expected, magnitude)
 
@@ -161,8 +170,10 @@ def test_strided_output_leaves_the_rest_untouched():
     m, n, d_in, rank = 70, 100, 96, 32
     a_codes, a_scales = quantize_mxfp4(random_activations(m, d_in, seed=5))
     w_codes, w_scales = packed_weight(n, d_in, rank, seed=5)
-    buffer = torch.full((m, n + 28), float("nan"))
-    launch_serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, 96, rank, None, buffer[:, 8 : 8 + n], TINY_CONFIG)
+    buffer = torch.full((m, n + 28), float("nan"), device=DEVICE)
+    launch_serq_mxfp4_gemm(*map(on_device, (a_codes, a_scales, w_codes, w_scales)), 96, rank, None,
+                           buffer[:, 8 : 8 + n], TINY_CONFIG)
+    buffer = buffer.cpu()
     expected, magnitude = float64_reference(a_codes, a_scales, w_codes, w_scales, 96, rank, None)
     assert_close_to(buffer[:, 8 : 8 + n], expected, magnitude)
     assert buffer[:, :8].isnan().all() and buffer[:, 8 + n :].isnan().all()
@@ -174,7 +185,7 @@ def test_nan_scale_poisons_only_its_row():
     x[2, 40] = float("inf")
     a_codes, a_scales = quantize_mxfp4(x)
     w_codes, w_scales = packed_weight(16, 64, 32, seed=6)
-    out = serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, 64, 32, None, torch.float32)
+    out = serq_mxfp4_gemm(*map(on_device, (a_codes, a_scales, w_codes, w_scales)), 64, 32, None, torch.float32).cpu()
     assert out[2].isnan().all()
     assert not out[[0, 1, 3, 4]].isnan().any()
 
@@ -186,8 +197,8 @@ def test_pick_config():
 
 
 def test_bad_inputs_raise():
-    a_codes, a_scales = quantize_mxfp4(random_activations(5, 64, seed=7))
-    w_codes, w_scales = packed_weight(16, 64, 32, seed=7)
+    a_codes, a_scales = map(on_device, quantize_mxfp4(random_activations(5, 64, seed=7)))
+    w_codes, w_scales = map(on_device, packed_weight(16, 64, 32, seed=7))
     ok = dict(in_features_padded=64, rank=32, bias=None, out_dtype=torch.float32)
     with pytest.raises(ValueError, match="rank"):
         serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, **{**ok, "rank": 16})
@@ -196,8 +207,9 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="a_scales must be a 2-D uint8"):
         serq_mxfp4_gemm(a_codes, a_scales.float(), w_codes, w_scales, **ok)
     with pytest.raises(ValueError, match="bias"):
-        serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, **{**ok, "bias": torch.zeros(15)})
+        serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, **{**ok, "bias": torch.zeros(15, device=DEVICE)})
     with pytest.raises(ValueError, match="out_dtype"):
         serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, **{**ok, "out_dtype": torch.float16})
     with pytest.raises(ValueError, match="out must be"):
-        launch_serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, 64, 32, None, torch.empty(5, 15))
+        launch_serq_mxfp4_gemm(a_codes, a_scales, w_codes, w_scales, 64, 32, None,
+                               torch.empty(5, 15, device=DEVICE))

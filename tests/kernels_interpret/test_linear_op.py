@@ -1,16 +1,24 @@
-"""The ops' Triton path (what they run on CUDA), run here on CPU tensors by the interpreter,
-against their plain-PyTorch reference path; and a tiny quantized model end to end.
+"""The ops' Triton path (what they run on CUDA) against their plain-PyTorch reference path
+(what they run on the CPU); and a tiny quantized model end to end.
 
-``TRITON_INTERPRET=1 python -m pytest -p no:logging tests/kernels_interpret/test_linear_op.py``
+Two ways to run it (inputs are made on the CPU either way; the references run on the CPU):
+
+- under the Triton interpreter, the Triton path on CPU tensors, in its own process
+  (TRITON_INTERPRET must be set before triton is imported):
+  ``TRITON_INTERPRET=1 python -m pytest -p no:logging tests/kernels_interpret/test_linear_op.py``;
+- on a CUDA machine, against the real Triton backend (inputs moved to the GPU):
+  ``python -m pytest tests/kernels_interpret``.
+
+Skipped otherwise.
 """
 
 import copy
-import os
 
 import pytest
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernel tests need TRITON_INTERPRET=1 (set before importing triton)", allow_module_level=True)
+from tests.kernels_interpret.device import DEVICE, INTERPRETED, on_device, skip_unless_runnable
+
+skip_unless_runnable()
 
 import torch  # noqa: E402
 
@@ -42,7 +50,7 @@ def test_triton_linear_matches_the_reference_op(shape, rank, preop, scale_mode):
     bias = torch.randn(48, generator=g)
     args = (x, weight.qdata, weight.scale, d_in, rank, scale_mode, weight.input_scale_inv, weight.input_perm, bias)
     expected = torch.ops.serq.linear_mxfp4(*args)  # CPU: the reference
-    got = ops.triton_linear_mxfp4(*args)
+    got = ops.triton_linear_mxfp4(*map(on_device, args)).cpu()
     assert got.shape == expected.shape == (*shape[:-1], 48)
     scale = (x.abs().amax() * weight.dequantize().abs().amax() * (d_in + rank)).item()
     assert (got - expected).abs().max().item() <= 1e-6 * scale
@@ -51,12 +59,14 @@ def test_triton_linear_matches_the_reference_op(shape, rank, preop, scale_mode):
 def test_standalone_ops_triton_paths_match_their_references():
     weight = packed(200, 40, 32, preop=True)
     x = torch.randn(5, 200, generator=torch.Generator().manual_seed(2))
-    codes, scales = ops.triton_quantize_activation_mxfp4(x, "floor", weight.input_scale_inv, weight.input_perm)
+    codes, scales = ops.triton_quantize_activation_mxfp4(
+        *map(on_device, (x, "floor", weight.input_scale_inv, weight.input_perm)))  # on DEVICE
     ref_codes, ref_scales = torch.ops.serq.quantize_activation_mxfp4(x, "floor", weight.input_scale_inv, weight.input_perm)
-    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(scales.cpu(), ref_scales)
     kp = ops.padded_in_features(200)
-    got = ops.triton_mxfp4_gemm(codes, scales, weight.qdata, weight.scale, kp, 32, None, torch.float32)
-    expected = torch.ops.serq.mxfp4_gemm(codes, scales, weight.qdata, weight.scale, kp, 32, None, torch.float32)
+    got = ops.triton_mxfp4_gemm(codes, scales, *map(on_device, (weight.qdata, weight.scale)), kp, 32, None,
+                                torch.float32).cpu()
+    expected = torch.ops.serq.mxfp4_gemm(ref_codes, ref_scales, weight.qdata, weight.scale, kp, 32, None, torch.float32)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -65,9 +75,12 @@ def test_tiny_model_end_to_end_through_the_kernels(monkeypatch):
     serq_ao.quantize_(model, SERQConfig(rank=32), torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0)))
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = model(ids, use_cache=False).logits
-        monkeypatch.setattr(serq_mxfp4_tensor, "serq_linear_mxfp4", ops.triton_linear_mxfp4)
-        got = copy.deepcopy(model)(ids, use_cache=False).logits
+        expected = model(ids, use_cache=False).logits  # on the CPU: the ops' reference path
+        if INTERPRETED:
+            # CPU tensors take the ops' reference path: force the Triton path (interpreted)
+            monkeypatch.setattr(serq_mxfp4_tensor, "serq_linear_mxfp4", ops.triton_linear_mxfp4)
+        # on CUDA the op itself takes its Triton path (the real backend)
+        got = copy.deepcopy(model).to(DEVICE)(on_device(ids), use_cache=False).logits.cpu()
     # fp32 sums in another order can move a later activation across a 4-bit rounding
     # boundary: the logits agree closely, not bit for bit
     error = ((got - expected).norm() / expected.norm()).item()

@@ -1,17 +1,21 @@
 """The Triton activation quantizer against quantize_mxfp4 of the fp32 pre-op, bit for bit.
 
-Runs under the Triton interpreter only, in its own process (TRITON_INTERPRET must be set
-before triton is imported):
-``TRITON_INTERPRET=1 python -m pytest -p no:logging tests/kernels_interpret``.
-"""
+Two ways to run it (inputs are made on the CPU either way; references stay on the CPU):
 
-import os
+- under the Triton interpreter, on CPU tensors, in its own process (TRITON_INTERPRET must be
+  set before triton is imported):
+  ``TRITON_INTERPRET=1 python -m pytest -p no:logging tests/kernels_interpret``;
+- on a CUDA machine, against the real Triton backend (inputs moved to the GPU):
+  ``python -m pytest tests/kernels_interpret``.
+
+Skipped otherwise.
+"""
 
 import pytest
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernel tests need TRITON_INTERPRET=1 (set before importing triton)",
-                allow_module_level=True)
+from tests.kernels_interpret.device import DEVICE, on_device, skip_unless_runnable
+
+skip_unless_runnable()
 
 import torch  # noqa: E402
 
@@ -53,12 +57,15 @@ def random_pre_op(k, with_scale, perm_dtype, seed):
 
 
 def quantize_poisoned(x2d, scale_mode, scale_inv=None, perm=None, config=SMALL_CONFIG):
+    """The kernel on DEVICE (the inputs moved there, if not there already), into outputs
+    filled with POISON; (codes, scales) back on the CPU."""
     m, k = x2d.shape
     n_blocks = -(-k // 32)
-    codes = torch.full((m, n_blocks * 16), POISON, dtype=torch.uint8)
-    scales = torch.full((m, n_blocks), POISON, dtype=torch.uint8)
-    launch_quantize_activation(x2d, scale_inv, perm, codes, scales, rceil=scale_mode == "rceil", config=config)
-    return codes, scales
+    codes = torch.full((m, n_blocks * 16), POISON, dtype=torch.uint8, device=DEVICE)
+    scales = torch.full((m, n_blocks), POISON, dtype=torch.uint8, device=DEVICE)
+    launch_quantize_activation(on_device(x2d), on_device(scale_inv), on_device(perm), codes, scales,
+                               rceil=scale_mode == "rceil", config=config)
+    return codes.cpu(), scales.cpu()
 
 
 def assert_bit_exact(actual, expected):
@@ -150,28 +157,30 @@ def test_3d_input_and_row_stride(scale_mode):
     x = random_input(10, 100, torch.float16, seed=11).view(2, 5, 100)
     scale_inv = torch.exp(torch.randn(100, generator=g))
     perm = torch.randperm(100, generator=g).to(torch.int16)
-    codes, scales = quantize_activation_mxfp4(x, scale_mode, scale_inv, perm)
+    codes, scales = quantize_activation_mxfp4(*map(on_device, (x, scale_mode, scale_inv, perm)))
+    codes, scales = codes.cpu(), scales.cpu()
     assert codes.shape == (2, 5, 64) and scales.shape == (2, 5, 4)
     assert_bit_exact((codes, scales), reference(x, scale_mode, scale_inv, perm))
-    # a column slice: row stride 150, last dim still contiguous
+    # a column slice: row stride 150, last dim still contiguous (sliced on DEVICE: moving a
+    # slice would copy it into a contiguous tensor)
     wide = random_input(7, 150, torch.float32, seed=12)
-    view = wide[:, 20:120]
+    view = on_device(wide)[:, 20:120]
     assert view.stride() == (150, 1)
-    assert_bit_exact(quantize_poisoned(view, scale_mode), reference(view, scale_mode))
+    assert_bit_exact(quantize_poisoned(view, scale_mode), reference(wide[:, 20:120], scale_mode))
 
 
 def test_validation():
-    x = torch.randn(2, 64)
+    x = torch.randn(2, 64).to(DEVICE)
     with pytest.raises(ValueError, match="scale_mode"):
         quantize_activation_mxfp4(x, "ceil")
     with pytest.raises(ValueError, match="x must be"):
         quantize_activation_mxfp4(x.double(), "floor")
     with pytest.raises(ValueError, match="input_scale_inv"):
-        quantize_activation_mxfp4(x, "floor", input_scale_inv=torch.ones(63))
+        quantize_activation_mxfp4(x, "floor", input_scale_inv=torch.ones(63, device=DEVICE))
     with pytest.raises(ValueError, match="input_scale_inv"):
-        quantize_activation_mxfp4(x, "floor", input_scale_inv=torch.ones(64, dtype=torch.float16))
+        quantize_activation_mxfp4(x, "floor", input_scale_inv=torch.ones(64, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="input_perm"):
-        quantize_activation_mxfp4(x, "floor", input_perm=torch.arange(64))  # int64
+        quantize_activation_mxfp4(x, "floor", input_perm=torch.arange(64, device=DEVICE))  # int64
     with pytest.raises(ValueError, match="block_k"):
         quantize_activation_mxfp4(x, "floor", block_k=48)
 
