@@ -93,3 +93,17 @@ def test_offloaded_non_finite_weight_is_named(checkpoint, ids, tmp_path):
     offloaded = _load(broken, torch.float32, LAYER_ON_DISK, tmp_path / "offload")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has 1 NaN"):
         serq_ao.quantize_model(offloaded, serq_ao.SERQConfig(rank=32), ids)
+
+
+def test_quantize_and_save_pretrained_of_an_offloaded_model(checkpoint, ids, tmp_path):
+    """The torchao-style route: ``quantize_`` packs in place, ``save_pretrained`` reads the
+    offloaded embeddings and head from accelerate's offload, the reload equals in-memory."""
+    config = serq_ao.SERQConfig(rank=32)
+    reference = _load(checkpoint, torch.float32)
+    serq_ao.quantize_(reference, config, ids)
+    model = _load(checkpoint, torch.float32, OUTSIDE_ON_DISK, tmp_path / "offload")
+    serq_ao.quantize_(model, config, ids)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, reference(ids).logits)
