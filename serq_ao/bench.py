@@ -98,10 +98,10 @@ def write_text(path, text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def write_json(path, record: dict) -> None:
-    """:func:`write_text` of ``record`` as JSON. An existing file is replaced only if it is a
-    JSON object itself (an earlier result): a benchmark's ``--out`` pointed at anything else,
-    your notes say, is refused rather than overwritten."""
+def check_json_result_path(path, option: str | None = None) -> None:
+    """Refuse to replace an existing file that is not a JSON object itself (an earlier
+    result): a benchmark's ``--out`` pointed at anything else, your notes say, is refused
+    rather than overwritten. ``option`` names the argument in the message."""
     path = Path(path)
     if path.is_file():
         try:
@@ -109,7 +109,13 @@ def write_json(path, record: dict) -> None:
         except (ValueError, UnicodeDecodeError):
             earlier = None
         if not isinstance(earlier, dict):
-            raise OutputError(f"{path} exists and is not a JSON result; remove it or write elsewhere")
+            raise OutputError(f"{option + ': ' if option else ''}{path} exists and is not a JSON result; "
+                              "remove it or write elsewhere")
+
+
+def write_json(path, record: dict) -> None:
+    """:func:`write_text` of ``record`` as JSON, under :func:`check_json_result_path`'s rule."""
+    check_json_result_path(path)
     write_text(path, strict_json(record, indent=1))
 
 
