@@ -136,7 +136,7 @@ def test_eval_ppl_text_mistakes_are_usage_errors(tiny_model_dir, tmp_path, capsy
 @pytest.mark.parametrize("aoti", [False, True])
 def test_export_writes_a_program_that_runs(quantized_tiny_dir, tmp_path, capsys, aoti):
     out = tmp_path / ("tiny.aoti.pt2" if aoti else "tiny.pt2")
-    argv = ["export", str(quantized_tiny_dir), "--out", str(out), "--batch", "2", "--seqlen", "16", "--json", "--quiet"]
+    argv = ["export", str(quantized_tiny_dir), "--out", str(out), "--batch-size", "2", "--seqlen", "16", "--json", "--quiet"]
     assert main(argv + (["--aoti"] if aoti else [])) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["kind"] == ("aoti" if aoti else "program") and record["serq_nodes"] == 14

@@ -53,7 +53,7 @@ def cmd_bench(args: argparse.Namespace, err: Console) -> int:
 
         for current, model in models.items():
             try:
-                results[current] = time_model(model, batch=args.batch, prefill=args.prefill, prefill_calls=args.repeats,
+                results[current] = time_model(model, batch=args.batch_size, prefill=args.prefill, prefill_calls=args.repeats,
                                               decode_calls=args.decode, modes=modes, on_step=on_step)
             except ValueError as e:
                 raise UsageError(str(e)) from e
@@ -63,14 +63,14 @@ def cmd_bench(args: argparse.Namespace, err: Console) -> int:
         for ours, theirs in zip(*(results[n] for n in names)):
             ratios.append({"phase": ours.phase, "mode": ours.mode, "seconds_over_baseline": ours.seconds / theirs.seconds})
     record = {
-        "model": str(args.model), "baseline": baseline, "batch": args.batch, "prefill": args.prefill,
+        "model": str(args.model), "baseline": baseline, "batch": args.batch_size, "prefill": args.prefill,
         "timings": {name: [t.to_dict() for t in timings] for name, timings in results.items()},
         "ratios": ratios, "machine": machine_info(),
     }
     if args.json:
         print(strict_json(record))
         return 0
-    table = Table(title=f"Latency, batch {args.batch}, prefill {args.prefill} tokens, decode at {args.prefill}")
+    table = Table(title=f"Latency, batch {args.batch_size}, prefill {args.prefill} tokens, decode at {args.prefill}")
     for column in ("model", "phase", "mode", "ms per call", "tokens/s", "first call s", "x baseline"):
         table.add_column(column, justify="left" if column == "model" else "right")
     ratio_of = {(r["phase"], r["mode"]): r["seconds_over_baseline"] for r in ratios}

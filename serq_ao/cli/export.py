@@ -26,8 +26,8 @@ def cmd_export(args: argparse.Namespace, err: Console) -> int:
             model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
         check_positions(model, "--seqlen", args.seqlen)
         what = "AOTInductor package" if args.aoti else "torch.export program"
-        with status(err, f"exporting a {what} for inputs ({args.batch}, {args.seqlen}) and running it", args.quiet):
-            result = export_model(model, output, batch=args.batch, seqlen=args.seqlen, aoti=args.aoti)
+        with status(err, f"exporting a {what} for inputs ({args.batch_size}, {args.seqlen}) and running it", args.quiet):
+            result = export_model(model, output, batch=args.batch_size, seqlen=args.seqlen, aoti=args.aoti)
     if args.json:
         print(strict_json({"model": str(args.model), **result.to_dict()}))
     else:

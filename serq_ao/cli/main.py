@@ -19,7 +19,7 @@ from rich.console import Console
 # first imported, and importing serq_ao (the parent package of this module) already did.
 tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
-import serq_ao  # noqa: E402,F401  (silences torchao's CPU-only load messages first)
+import serq_ao  # noqa: E402  (first: it silences torchao's CPU-only load messages)
 from serq_ao.cli.common import UsageError, non_negative_float, non_negative_int, positive_int  # noqa: E402
 from serq_ao.cli.bench import cmd_bench  # noqa: E402
 from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
@@ -48,16 +48,37 @@ from serq_ao.resume import ResumeError  # noqa: E402
 MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each argument with its default, where it has one and does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, [], argparse.SUPPRESS) or "default" in text
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with usage mistakes on one line (argparse prints the whole usage first)."""
+    """argparse, with usage mistakes on one line (argparse prints the whole usage first) and
+    every default in the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+DEBUG_HELP = "show tracebacks and debug logs"
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    # after the command as well as before it; SUPPRESS: not given here leaves `serq --debug`'s value
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
 def _device_argument(text: str) -> str:
@@ -90,26 +111,28 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
                         help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm), "
                              "global (one order for the residual stream, no gathers) or auto (global where exact, "
                              f"else per_group); default {DEFAULT_RESIDUAL_ORDER}; method serq only")
-    parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki")
-    parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS)
-    parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN)
+    parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki", help="the calibration text")
+    parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS,
+                        help="calibration windows (the first ones of the corpus' calibration split)")
+    parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN, help="tokens per calibration window")
 
 
 def _evaluation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", choices=CORPORA, default="wiki")
+    parser.add_argument("--corpus", choices=CORPORA, default="wiki", help="the evaluation text")
     parser.add_argument("--windows", type=positive_int, default=None, help="number of evaluation windows (default: all)")
     parser.add_argument("--seqlen", type=positive_int, default=DEFAULT_SEQLEN, help="tokens per window")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="serq", description="SERQ 4-bit quantization toolkit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"serq {serq_ao.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     quantize = commands.add_parser("quantize", help="quantize a model and save it to a folder")
     quantize.add_argument("model", help=MODEL_HELP)
-    quantize.add_argument("--method", choices=METHODS, default="serq")
-    quantize.add_argument("--out", required=True,
+    quantize.add_argument("--method", choices=METHODS, default="serq", help="the quantization method")
+    quantize.add_argument("-o", "--out", required=True,
                           help="output folder: new, empty, or an earlier serq output (with --overwrite); written atomically")
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace --out if it holds an earlier serq output (and nothing else)")
@@ -167,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="torch.export program or AOTInductor package of a model")
     export.add_argument("model", help=MODEL_HELP)
-    export.add_argument("--out", required=True, help="the .pt2 file to write (atomically)")
+    export.add_argument("-o", "--out", required=True, help="the .pt2 file to write (atomically)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.add_argument("--aoti", action="store_true", help="an AOTInductor package instead of an ExportedProgram")
-    export.add_argument("--batch", type=positive_int, default=1, help="input batch size it is exported for")
+    export.add_argument("--batch-size", type=positive_int, default=1, help="input batch size it is exported for")
     export.add_argument("--seqlen", type=positive_int, default=128, help="input length it is exported for")
     _loading_options(export)
     _common(export)
@@ -181,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True)")
     bench.add_argument("--prefill", type=positive_int, default=1024, help="prompt tokens (and the decode KV cache length)")
     bench.add_argument("--decode", type=positive_int, default=20, help="decode calls to time")
-    bench.add_argument("--batch", type=positive_int, default=1)
+    bench.add_argument("--batch-size", type=positive_int, default=1, help="sequences per call")
     bench.add_argument("--repeats", type=positive_int, default=3, help="prefill calls to time")
     bench.add_argument("--baseline", default="auto",
                        help="model to compare with: 'auto' (a serq folder's source model), 'none', or a model")
@@ -191,12 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a model")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    ppl = evaluations.add_parser("ppl", help="perplexity per ../shared/protocol.md")
+    ppl = evaluations.add_parser(
+        "ppl", help="perplexity: the corpus' test text tokenized once, without special tokens, cut into "
+                    "non-overlapping windows of --seqlen tokens (README: Data and protocol)")
     ppl.add_argument("model", help=MODEL_HELP)
     _evaluation_options(ppl)
     ppl.add_argument("--text", metavar="FILE", default=None,
                      help="evaluate on this UTF-8 text file instead of a corpus (same windowing)")
-    ppl.add_argument("--batch-size", type=positive_int, default=1)
+    ppl.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward")
     _loading_options(ppl)
     _common(ppl)
     ppl.set_defaults(handler=cmd_eval_ppl)
@@ -205,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--tasks", default=",".join(SHIPPED_TASKS),
                        help=f"comma-separated lm-eval task names (shipped: {', '.join(SHIPPED_TASKS)})")
     tasks.add_argument("--limit", type=positive_int, default=None, help="first N documents of each task (default: all)")
-    tasks.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
+    tasks.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="requests per forward")
     tasks.add_argument("--include-path", action="append", default=[], metavar="DIR",
                        help="a folder of further lm-eval task YAMLs (repeatable)")
     _loading_options(tasks)

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -132,16 +133,19 @@ def evaluate_tasks(
     was_training = model.training
     model.eval()
     try:
-        output = simple_evaluate(
-            model=_progress_lm(model, tokenizer, batch_size, on_progress),
-            tasks=list(tasks),
-            task_manager=manager,
-            num_fewshot=0,
-            limit=limit,
-            log_samples=False,
-            # acc is a mean: lm-eval gives its stderr in closed form; only other metrics bootstrap
-            bootstrap_iters=1000,
-        )
+        # lm-eval records the git commit of the working directory by running `git describe`, whose
+        # "fatal: not a git repository" lands on our stderr outside a repository; nothing reads it
+        with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
+            output = simple_evaluate(
+                model=_progress_lm(model, tokenizer, batch_size, on_progress),
+                tasks=list(tasks),
+                task_manager=manager,
+                num_fewshot=0,
+                limit=limit,
+                log_samples=False,
+                # acc is a mean: lm-eval gives its stderr in closed form; only other metrics bootstrap
+                bootstrap_iters=1000,
+            )
     finally:
         model.train(was_training)
     results = []

@@ -184,3 +184,14 @@ def test_default_model_piqa_is_well_above_chance(capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["tasks"]["piqa"]["samples"] == 100
     assert 0.6 <= record["tasks"]["piqa"]["acc"] <= 0.8
+
+
+def test_no_git_noise_outside_a_repository(tiny_model_dir, handmade, tmp_path, monkeypatch, capfd):
+    """lm-eval runs `git describe` in the working directory; outside a repository its
+    "fatal: not a git repository" must not reach the user's terminal."""
+    folder, _ = handmade
+    model, tokenizer = load_model(str(tiny_model_dir))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above either
+    evaluate_tasks(model, tokenizer, ["handmade"], include_paths=[folder], limit=2)
+    assert "fatal" not in capfd.readouterr().err
