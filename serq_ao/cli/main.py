@@ -114,7 +114,8 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki", help="the calibration text")
     parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS,
                         help="calibration windows (the first ones of the corpus' calibration split)")
-    parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN, help="tokens per calibration window")
+    parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN,
+                        help="tokens per calibration window")
 
 
 def _evaluation_options(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from serq_ao.formats.base import Quantized
 from serq_ao.formats.integer import dequantize_int4_groups
 from serq_ao.kernels.ops import serq_linear_int
 from serq_ao.tensor_subclass.common import compact_perm, to_copy
+from serq_ao.tensor_subclass.views import check_column_range, register_views
 
 aten = torch.ops.aten
 
@@ -108,9 +109,26 @@ class SERQIntTensor(TorchAOBaseTensor):
         name = FormatName.W4A8 if self.activation_bits == 8 else FormatName.W4A4
         return IntFormat(name, self.activation_bits, self.group_size)
 
+    def slice_columns(self, start: int, end: int) -> "SERQIntTensor":
+        """Input columns [start, end) at group boundaries, with R's columns [start, min(end, r))
+        (see :mod:`serq_ao.tensor_subclass.views`); R keeps its per-row scales."""
+        check_column_range(self, start, end, self.group_size, "group")
+        g = self.group_size
+        stop = -(-end // g) * g
+        rank = max(0, min(end, self.rank) - start)
+        correction_qdata = correction_scale = None
+        if rank:
+            correction_qdata = self.correction_qdata[:, start // 2 : (start + rank) // 2].contiguous()
+            correction_scale = self.correction_scale
+        scale_inv = None if self.input_scale_inv is None else self.input_scale_inv[start:end].contiguous()
+        qdata = self.qdata[:, start // 2 : stop // 2].contiguous()
+        return SERQIntTensor(qdata, self.scale[:, start // g : stop // g].contiguous(), g, self.activation_bits, torch.Size((self.shape[0], end - start)), self.dtype,
+                             correction_qdata, correction_scale, scale_inv, None)
+
 
 implements = SERQIntTensor.implements
 implements([aten._to_copy.default])(to_copy)
+register_views(SERQIntTensor, row_fields=("qdata", "scale", "correction_qdata", "correction_scale"))
 implements_torch_function = SERQIntTensor.implements_torch_function
 
 

@@ -9,6 +9,7 @@ from serq_ao.formats.base import Quantized
 from serq_ao.formats.mxfp4 import BLOCK_SIZE
 from serq_ao.kernels.ops import padded_in_features, serq_linear_mxfp4, split_mxfp4_weight
 from serq_ao.tensor_subclass.common import compact_perm, to_copy
+from serq_ao.tensor_subclass.views import check_column_range, register_views
 
 aten = torch.ops.aten
 
@@ -99,9 +100,24 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
 
         return MXFP4Format(self.scale_mode)
 
+    def slice_columns(self, start: int, end: int) -> "SERQMXFP4Tensor":
+        """Input columns [start, end) at block boundaries, with R's columns [start, min(end, r))
+        (see :mod:`serq_ao.tensor_subclass.views`)."""
+        check_column_range(self, start, end, BLOCK_SIZE, "MX block")
+        kp, stop = padded_in_features(self.shape[1]), padded_in_features(end)
+        rank = max(0, min(end, self.rank) - start)
+        r_start, r_stop = kp + start, kp + start + rank  # R's columns, after W^q's Kp
+        qdata = [self.qdata[:, start // 2 : stop // 2], self.qdata[:, r_start // 2 : r_stop // 2]]
+        scale = [self.scale[:, start // BLOCK_SIZE : stop // BLOCK_SIZE],
+                 self.scale[:, r_start // BLOCK_SIZE : r_stop // BLOCK_SIZE]]
+        scale_inv = None if self.input_scale_inv is None else self.input_scale_inv[start:end].contiguous()
+        return SERQMXFP4Tensor(torch.cat(qdata, dim=1), torch.cat(scale, dim=1), rank, self.scale_mode,
+                               torch.Size((self.shape[0], end - start)), self.dtype, scale_inv, None)
+
 
 implements = SERQMXFP4Tensor.implements
 implements([aten._to_copy.default])(to_copy)
+register_views(SERQMXFP4Tensor, row_fields=("qdata", "scale"))
 implements_torch_function = SERQMXFP4Tensor.implements_torch_function
 
 

@@ -39,7 +39,8 @@ def _digests(folder) -> dict[str, str]:
 
 
 def _load(folder, dtype, device_map=None, offload=None):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, offload_folder=offload).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, offload_folder=offload)
+    return model.eval()
 
 
 @pytest.mark.parametrize(("device_map", "fields", "dtype"), [
