@@ -57,15 +57,17 @@ class ResumeError(ValueError):
 # ---- what a run depends on ------------------------------------------------------------------
 
 
-def run_key(source: Path, config: SERQConfig, calibration: torch.Tensor | None, dtype: torch.dtype,
+def run_key(source: Path, config: SERQConfig, calibration: list[torch.Tensor] | None, dtype: torch.dtype,
             device: torch.device, error_windows: int, collect_statistics: bool) -> dict:
     """Everything that decides a run's output, as JSON."""
     files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(source).iterdir())
              if p.is_file() and p.suffix in (".safetensors", ".json")}
     ids = None
-    if calibration is not None:
-        data = calibration.detach().to(torch.int64).contiguous().cpu()
-        ids = [list(data.shape), hashlib.sha256(data.view(-1).numpy().tobytes()).hexdigest()]
+    if calibration is not None:  # the windows' lengths, and one digest of all their ids
+        digest = hashlib.sha256()
+        for window in calibration:
+            digest.update(window.detach().to(torch.int64).contiguous().cpu().view(-1).numpy().tobytes())
+        ids = [[w.shape[-1] for w in calibration], digest.hexdigest()]
     return {
         "source": str(Path(source).resolve()),
         "source_files": files,

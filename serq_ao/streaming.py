@@ -339,7 +339,7 @@ def load_outside_layers(model: nn.Module, layers_name: str, reader: CheckpointRe
 def quantize_checkpoint(
     folder: str | os.PathLike,
     config: SERQConfig,
-    calibration: torch.Tensor | None,
+    calibration,
     out: str | os.PathLike | Output,
     *,
     overwrite: bool = False,
@@ -357,7 +357,8 @@ def quantize_checkpoint(
     folder ``out``, never holding more than one float decoder layer. Returns
     ``(QuantizationReport, ShardedOutput)``.
 
-    ``calibration``: input ids (n, L), or None for RTN. ``out`` is written under the rules of
+    ``calibration``: input ids (as :func:`~serq_ao.quant.pipeline.quantize_model` takes them), or
+    None for RTN. ``out`` is written under the rules of
     :mod:`serq_ao.files` (new or empty, or an earlier serq output with ``overwrite``;
     replaced atomically at the end); it may be an :class:`~serq_ao.files.Output` the caller
     claimed. The run is resumable: its work is kept beside ``out`` after every layer
@@ -372,7 +373,7 @@ def quantize_checkpoint(
                                        tokenizer=tokenizer, dtype=dtype, device=device, activations=activations,
                                        error_windows=error_windows, collect_statistics=collect_statistics,
                                        progress=progress, describe=describe)
-    from serq_ao.quant.calibration import check_input_ids
+    from serq_ao.quant.calibration_input import prepare_calibration
     from serq_ao.quant.pipeline import run_quantization
     from serq_ao.resume import PartialRun, ResumeError, run_key
 
@@ -392,8 +393,7 @@ def quantize_checkpoint(
     model, dtype = build_skeleton(folder, dtype)
     layers_name, layers = find_decoder_layers(model)
     rest = load_outside_layers(model, layers_name, reader, dtype)
-    if calibration is not None:
-        check_input_ids(calibration, model)
+    calibration = prepare_calibration(calibration, model)
     key = run_key(Path(folder), config, calibration, dtype, torch.device(device), error_windows, collect_statistics)
     writer = PackedShardWriter(partial.folder, layers_name, len(layers))
     continue_from = None

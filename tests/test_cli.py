@@ -231,7 +231,7 @@ def test_inspect_usage_errors(quantized_tiny_dir, tiny_model_dir, tmp_path, caps
     assert "--sweep: no such file" in capsys.readouterr().err
     argv = ["inspect", str(tiny_model_dir), "--stats", "--calib-windows", "2", "--error-windows", "3", "--quiet"]
     assert main(argv) == 2
-    assert "--error-windows (3) must be at most --calib-windows (2)" in capsys.readouterr().err
+    assert "--error-windows (3) must be at most --calib-samples (2)" in capsys.readouterr().err
 
 
 def test_quantize_without_diagnostics_has_nothing_to_plot(tiny_model_dir, tmp_path, capsys):

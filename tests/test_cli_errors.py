@@ -51,7 +51,7 @@ CALIB = ["--calib-windows", "2", "--calib-seqlen", "32"]
     (["compare", "{m}", "--methods", "fp,rtn", "--rank", "32"], "--rank applies to method serq only"),
     (["compare", "{m}", "--methods", "fp", "--gptq"], "--methods fp quantizes nothing"),
     (["quantize", "{m}", "--out", "{tmp}/o", "--calib-windows", "1", "--error-windows", "2"],
-     "--error-windows (2) must be at most --calib-windows (1)"),
+     "--error-windows (2) must be at most --calib-samples (1)"),
     (["quantize", "{m}", "--out", "{tmp}/o", "--calib-windows", "2", "--calib-seqlen", "600"],
      "--calib-seqlen needs 601 positions per sequence, the model has max_position_embeddings 512"),
     (["eval", "ppl", "{m}", "--seqlen", "4096", "--windows", "1"], "--seqlen needs 4097 positions"),

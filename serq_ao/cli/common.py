@@ -87,6 +87,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
     from serq_ao.quant.config import SERQConfig
     from serq_ao.quant.methods import CorrectionKind, TransformKind, method_spec
 
+    check_calibration_args(args)  # the calibration options too: before any work
     method = method or args.method
     chosen = methods or [method]
     try:
@@ -143,16 +144,57 @@ def checked_plan(model, config):
     return plan
 
 
+def check_calibration_args(args) -> None:
+    """The calibration options that only go with another one, refused before any work."""
+    if args.calib_column is not None and args.calib_dataset is None:
+        raise UsageError("--calib-column names a column of --calib-dataset; there is none")
+    if args.seed is not None and args.calib_text is None and args.calib_dataset is None:
+        raise UsageError("--seed picks the windows of --calib-text or --calib-dataset; a corpus's calibration "
+                         "windows are fixed by the protocol")
+
+
+def calibration_record(args) -> dict:
+    """What the calibration was, for the results and serq_report.json."""
+    from serq_ao.calibration_data import DEFAULT_COLUMN
+
+    record = {"windows": args.calib_windows, "seqlen": args.calib_seqlen}
+    if args.calib_text is not None:
+        return {"text": str(args.calib_text), "seed": args.seed or 0, **record}
+    if args.calib_dataset is not None:
+        return {"dataset": str(args.calib_dataset), "column": args.calib_column or DEFAULT_COLUMN,
+                "seed": args.seed or 0, **record}
+    return {"corpus": args.calib_corpus or "wiki", **record}
+
+
 def calibration_from_args(tokenizer, args, model):
-    """Calibration input ids per --calib-corpus / --calib-windows / --calib-seqlen, checked
-    against ``model``'s positions."""
+    """Calibration input ids per the --calib-* options and --seed: a tensor (n, L), or windows
+    of their own lengths from a dataset; checked against ``model``'s positions."""
+    from serq_ao.calibration_data import (
+        DEFAULT_COLUMN,
+        document_calibration,
+        load_documents,
+        read_text_file,
+        text_calibration,
+    )
     from serq_ao.data import calibration_batches
 
+    check_calibration_args(args)
+    seed = args.seed or 0
     try:
-        batches = calibration_batches(tokenizer, args.calib_corpus, args.calib_windows, args.calib_seqlen)
+        if args.calib_text is not None:
+            batches = text_calibration(tokenizer, read_text_file(args.calib_text), args.calib_windows,
+                                       args.calib_seqlen, seed)
+        elif args.calib_dataset is not None:
+            documents = load_documents(args.calib_dataset, args.calib_column or DEFAULT_COLUMN)
+            batches = document_calibration(tokenizer, documents, args.calib_windows, args.calib_seqlen, seed)
+        else:
+            batches = calibration_batches(tokenizer, args.calib_corpus or "wiki", args.calib_windows,
+                                          args.calib_seqlen)
     except ValueError as e:
-        raise UsageError(str(e)) from e
-    check_positions(model, "--calib-seqlen", batches.shape[1])
+        option = "--calib-text" if args.calib_text else "--calib-dataset" if args.calib_dataset else "--calib-corpus"
+        raise UsageError(f"{option}: {e}".replace("samples must", "--calib-samples must")) from e
+    longest = batches.shape[1] if hasattr(batches, "shape") else max(w.shape[1] for w in batches)
+    check_positions(model, "--calib-seqlen", longest)
     return batches
 
 
@@ -162,4 +204,4 @@ def check_error_windows(args) -> None:
     if args.error_windows is None:
         args.error_windows = min(DEFAULT_ERROR_WINDOWS, args.calib_windows)
     elif args.error_windows > args.calib_windows:
-        raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-windows ({args.calib_windows})")
+        raise UsageError(f"--error-windows ({args.error_windows}) must be at most --calib-samples ({args.calib_windows})")

@@ -111,9 +111,21 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
                         help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm), "
                              "global (one order for the residual stream, no gathers) or auto (global where exact, "
                              f"else per_group); default {DEFAULT_RESIDUAL_ORDER}; method serq only")
-    parser.add_argument("--calib-corpus", choices=CORPORA, default="wiki", help="the calibration text")
-    parser.add_argument("--calib-windows", type=positive_int, default=DEFAULT_CALIBRATION_WINDOWS,
-                        help="calibration windows (the first ones of the corpus' calibration split)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--calib-corpus", choices=CORPORA, default=None,
+                        help="calibrate on a shipped corpus: the first --calib-samples windows of its calibration "
+                             "split (default wiki)")
+    source.add_argument("--calib-text", metavar="FILE", default=None,
+                        help="calibrate on this UTF-8 text file: --calib-samples windows of --calib-seqlen tokens, "
+                             "picked at random with --seed")
+    source.add_argument("--calib-dataset", metavar="PATH", default=None,
+                        help="calibrate on a local dataset (a save_to_disk folder, .arrow or .jsonl): --calib-samples "
+                             "rows of --calib-column picked at random with --seed, each cut at --calib-seqlen tokens")
+    parser.add_argument("--calib-column", default=None, help="with --calib-dataset: its text column (default text)")
+    parser.add_argument("--calib-samples", "--calib-windows", dest="calib_windows", type=positive_int,
+                        default=DEFAULT_CALIBRATION_WINDOWS, metavar="N", help="calibration windows")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="with --calib-text or --calib-dataset: the sampling seed (default 0)")
     parser.add_argument("--calib-seqlen", type=positive_int, default=DEFAULT_SEQLEN,
                         help="tokens per calibration window")
 

@@ -14,6 +14,7 @@ from serq_ao.cli.common import (
     StageProgress,
     UsageError,
     calibration_from_args,
+    calibration_record,
     check_error_windows,
     check_not_quantized,
     check_positions,
@@ -111,7 +112,7 @@ def _describe(args: argparse.Namespace, report, storage, diagnostics) -> dict:
     """What serq_report.json records beside the weights."""
     return {
         "source": str(args.model),
-        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows, "seqlen": args.calib_seqlen},
+        "calibration": calibration_record(args),
         "report": report.to_dict(),
         "storage": storage.to_dict(),
         "diagnostics": None if diagnostics is None else diagnostics.to_dict(),
@@ -238,7 +239,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
         "gptq": args.gptq,
         "corpus": args.corpus,
         "windows": int(windows.shape[0]),
-        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_windows},
+        "calibration": calibration_record(args),
         "results": rows,
     }
     if args.json:

@@ -127,13 +127,22 @@ class StatisticsObserver:
 def calibrate(
     model: nn.Module,
     plan: ModelPlan,
-    batches: torch.Tensor,
+    batches,
     *,
     batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> CalibrationStats:
-    """Run ``batches`` (n, L) of input ids through ``model`` and record per-group statistics."""
-    check_model_and_ids(model, batches)
+    """Run ``batches`` of input ids (a tensor (n, L), or as
+    :mod:`~serq_ao.quant.calibration_input` takes them: then one window at a time) through
+    ``model`` and record per-group statistics."""
+    from serq_ao.quant.calibration_input import calibration_windows, check_windows
+
+    if isinstance(batches, torch.Tensor) and batches.dim() == 2:
+        check_model_and_ids(model, batches)
+    else:
+        batches = calibration_windows(batches)
+        check_windows(batches, model)
+        check_model_and_ids(model, None)
     return collect_statistics(model, plan, batches, batch_size=batch_size, on_batch=on_batch)
 
 
@@ -150,19 +159,20 @@ def check_model_and_ids(model: nn.Module, ids) -> None:
 def collect_statistics(
     model: nn.Module,
     plan: ModelPlan,
-    batches: torch.Tensor,
+    batches,
     *,
     batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> CalibrationStats:
-    """:func:`calibrate` without its checks, for callers that made them already."""
+    """:func:`calibrate` without its checks, for callers that made them already: ``batches``
+    a tensor (n, L) run ``batch_size`` rows at a time, or windows run one at a time."""
     start = time.perf_counter()
     observer = StatisticsObserver()
     handles = observer.attach(model, plan)
     tokens = 0
     device = next(model.parameters()).device
     try:
-        for batch in batches.split(batch_size):
+        for batch in batches.split(batch_size) if isinstance(batches, torch.Tensor) else batches:
             model(input_ids=batch.to(device), use_cache=False)
             tokens += batch.numel()
             if on_batch is not None:

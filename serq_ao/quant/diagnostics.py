@@ -23,6 +23,7 @@ import re
 import torch
 from torch import nn
 
+from serq_ao.quant.calibration_input import prepare_calibration
 from serq_ao.quant.config import SERQConfig
 from serq_ao.passes import ModelPlan
 from serq_ao.quant.layerwise import relative_error  # noqa: F401 - re-exported, tests use it here
@@ -107,7 +108,7 @@ def saliency_statistics(channel_max: torch.Tensor, rank: int) -> tuple[float, fl
 def quantize_with_diagnostics(
     model: nn.Module,
     config: SERQConfig,
-    batches: torch.Tensor,
+    batches,
     *,
     quantize=quantize_,
     error_windows: int = 2,
@@ -116,13 +117,14 @@ def quantize_with_diagnostics(
     **options,
 ) -> tuple[QuantizationReport, Diagnostics]:
     """``quantize(model, config, ...)`` (quantize_ or quantize_model) calibrated on ``batches``
-    (n, L) input ids, and the diagnostics of every quantized linear.
+    (input ids as quantize_model takes them), and the diagnostics of every quantized linear.
 
     The output errors are measured on the first ``error_windows`` of ``batches`` (0: not
     measured), layer by layer as the model is quantized (:mod:`serq_ao.quant.layerwise`).
     """
-    if not 0 <= error_windows <= batches.shape[0]:
-        raise ValueError(f"error_windows must be in [0, {batches.shape[0]}] (the calibration windows), got {error_windows}")
+    batches = prepare_calibration(batches, model)
+    if not 0 <= error_windows <= len(batches):
+        raise ValueError(f"error_windows must be in [0, {len(batches)}] (the calibration windows), got {error_windows}")
     report = quantize(model, config, batches, plan=plan, progress=progress, error_windows=error_windows,
                       collect_statistics=True, **options)
     return report, diagnostics_of(report)

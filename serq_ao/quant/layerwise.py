@@ -237,7 +237,7 @@ def _initial_state(hidden: list[torch.Tensor], cache: ActivationCache, float_win
 def quantize_layerwise(
     model: nn.Module,
     *,
-    windows: torch.Tensor | None,
+    windows: list[torch.Tensor] | None,
     plan: ModelPlan | None,
     statistics: CalibrationStats | None,
     collect_statistics: bool,
@@ -256,7 +256,8 @@ def quantize_layerwise(
 ) -> LayerwiseResult:
     """Quantize ``model``'s decoder layers one at a time (see the module doc).
 
-    ``windows``: calibration input ids (n, L) or None (round-to-nearest without statistics).
+    ``windows``: calibration input ids, one (1, L_i) tensor per window, or None
+    (round-to-nearest without statistics).
     ``statistics``: already collected (then none are collected here); ``collect_statistics``
     asks for them otherwise. ``transform_layer(layer_plan, statistics)`` applies one layer's
     exact transforms and returns its linears' plans; ``quantize_linear(plan, hessian,
@@ -271,7 +272,7 @@ def quantize_layerwise(
     cache = cache or ActivationCache()
     layers_name, layers = find_decoder_layers(model)
     device = device or _first_tensor_device(layers[0]) or _first_tensor_device(model) or torch.device("cpu")
-    calibration = [] if windows is None else list(windows.split(1))
+    calibration = [] if windows is None else list(windows)
     started = time.perf_counter()
     # the layers' keyword arguments are recomputed (cheap: only the embeddings run) even when
     # resuming; their inputs come from the saved state then

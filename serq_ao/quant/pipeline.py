@@ -31,6 +31,7 @@ from serq_ao.passes.trace import find_decoder_layers
 from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
+from serq_ao.quant.calibration_input import as_windows, prepare_calibration, window_tokens
 from serq_ao.quant.calibration import collect_statistics as collect_model_statistics
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.fake_quant import FakeQuantLinear
@@ -217,7 +218,7 @@ def _quantize_linear(
 def quantize_model(
     model: nn.Module,
     config: SERQConfig,
-    calibration: torch.Tensor | CalibrationStats | None,
+    calibration,
     *,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,
@@ -229,8 +230,9 @@ def quantize_model(
     """Quantize ``model`` in place per ``config``, one decoder layer at a time
     (:mod:`serq_ao.quant.layerwise`).
 
-    ``calibration``: input ids (n, L) to calibrate on, or statistics from :func:`calibrate`
-    on this same, untransformed model. RTN needs none (pass None); GPTQ needs input ids.
+    ``calibration``: input ids to calibrate on (a tensor (n, L), a list of tensors, or batches:
+    see :mod:`serq_ao.quant.calibration_input`), or statistics from :func:`calibrate` on this
+    same, untransformed model. RTN needs none (pass None); GPTQ needs input ids.
     ``device``: where each layer computes (default: where it is); the model's layers may
     live on the CPU and visit a GPU one at a time. ``activations``: the budget and spill
     folder of the cached calibration activations (default: CPU up to a quarter of memory).
@@ -240,7 +242,8 @@ def quantize_model(
     """
     if is_quantized(model):
         raise ValueError("model is already quantized: quantize a fresh copy of the float model")
-    check_model_and_ids(model, None if isinstance(calibration, CalibrationStats) else calibration)
+    calibration = prepare_calibration(calibration, model)
+    check_model_and_ids(model, None)
     return run_quantization(model, config, calibration, plan=plan, progress=progress, device=device,
                             activations=activations, error_windows=error_windows,
                             collect_statistics=collect_statistics)
@@ -249,7 +252,7 @@ def quantize_model(
 def run_quantization(
     model: nn.Module,
     config: SERQConfig,
-    calibration: torch.Tensor | CalibrationStats | None,
+    calibration,
     *,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,
@@ -271,14 +274,15 @@ def run_quantization(
     seconds: dict[str, float] = {}
     report = progress or (lambda stage, done, total: None)
     spec = config.spec
-    ids = None if isinstance(calibration, CalibrationStats) else calibration
+    calibration = as_windows(calibration)
+    ids = None if isinstance(calibration, CalibrationStats) else calibration  # windows, each (1, L)
     stats = calibration if isinstance(calibration, CalibrationStats) else None
     if (spec.needs_statistics or config.needs_input_ids) and calibration is None:
         raise ValueError(f"method {config.method!r}{' with GPTQ' if config.gptq else ''} needs calibration data")
     if config.needs_input_ids and ids is None:
         raise ValueError("GPTQ needs calibration input ids (it runs the layers), not statistics")
-    if error_windows and (ids is None or not 0 <= error_windows <= ids.shape[0]):
-        raise ValueError(f"error_windows must be in [0, {0 if ids is None else ids.shape[0]}] (the calibration "
+    if error_windows and (ids is None or not 0 <= error_windows <= len(ids)):
+        raise ValueError(f"error_windows must be in [0, {0 if ids is None else len(ids)}] (the calibration "
                          f"windows, given as input ids), got {error_windows}")
     if plan is not None:
         check_config_for_plan(config, plan)
@@ -301,7 +305,7 @@ def run_quantization(
             residual = _residual_plan(model, plan_for_order, config)
         if residual is not None:  # one order for the whole stream needs every statistic first
             if stats is None:
-                total = ids.shape[0]
+                total = len(ids)
                 counter = iter(range(1, total + 1))
                 stats = collect_model_statistics(model, plan_for_order, ids,
                                            on_batch=lambda k: report("calibrate", next(counter), total))
@@ -359,7 +363,7 @@ def run_quantization(
         used_order = ResidualOrder.PER_GROUP if residual is None else ResidualOrder.GLOBAL
     stats = result.statistics if result.statistics is not None else stats
     errors = {name: relative_error(*sums) for name, sums in result.output_errors.items()}
-    error_tokens = 0 if ids is None else int(ids[:error_windows].numel())
+    error_tokens = 0 if ids is None else window_tokens(ids[:error_windows])
     linears = [r for r in result.linears if r is not None]
     return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds, used_order,
                               result.plans, stats, errors, error_tokens)
@@ -369,7 +373,7 @@ def run_quantization(
 def transform_model(
     model: nn.Module,
     config: SERQConfig,
-    calibration: torch.Tensor | CalibrationStats | None,
+    calibration,
     *,
     plan: ModelPlan | None = None,
 ) -> dict[str, LinearPlan]:
@@ -377,14 +381,15 @@ def transform_model(
     folds) to ``model`` in place without quantizing anything; returns each linear's plan. The
     model's outputs do not change (up to float rounding): the passes' proof, and a way to
     look at what the quantizer sees."""
-    check_model_and_ids(model, None if isinstance(calibration, CalibrationStats) else calibration)
+    calibration = prepare_calibration(calibration, model)
+    check_model_and_ids(model, None)
     return run_quantization(model, config, calibration, plan=plan, transform_only=True).plans
 
 
 def quantize_(
     model: nn.Module,
     config: SERQConfig,
-    calibration: torch.Tensor | CalibrationStats | None = None,
+    calibration=None,
     *,
     plan: ModelPlan | None = None,
     progress: Progress | None = None,

@@ -13,7 +13,6 @@ GOOD = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("ids, message", [
-    (GOOD[0], r"shape \(n, L\) .* got shape \(9,\)"),
     (GOOD[None], r"shape \(n, L\) .* got shape \(1, 2, 9\)"),
     (GOOD[:0], r"n, L >= 1, got shape \(0, 9\)"),
     (GOOD[:, :0], r"n, L >= 1, got shape \(2, 0\)"),
@@ -21,7 +20,8 @@ GOOD = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     (GOOD > 3, "integer token ids, got dtype torch.bool"),
     (GOOD + 1000, r"token ids in \[\d+, \d+\], outside the model's vocabulary \[0, 257\)"),
     (GOOD - 300, "outside the model's vocabulary"),
-    ([GOOD], "must be a tensor of input ids"),
+    ([GOOD.float()], "calibration window 0 must hold integer token ids"),
+    ("text", "must be input ids: a tensor"),
 ])
 @pytest.mark.parametrize("gptq", [False, True])
 def test_bad_calibration_ids(ids, message, gptq):
