@@ -156,8 +156,53 @@ def known_model_gguf(name: str) -> Path:
     return path
 
 
+# what a model folder needs from a Hub repository: configs, weights, tokenizer, remote code
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def _model_kinds() -> str:
+    return (f"model must be one of {sorted(KNOWN_MODELS)}, a local Hugging Face folder (with config.json), a .gguf "
+            "file or a Hugging Face Hub id (org/name)")
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local snapshot of a Hub model: from the Hugging Face cache, downloaded first when
+    online (``HF_HUB_OFFLINE`` unset); a one-line error otherwise."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:  # what huggingface_hub read from the environment
+            why = "HF_HUB_OFFLINE is set: download it first (e.g. `hf download " + repo_id + "` with it unset)"
+        else:
+            why = "the Hub cannot be reached (no network?); set HF_HUB_OFFLINE=1 to use only the cache"
+        raise ModelNotFoundError(f"{_model_kinds()}; {repo_id!r} is not in the local Hugging Face cache and {why}") \
+            from None
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id!r} is a gated Hub repository: accept its terms on the Hub and log in "
+                                 "(`hf auth login`) first") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{_model_kinds()}; {repo_id!r} is no Hub repository you can read") from None
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{repo_id!r} on the Hub has no config.json: not a transformers model")
+    return folder
+
+
 def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
-    """A loadable Hugging Face folder for a known model name, an HF folder or a .gguf file."""
+    """A loadable Hugging Face folder for a known model name, an HF folder, a .gguf file or a
+    Hub id (from the Hugging Face cache, or downloaded into it)."""
     name = str(name_or_path)
     if name in KNOWN_MODELS:
         return _gguf_cache_folder(known_model_gguf(name), name)
@@ -166,10 +211,9 @@ def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
         return _gguf_cache_folder(path.resolve(), path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    raise ModelNotFoundError(
-        f"model must be one of {sorted(KNOWN_MODELS)}, a local Hugging Face folder (with "
-        f"config.json) or a .gguf file; got {name!r}"
-    )
+    if not path.exists() and _is_hub_id(name):
+        return hub_folder(name)
+    raise ModelNotFoundError(f"{_model_kinds()}; got {name!r}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

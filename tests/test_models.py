@@ -107,3 +107,75 @@ def test_default_model_converts_from_gguf_and_loads(serq_cache):
     by_path, _ = models.load_model(models.known_model_gguf("smollm2-135m"))
     for (name, a), (_, b) in zip(model.state_dict().items(), by_path.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---- Hub ids: the Hugging Face cache, offline ------------------------------------------------
+
+HUB_SCRIPT = """
+import sys
+from serq_ao.models import ModelNotFoundError, load_model, resolve_model_folder
+try:
+    folder = resolve_model_folder(sys.argv[1])
+except ModelNotFoundError as e:
+    print("ERROR", e)
+else:
+    model, tokenizer = load_model(sys.argv[1])
+    print("FOLDER", folder, type(model).__name__, model.config.num_hidden_layers)
+"""
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    """A Hugging Face cache holding tiny-org/tiny-llama as the Hub client lays it out."""
+    from tests.conftest import make_byte_tokenizer, make_tiny_llama
+
+    cache = tmp_path_factory.mktemp("hf-cache")
+    repo = cache / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    make_tiny_llama().save_pretrained(snapshot)
+    make_byte_tokenizer().save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return cache
+
+
+def _run_hub(cache, name, offline=True):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1" if offline else "0"}
+    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, name], capture_output=True, text=True, env=env,
+                            timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_hub_id_loads_from_the_cache_offline(hub_cache):
+    out = _run_hub(hub_cache, "tiny-org/tiny-llama")
+    assert out.startswith(f"FOLDER {hub_cache}") and out.endswith("LlamaForCausalLM 2")
+
+
+def test_hub_id_not_cached_offline_names_hf_hub_offline(hub_cache):
+    out = _run_hub(hub_cache, "tiny-org/not-here")
+    assert out.startswith("ERROR model must be one of") and "HF_HUB_OFFLINE is set" in out
+
+
+def test_hub_id_not_cached_without_network_says_so(hub_cache):
+    out = _run_hub(hub_cache, "tiny-org/not-here", offline=False)
+    assert out.startswith("ERROR model must be one of")
+    assert "cannot be reached" in out or "no Hub repository" in out  # no network here; with one, a 404
+
+
+def test_serq_quantize_takes_a_hub_id(hub_cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "q"
+    result = subprocess.run([sys.executable, "-m", "serq_ao.cli.main", "quantize", "tiny-org/tiny-llama", "-o", str(out),
+                             "--rank", "32", "--calib-samples", "2", "--calib-seqlen", "16", "--no-diagnostics",
+                             "--quiet", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").is_file() and '"source": "tiny-org/tiny-llama"' in (out / "serq_report.json").read_text()

@@ -45,7 +45,8 @@ from serq_ao.integrations.verify import CheckpointError  # noqa: E402
 from serq_ao.quant.pipeline import ConfigMismatchError  # noqa: E402
 from serq_ao.resume import ResumeError  # noqa: E402
 
-MODEL_HELP = f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a .gguf file or a serq output folder"
+MODEL_HELP = (f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a Hub id (org/name: from the Hugging Face "
+              "cache, or downloaded), a .gguf file or a serq output folder")
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
