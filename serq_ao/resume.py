@@ -223,7 +223,7 @@ class PartialRun:
             "observer": observer,
             "analysed": {signature: [group_to_dict(g) for g in groups] for signature, groups in state.analysed.items()},
             "plans": {linear: _plan_to_dict(plan) for linear, plan in state.plans.items()},
-            "linears": [dataclasses.asdict(r) for r in state.linears],
+            "linears": [None if r is None else dataclasses.asdict(r) for r in state.linears],  # None: ignored
             # float.hex keeps every bit (and NaN / inf) of the error sums
             "squared": {linear: [float(v).hex() for v in sums] for linear, sums in state.squared.items()},
             "seconds": state.seconds,
@@ -264,7 +264,7 @@ class PartialRun:
                 observer,
                 {signature: tuple(group_from_dict(g) for g in groups) for signature, groups in saved["analysed"].items()},
                 {linear: _plan_from_dict(linear, data, tables, config) for linear, data in saved["plans"].items()},
-                [LinearReport(**r) for r in saved["linears"]],
+                [None if r is None else LinearReport(**r) for r in saved["linears"]],
                 {linear: [float.fromhex(v) for v in sums] for linear, sums in saved["squared"].items()},
                 {stage: float(v) for stage, v in saved.get("seconds", {}).items()},
             )

@@ -78,6 +78,26 @@ class PreOpLinear(nn.Linear):
         x_hat = apply_pre_op(x, self.input_scale_inv, self.input_perm).to(x.dtype)
         return nn.functional.linear(x_hat, self.weight, self.bias)
 
+    @torch.no_grad()
+    def as_plain_linear(self) -> nn.Linear:
+        """The nn.Linear on the untransformed input that computes the same (up to rounding):
+        x_hat_j = x_perm[j] * s_inv_perm[j], so column j of the weight, times s_inv_perm[j],
+        goes back to column perm[j]."""
+        weight = self.weight.float()  # (N, K)
+        if self.input_perm is not None:
+            perm = self.input_perm.long()
+            scale = 1.0 if self.input_scale_inv is None else self.input_scale_inv.float()[perm]
+            plain = torch.empty_like(weight)
+            plain[:, perm] = weight * scale
+        else:
+            plain = weight * self.input_scale_inv.float() if self.input_scale_inv is not None else weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(plain)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
 
 class OutputGather(nn.Module):
     """Wraps a module: multiplies its output by ``scale_inv``, then reorders the channels

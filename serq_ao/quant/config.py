@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+import re
 
 from serq_ao.formats import FORMATS, FormatName, QuantFormat, ScaleMode, enum_value, get_format
 from serq_ao.quant.methods import METHODS, CorrectionKind, Method, MethodSpec, ResidualOrder, TransformKind, method_spec
@@ -57,6 +59,11 @@ class SERQConfig:
       passes cannot permute exactly; ``serq`` only) or ``"auto"`` (global where the passes
       prove it exact, per group elsewhere, with a warning). Methods without a saliency order
       ignore ``"auto"`` and ``"per_group"``.
+    - ``ignore``: linears left in floating point, by module name: an exact name, a glob
+      (``"*.mlp.down_proj"``, ``"model.layers.0.*"``) or ``"re:"`` and a regular expression
+      that must match the whole name (as LLM Compressor spells it). Their group's exact
+      transforms still apply (the model's output does not change); they are not quantized.
+      A pattern that matches no linear is reported with a warning.
 
     ``method``, ``format`` and ``scale_mode`` accept strings or the enums
     (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
@@ -72,6 +79,7 @@ class SERQConfig:
     gptq: bool = False
     fold_into_linears: bool = True
     residual_order: ResidualOrder = DEFAULT_RESIDUAL_ORDER
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "method", enum_value(Method, self.method, "method"))
@@ -90,6 +98,11 @@ class SERQConfig:
                              f"got method {self.method.value!r}")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
+        object.__setattr__(self, "ignore", _checked_patterns(self.ignore))
+
+    def ignores(self, name: str) -> bool:
+        """Whether the linear ``name`` stays in floating point (``ignore``)."""
+        return any(_matches(pattern, name) for pattern in self.ignore)
 
     @property
     def spec(self) -> MethodSpec:
@@ -114,7 +127,8 @@ class SERQConfig:
         return self.gptq
 
     def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, str) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: (str(v) if isinstance(v, str) else list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -125,3 +139,22 @@ class SERQConfig:
         if unknown:
             raise ValueError(f"unknown SERQConfig fields: {sorted(unknown)}")
         return cls(**data)
+
+
+def _checked_patterns(patterns) -> tuple[str, ...]:
+    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"ignore must be a list of module-name patterns (names, globs or 're:' regular "
+                         f"expressions), got {patterns!r}")
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ValueError(f"ignore pattern {pattern!r} is not a regular expression: {e}") from None
+    return tuple(patterns)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)

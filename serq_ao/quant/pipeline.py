@@ -28,7 +28,7 @@ from serq_ao.passes import (
     apply_residual_order,
 )
 from serq_ao.passes.trace import find_decoder_layers
-from serq_ao.passes.transforms import replace_module
+from serq_ao.passes.transforms import PreOpLinear, replace_module
 from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
 from serq_ao.quant.calibration_input import as_windows, prepare_calibration, window_tokens
@@ -214,6 +214,14 @@ def _quantize_linear(
     return LinearReport(name, linear.in_features, linear.out_features, rank, bits, linear_plan.has_pre_op)
 
 
+def _keep_in_float(model: nn.Module, name: str) -> None:
+    """An ignored linear stays a plain nn.Linear: on the input its (transformed) producer gives
+    it, with a run-time pre-op undone into its weight."""
+    module = model.get_submodule(name)
+    if isinstance(module, PreOpLinear):
+        replace_module(model, name, module.as_plain_linear())
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -328,6 +336,9 @@ def run_quantization(
     def quantize_linear(linear_plan: LinearPlan, hessian, layer_stats) -> LinearReport | None:
         if transform_only:
             return None
+        if config.ignores(linear_plan.name):
+            _keep_in_float(model, linear_plan.name)
+            return None
         return _quantize_linear(model, linear_plan, config, layer_stats, hessian)
 
     def check_groups(groups) -> None:
@@ -362,11 +373,16 @@ def run_quantization(
     if spec.input_transform is TransformKind.FLATTEN:
         used_order = ResidualOrder.PER_GROUP if residual is None else ResidualOrder.GLOBAL
     stats = result.statistics if result.statistics is not None else stats
-    errors = {name: relative_error(*sums) for name, sums in result.output_errors.items()}
+    errors = {name: relative_error(*sums) for name, sums in result.output_errors.items() if not config.ignores(name)}
     error_tokens = 0 if ids is None else window_tokens(ids[:error_windows])
     linears = [r for r in result.linears if r is not None]
+    plans = result.plans if transform_only else {n: p for n, p in result.plans.items() if not config.ignores(n)}
+    unused = [p for p in config.ignore if not any(SERQConfig(ignore=(p,)).ignores(n) for n in result.plans)]
+    if unused:
+        logger.warning("ignore: %s matched none of the quantizable linears (e.g. %s)", ", ".join(map(repr, unused)),
+                       next(iter(result.plans), "none"))
     return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds, used_order,
-                              result.plans, stats, errors, error_tokens)
+                              plans, stats, errors, error_tokens)
 
 
 @torch.no_grad()
