@@ -58,7 +58,7 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
     summary = {
         "out": str(args.out),
         **config.to_dict(),
-        "effective_bits": report.effective_bits,
+        "effective_bits": report.to_dict()["effective_bits"],
         "linears": len(report.linears),
         "packed": bool(storage.linears),
         "streamed": streamed,
@@ -227,7 +227,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
                 started = time.perf_counter()
                 report = quantize_model(model, config, calibration, plan=plan,
                                         progress=StageProgress(progress, prefix=f"{method}: "))
-                bits, quant_seconds = report.effective_bits, time.perf_counter() - started
+                bits, quant_seconds = report.to_dict()["effective_bits"], time.perf_counter() - started
             task = progress.add_task(f"{method}: perplexity", total=windows.shape[0])
             result = perplexity(model, windows, on_batch=lambda k: progress.advance(task, k))
             rows.append({"method": method, "bits": bits, "ppl": result.ppl, "quantize_seconds": quant_seconds, "eval_seconds": result.seconds})

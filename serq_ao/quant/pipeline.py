@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Callable
 
@@ -86,21 +87,26 @@ class QuantizationReport:
     # how many tokens those were
     output_errors: dict[str, float] = dataclasses.field(default_factory=dict, repr=False)
     error_tokens: int = 0
+    # bytes of the decoder layers' weight matrices left in floating point that no ``ignore``
+    # named (fused MoE experts, routers), by name with the layer index as "*"
+    unquantized: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def effective_bits(self) -> float:
-        """Bits per weight over all quantized linears, weighted by their sizes."""
+        """Bits per weight over all quantized linears, weighted by their sizes (NaN where
+        ``ignore`` left none quantized)."""
         weights = [r.in_features * r.out_features for r in self.linears]
-        return sum(r.bits * w for r, w in zip(self.linears, weights)) / sum(weights)
+        return sum(r.bits * w for r, w in zip(self.linears, weights)) / sum(weights) if weights else math.nan
 
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
-            "effective_bits": self.effective_bits,
+            "effective_bits": None if math.isnan(self.effective_bits) else self.effective_bits,
             "calibration_tokens": self.calibration_tokens,
             "residual_order": None if self.residual_order is None else str(self.residual_order),
             "seconds": self.seconds,
             "linears": [dataclasses.asdict(r) for r in self.linears],
+            "unquantized_bytes": dict(self.unquantized),
         }
 
 
@@ -212,6 +218,21 @@ def _quantize_linear(
     )
     replace_module(model, name, replacement.to(linear.weight.device))
     return LinearReport(name, linear.in_features, linear.out_features, rank, bits, linear_plan.has_pre_op)
+
+
+def _count_unquantized(layer: nn.Module, layers_name: str, index: int, config: SERQConfig,
+                       sizes: dict[str, int]) -> None:
+    """Add the weights of decoder layer ``index`` that stay in floating point though no
+    ``ignore`` asked for it (fused expert tensors, routers) to ``sizes``, by name with the
+    layer index as ``*``; matrices only (norms and biases are vectors)."""
+    for name, param in layer.named_parameters():
+        module = name.rpartition(".")[0]
+        owner = layer.get_submodule(module)
+        if param.dim() < 2 or not param.is_floating_point() or isinstance(owner, FakeQuantLinear) \
+                or is_packed_linear(owner) or config.ignores(f"{layers_name}.{index}.{module}"):
+            continue
+        key = f"{layers_name}.*.{name}"
+        sizes[key] = sizes.get(key, 0) + param.numel() * param.element_size()
 
 
 def _keep_in_float(model: nn.Module, name: str) -> None:
@@ -344,6 +365,15 @@ def run_quantization(
     def check_groups(groups) -> None:
         check_config_for_plan(config, ModelPlan("", groups))
 
+    unquantized: dict[str, int] = {}  # name (layer index as *) -> bytes
+    layers_name = find_decoder_layers(model)[0]
+
+    def layer_done(index: int, layer: nn.Module, plans: dict[str, LinearPlan]) -> None:
+        if not transform_only:
+            _count_unquantized(layer, layers_name, index, config, unquantized)
+        if on_layer_done is not None:
+            on_layer_done(index, layer, plans)
+
     layers_start = time.perf_counter()
     result = quantize_layerwise(
         model,
@@ -360,7 +390,7 @@ def run_quantization(
         device=device,
         cache=activations,
         error_windows=error_windows,
-        on_layer_done=on_layer_done,
+        on_layer_done=layer_done,
         resume=resume,
         on_checkpoint=on_checkpoint,
         progress=report,
@@ -377,12 +407,15 @@ def run_quantization(
     error_tokens = 0 if ids is None else window_tokens(ids[:error_windows])
     linears = [r for r in result.linears if r is not None]
     plans = result.plans if transform_only else {n: p for n, p in result.plans.items() if not config.ignores(n)}
+    if unquantized:
+        logger.warning("not quantized, kept in the model's dtype (serq-ao quantizes nn.Linear modules only): %s",
+                       ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in unquantized.items()))
     unused = [p for p in config.ignore if not any(SERQConfig(ignore=(p,)).ignores(n) for n in result.plans)]
     if unused:
         logger.warning("ignore: %s matched none of the quantizable linears (e.g. %s)", ", ".join(map(repr, unused)),
                        next(iter(result.plans), "none"))
     return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds, used_order,
-                              plans, stats, errors, error_tokens)
+                              plans, stats, errors, error_tokens, unquantized)
 
 
 @torch.no_grad()
