@@ -220,19 +220,18 @@ def _quantize_linear(
     return LinearReport(name, linear.in_features, linear.out_features, rank, bits, linear_plan.has_pre_op)
 
 
-def _count_unquantized(layer: nn.Module, layers_name: str, index: int, config: SERQConfig,
-                       sizes: dict[str, int]) -> None:
-    """Add the weights of decoder layer ``index`` that stay in floating point though no
-    ``ignore`` asked for it (fused expert tensors, routers) to ``sizes``, by name with the
-    layer index as ``*``; matrices only (norms and biases are vectors)."""
-    for name, param in layer.named_parameters():
-        module = name.rpartition(".")[0]
-        owner = layer.get_submodule(module)
-        if param.dim() < 2 or not param.is_floating_point() or isinstance(owner, FakeQuantLinear) \
-                or is_packed_linear(owner) or config.ignores(f"{layers_name}.{index}.{module}"):
-            continue
-        key = f"{layers_name}.*.{name}"
-        sizes[key] = sizes.get(key, 0) + param.numel() * param.element_size()
+def _layer_matrices(model: nn.Module) -> list[tuple[str, str, int]]:
+    """(owning module, parameter name with the layer index as ``*``, bytes) of every floating
+    weight matrix inside the decoder layers (norms and biases are vectors: not listed). Meta
+    tensors count too: their dtype and shape are known."""
+    layers_name, layers = find_decoder_layers(model)
+    matrices = []
+    for index, layer in enumerate(layers):
+        for name, param in layer.named_parameters():
+            if param.dim() >= 2 and param.is_floating_point():
+                module = f"{layers_name}.{index}.{name.rpartition('.')[0]}"
+                matrices.append((module, f"{layers_name}.*.{name}", param.numel() * param.element_size()))
+    return matrices
 
 
 def _keep_in_float(model: nn.Module, name: str) -> None:
@@ -365,14 +364,9 @@ def run_quantization(
     def check_groups(groups) -> None:
         check_config_for_plan(config, ModelPlan("", groups))
 
-    unquantized: dict[str, int] = {}  # name (layer index as *) -> bytes
-    layers_name = find_decoder_layers(model)[0]
-
-    def layer_done(index: int, layer: nn.Module, plans: dict[str, LinearPlan]) -> None:
-        if not transform_only:
-            _count_unquantized(layer, layers_name, index, config, unquantized)
-        if on_layer_done is not None:
-            on_layer_done(index, layer, plans)
+    # every weight matrix of the decoder layers, read before any layer changes (or is streamed
+    # away): what no plan quantized is reported at the end, a resumed run included
+    layer_matrices = _layer_matrices(model)
 
     layers_start = time.perf_counter()
     result = quantize_layerwise(
@@ -390,7 +384,7 @@ def run_quantization(
         device=device,
         cache=activations,
         error_windows=error_windows,
-        on_layer_done=layer_done,
+        on_layer_done=on_layer_done,
         resume=resume,
         on_checkpoint=on_checkpoint,
         progress=report,
@@ -407,6 +401,10 @@ def run_quantization(
     error_tokens = 0 if ids is None else window_tokens(ids[:error_windows])
     linears = [r for r in result.linears if r is not None]
     plans = result.plans if transform_only else {n: p for n, p in result.plans.items() if not config.ignores(n)}
+    unquantized: dict[str, int] = {}  # name (layer index as *) -> bytes
+    for module, key, size in layer_matrices:
+        if module not in result.plans and not config.ignores(module) and not transform_only:
+            unquantized[key] = unquantized.get(key, 0) + size
     if unquantized:
         logger.warning("not quantized, kept in the model's dtype (serq-ao quantizes nn.Linear modules only): %s",
                        ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in unquantized.items()))
