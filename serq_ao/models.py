@@ -251,13 +251,14 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
-               device: torch.device | str = "cpu"):
+               device: torch.device | str = "cpu", *, trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` in eval mode. See :func:`resolve_model_folder`.
 
     ``dtype``: float32 (default), bfloat16, float16, or "auto" for the checkpoint's own.
     ``device``: cpu (default), cuda, cuda:N or "auto". Both are checked before anything loads.
     A folder written by ``serq quantize`` loads as the quantized model it holds (its packed
     codes and scales keep their storage; ``dtype`` is what its linears return).
+    ``trust_remote_code``: run the modeling code the folder ships, as transformers does.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -268,20 +269,39 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = resolve_model_folder(name_or_path)
     if is_quantized_folder(folder):
-        model, tokenizer = load_quantized(folder, dtype=dtype)  # verifies the folder
+        model, tokenizer = load_quantized(folder, dtype=dtype, trust_remote_code=trust_remote_code)  # verifies it
         return model.to(device), tokenizer
-    tokenizer = load_float_tokenizer(folder)
+    tokenizer = load_float_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # safetensors, json, transformers
         if isinstance(e, CheckpointError):
             raise
-        raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(e)})") from None
+        raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(e)})" if "trust_remote_code" not in str(e)
+                             else remote_code_refused(folder)) from None
     model.eval()
     return model.to(device), tokenizer
 
 
-def load_float_tokenizer(folder: Path):
+def load_model_config(folder, *, trust_remote_code: bool = False):
+    """The transformers config of a model folder; a one-line :class:`ModelLoadError` otherwise."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(remote_code_refused(folder)) from None
+        raise ModelLoadError(f"{folder}: cannot read its config.json ({_one_line(e)})") from None
+
+
+def remote_code_refused(folder) -> str:
+    """The message for a folder whose code transformers will run only when asked."""
+    return (f"{folder} ships its own modeling code (config.json's auto_map); to run it, pass trust_remote_code=True "
+            "(serq: --trust-remote-code), only for a folder you trust")
+
+
+def load_float_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     """The tokenizer of a float model folder, once the folder is checked: its serq manifest
     (if any) holds, it is not a serq output stripped of its markers, it has a tokenizer."""
     from transformers import AutoTokenizer
@@ -298,6 +318,7 @@ def load_float_tokenizer(folder: Path):
         raise ModelLoadError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
                              "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({_one_line(e)})") from None
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({_one_line(e)})"
+                             if "trust_remote_code" not in str(e) else remote_code_refused(folder)) from None

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -34,7 +35,7 @@ from torch import nn
 from serq_ao.files import Output, claim_output, strict_json
 from serq_ao.integrations.hf_quantizer import SERQHfConfig
 from serq_ao.integrations.verify import TENSOR_MANIFEST_KEY, tensor_manifest
-from serq_ao.models import TOKENIZER_FILES, ModelLoadError
+from serq_ao.models import TOKENIZER_FILES, ModelLoadError, load_model_config
 from serq_ao.passes import OutputGather
 from serq_ao.passes.trace import find_decoder_layers
 from serq_ao.passes.transforms import replace_module
@@ -179,19 +180,26 @@ def checkpoint_dtype(folder: Path, config) -> torch.dtype:
     return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
 
 
-def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, torch.dtype]:
-    """The model config.json describes, in ``dtype`` ("auto": the checkpoint's), with its
-    parameters on the meta device and its buffers real; eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def copy_model_code(source: Path, destination: Path, config) -> None:
+    """A model whose config.json maps its classes to code in the folder (``auto_map``, loaded
+    with trust_remote_code) needs that code beside the output too: the source's ``*.py``."""
+    if getattr(config, "auto_map", None):
+        for code in sorted(source.glob("*.py")):
+            shutil.copy2(code, destination / code.name)
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"{folder}: cannot read its config.json ({' '.join(str(e).split())[:200]})") from None
+
+def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype | str = "auto", *,
+                   trust_remote_code: bool = False) -> tuple[nn.Module, torch.dtype]:
+    """The model config.json describes, in ``dtype`` ("auto": the checkpoint's), with its
+    parameters on the meta device and its buffers real; eval mode. ``trust_remote_code``:
+    the folder's own modeling code (its auto_map) may run."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(folder, trust_remote_code=trust_remote_code)
     dtype = checkpoint_dtype(Path(folder), config) if dtype == "auto" else dtype
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.config.dtype = dtype
     return model.eval(), dtype
 
@@ -352,6 +360,7 @@ def quantize_checkpoint(
     collect_statistics: bool = False,
     progress=None,
     describe: Callable[["QuantizationReport", StorageReport], dict] = lambda report, storage: {},
+    trust_remote_code: bool = False,
 ):
     """Quantize the safetensors checkpoint in ``folder`` layer by layer into the packed
     folder ``out``, never holding more than one float decoder layer. Returns
@@ -372,7 +381,8 @@ def quantize_checkpoint(
             return quantize_checkpoint(folder, config, calibration, output, overwrite=overwrite, resume=resume,
                                        tokenizer=tokenizer, dtype=dtype, device=device, activations=activations,
                                        error_windows=error_windows, collect_statistics=collect_statistics,
-                                       progress=progress, describe=describe)
+                                       progress=progress, describe=describe,
+                                       trust_remote_code=trust_remote_code)
     from serq_ao.quant.calibration_input import prepare_calibration
     from serq_ao.quant.pipeline import run_quantization
     from serq_ao.resume import PartialRun, ResumeError, run_key
@@ -389,8 +399,9 @@ def quantize_checkpoint(
     if tokenizer is None and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)  # the output is a whole model folder, like the source
-    model, dtype = build_skeleton(folder, dtype)
+        # the output is a whole model folder, like the source
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model, dtype = build_skeleton(folder, dtype, trust_remote_code=trust_remote_code)
     layers_name, layers = find_decoder_layers(model)
     rest = load_outside_layers(model, layers_name, reader, dtype)
     calibration = prepare_calibration(calibration, model)
@@ -415,6 +426,7 @@ def quantize_checkpoint(
         )
         with out.write(kind="quantized model") as staging:
             written = writer.finish(staging, model, rest, config, tokenizer, lambda storage: describe(report, storage))
+            copy_model_code(Path(folder), staging, model.config)
     except BaseException:
         saved = partial.record()
         if saved is None:

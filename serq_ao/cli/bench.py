@@ -35,9 +35,9 @@ def cmd_bench(args: argparse.Namespace, err: Console) -> int:
         baseline = None
     models = {}
     with status(err, f"loading {args.model}", args.quiet):
-        models[str(args.model)] = load_model(args.model, dtype=args.dtype, device=args.device)[0]
+        models[str(args.model)] = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)[0]
         if baseline is not None:
-            models[f"{baseline} (baseline)"] = load_model(baseline, dtype=args.dtype, device=args.device)[0]
+            models[f"{baseline} (baseline)"] = load_model(baseline, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)[0]
     for model in models.values():  # the decode steps run past the prefill
         check_positions(model, "--prefill + --decode", args.prefill + args.decode)
     modes = ("eager", "compiled") if args.compile else ("eager",)

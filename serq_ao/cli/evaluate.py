@@ -32,7 +32,7 @@ def cmd_eval_ppl(args: argparse.Namespace, err: Console) -> int:
     text = _read_text(args.text) if args.text is not None else None
     source = args.text if text is not None else args.corpus
     with status(err, f"loading {args.model}", args.quiet):
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
         try:
             if text is not None:
                 windows = text_windows(tokenizer, text, args.windows, args.seqlen)
@@ -70,7 +70,7 @@ def cmd_eval_tasks(args: argparse.Namespace, err: Console) -> int:
     except ValueError as e:
         raise UsageError(f"--{e}") from None
     with status(err, f"loading {args.model}", args.quiet):
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     with progress_bar(err, args.quiet) as progress:
         bar = progress.add_task(f"zero-shot {', '.join(tasks)}", total=None)
         result = evaluate_tasks(

@@ -23,7 +23,7 @@ def cmd_export(args: argparse.Namespace, err: Console) -> int:
         raise UsageError(f"--out must name a .pt2 file, got {out}")
     with claim_output(out, option="--out", folder=False, overwrite=args.overwrite) as output:
         with status(err, f"loading {args.model}", args.quiet):
-            model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+            model, _ = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
         check_positions(model, "--seqlen", args.seqlen)
         what = "AOTInductor package" if args.aoti else "torch.export program"
         with status(err, f"exporting a {what} for inputs ({args.batch_size}, {args.seqlen}) and running it", args.quiet):

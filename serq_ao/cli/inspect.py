@@ -148,7 +148,7 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
     quantized = is_quantized_folder(args.model)
     source = str(args.model)
     with status(err, f"loading {args.model}", args.quiet):
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     if quantized:
         saved = read_report(args.model)
         source = saved.get("source", source)

@@ -98,6 +98,9 @@ def _loading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="the model's dtype: auto (the checkpoint's own, default), float32, bfloat16 or float16; "
                              "quantization math keeps its own precision whatever this is")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the modeling code a model folder ships (its config.json's auto_map), as "
+                             "transformers' trust_remote_code=True does: only for folders you trust")
 
 
 def _quantization_options(parser: argparse.ArgumentParser) -> None:

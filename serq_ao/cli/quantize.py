@@ -120,9 +120,7 @@ def _describe(args: argparse.Namespace, report, storage, diagnostics) -> dict:
 
 
 def _quantize_streamed(folder, output, config, args: argparse.Namespace, err: Console):
-    from transformers import AutoConfig
-
-    from serq_ao.models import load_float_tokenizer, resolve_dtype
+    from serq_ao.models import load_float_tokenizer, load_model_config, resolve_dtype
     from serq_ao.quant.diagnostics import diagnostics_of
     from serq_ao.quant.methods import ResidualOrder
     from serq_ao.streaming import CheckpointReader, quantize_checkpoint
@@ -130,10 +128,11 @@ def _quantize_streamed(folder, output, config, args: argparse.Namespace, err: Co
     if config.spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.AUTO:
         logger.warning("residual order: per group (streamed layers cannot share one order; pass --in-memory for auto)")
     with status(err, f"reading {args.model}", args.quiet):
-        tokenizer = load_float_tokenizer(folder)
+        tokenizer = load_float_tokenizer(folder, trust_remote_code=args.trust_remote_code)
         CheckpointReader(folder)  # every shard's header, before calibration data is prepared
         needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
-        batches = calibration_from_args(tokenizer, args, AutoConfig.from_pretrained(folder)) if needs_batches else None
+        batches = calibration_from_args(tokenizer, args, load_model_config(
+            folder, trust_remote_code=args.trust_remote_code)) if needs_batches else None
     result = {}
 
     def describe(report, storage):
@@ -146,6 +145,7 @@ def _quantize_streamed(folder, output, config, args: argparse.Namespace, err: Co
             folder, config, batches, output, overwrite=args.overwrite, resume=args.resume, tokenizer=tokenizer, dtype=resolve_dtype(args.dtype),
             device=args.device, activations=cache, error_windows=args.error_windows if args.diagnostics else 0,
             collect_statistics=args.diagnostics, progress=StageProgress(progress), describe=describe,
+            trust_remote_code=args.trust_remote_code,
         )
     return report, written.storage, result["extra"]
 
@@ -159,7 +159,7 @@ def _quantize_in_memory(output, config, args: argparse.Namespace, err: Console):
 
     with status(err, f"loading {args.model}", args.quiet):
         # the layers visit --device one at a time; the model itself stays on the CPU
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
         check_not_quantized(model, args.model)
         plan = checked_plan(model, config)
         needs_batches = config.needs_statistics or config.needs_input_ids or args.diagnostics
@@ -205,7 +205,8 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     with progress_bar(err, args.quiet) as progress:
         for method in methods:
             loading = progress.add_task(f"{method}: load {args.model}", total=None)
-            model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
+                                              trust_remote_code=args.trust_remote_code)
             check_not_quantized(model, args.model)
             windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
             check_positions(model, "--seqlen", windows.shape[1])

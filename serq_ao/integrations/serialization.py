@@ -145,7 +145,8 @@ def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
     raise ValueError(f"unknown module kind {spec['kind']!r} in {QUANTIZATION_FILE}")
 
 
-def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32):
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *,
+                   trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in eval mode, in ``dtype``
     ("auto": the dtype the model was saved in)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -155,16 +156,16 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
     # (by the quantizer of a packed folder as they load), so only their sizes here
     verify_files(path, hash_weights=False)
     if is_packed_folder(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        return model, AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     meta = json.loads((path / QUANTIZATION_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} was written by an incompatible serq-ao (format {meta.get('format_version')})")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, spec in meta["structure"].items():
         replace_module(model, name, _placeholder(spec, model.get_submodule(name)))
     stored = verify_tensors([path / WEIGHTS_FILE])
@@ -180,6 +181,6 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
         elif isinstance(module, OutputGather):
             check_output_gather(name, module)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.serq_config = SERQConfig.from_dict(meta["config"])
     return model, tokenizer
