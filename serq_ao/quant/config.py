@@ -102,7 +102,7 @@ class SERQConfig:
 
     def ignores(self, name: str) -> bool:
         """Whether the linear ``name`` stays in floating point (``ignore``)."""
-        return any(_matches(pattern, name) for pattern in self.ignore)
+        return any(matches_pattern(pattern, name) for pattern in self.ignore)
 
     @property
     def spec(self) -> MethodSpec:
@@ -154,7 +154,8 @@ def _checked_patterns(patterns) -> tuple[str, ...]:
     return tuple(patterns)
 
 
-def _matches(pattern: str, name: str) -> bool:
+def matches_pattern(pattern: str, name: str) -> bool:
+    """Whether module ``name`` matches one ``ignore`` pattern (name, glob or "re:" regex)."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)

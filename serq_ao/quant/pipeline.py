@@ -34,7 +34,7 @@ from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
 from serq_ao.quant.calibration_input import as_windows, prepare_calibration, window_tokens
 from serq_ao.quant.calibration import collect_statistics as collect_model_statistics
-from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.config import SERQConfig, matches_pattern
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.quant.linear_plan import LinearPlan, linear_plans
@@ -408,7 +408,7 @@ def run_quantization(
     if unquantized:
         logger.warning("not quantized, kept in the model's dtype (serq-ao quantizes nn.Linear modules only): %s",
                        ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in unquantized.items()))
-    unused = [p for p in config.ignore if not any(SERQConfig(ignore=(p,)).ignores(n) for n in result.plans)]
+    unused = [p for p in config.ignore if not any(matches_pattern(p, n) for n in result.plans)]
     if unused:
         logger.warning("ignore: %s matched none of the quantizable linears (e.g. %s)", ", ".join(map(repr, unused)),
                        next(iter(result.plans), "none"))

@@ -32,6 +32,19 @@ def stored_bits_per_weight(tensor: torch.Tensor) -> float:
     return 8 * stored_bytes(tensor) / (tensor.shape[0] * tensor.shape[1])
 
 
+def rebuild(tensor, *, shape=None, dtype=None, **fields):
+    """A packed weight of ``tensor``'s class with some fields, its shape or its logical dtype
+    replaced; everything else as it is."""
+    cls = type(tensor)
+    values = {name: fields.get(name, getattr(tensor, name)) for name in field_names(cls)}
+    attributes = {name: getattr(tensor, name) for name in cls.tensor_attribute_names}
+    if shape is not None:
+        attributes["shape"] = torch.Size(shape)
+    if dtype is not None:
+        attributes["dtype"] = dtype
+    return cls(**values, **attributes)
+
+
 def to_copy(func, types, args, kwargs):
     """``aten._to_copy`` for a packed weight: a device moves every field; a dtype changes only
     the logical dtype (the dtype its linear returns), never the codes or the float32 scales.
@@ -42,12 +55,6 @@ def to_copy(func, types, args, kwargs):
     self = args[0]
     to = self._get_to_kwargs(*args[1:], **kwargs)
     device, dtype, non_blocking = to["device"], to["dtype"], to.get("non_blocking", False)
-    cls = type(self)
-
-    def moved(name):
-        tensor = getattr(self, name)
-        return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
-
-    fields = {name: moved(name) for name in field_names(cls)}
-    attributes = {name: (dtype if name == "dtype" else getattr(self, name)) for name in cls.tensor_attribute_names}
-    return return_and_correct_aliasing(func, args, kwargs, cls(**fields, **attributes))
+    fields = {name: None if getattr(self, name) is None else getattr(self, name).to(device, non_blocking=non_blocking)
+              for name in field_names(type(self))}
+    return return_and_correct_aliasing(func, args, kwargs, rebuild(self, dtype=dtype, **fields))

@@ -30,23 +30,13 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import fill_defaults
 
-from serq_ao.tensor_subclass.common import field_names
+from serq_ao.tensor_subclass.common import field_names, rebuild
 
 aten = torch.ops.aten
 
 
-def _rebuild(self, shape=None, **fields):
-    """A tensor of ``self``'s class with some fields (and the shape) replaced."""
-    cls = type(self)
-    values = {name: fields.get(name, getattr(self, name)) for name in field_names(cls)}
-    attributes = {name: getattr(self, name) for name in cls.tensor_attribute_names}
-    if shape is not None:
-        attributes["shape"] = torch.Size(shape)
-    return cls(**values, **attributes)
-
-
 def _map_fields(self, fn):
-    return _rebuild(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name))
+    return rebuild(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name))
                              for name in field_names(type(self))})
 
 
@@ -62,7 +52,7 @@ def register_views(cls, row_fields: tuple[str, ...]) -> None:
     name = cls.__name__
 
     def rows(self, start: int, end: int):
-        return _rebuild(self, (end - start, self.shape[1]),
+        return rebuild(self, shape=(end - start, self.shape[1]),
                         **{f: None if getattr(self, f) is None else getattr(self, f)[start:end] for f in row_fields})
 
     @implements([aten.slice.Tensor])
@@ -108,7 +98,7 @@ def register_views(cls, row_fields: tuple[str, ...]) -> None:
                     raise ValueError(f"cannot concatenate {name}s with different {field} (their pre-ops must agree)")
         fields = {f: None if getattr(first, f) is None else torch.cat([getattr(t, f) for t in tensors])
                   for f in row_fields}
-        return _rebuild(first, (sum(t.shape[0] for t in tensors), first.shape[1]), **fields)
+        return rebuild(first, shape=(sum(t.shape[0] for t in tensors), first.shape[1]), **fields)
 
     @implements([aten.view.default])
     def _(func, types, args, kwargs):
