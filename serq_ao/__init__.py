@@ -15,12 +15,17 @@ from serq_ao.formats import FormatName, ScaleMode  # noqa: E402
 from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
 from serq_ao.quant.methods import Method  # noqa: E402
 from serq_ao.quant.config import SERQConfig  # noqa: E402
-from serq_ao.integrations.hf_quantizer import register as _register_with_transformers  # noqa: E402
+from serq_ao.integrations import checkpoint_config as _checkpoint_config  # noqa: E402
+from serq_ao.integrations import hf_quantizer as _hf_quantizer  # noqa: E402
+from serq_ao.integrations import torchao_route as _torchao_route  # noqa: E402
 from serq_ao.quant.packing import pack_model, storage_report  # noqa: E402
 from serq_ao.quant.pipeline import QuantizationReport, quantize_, quantize_model, transform_model  # noqa: E402
 from serq_ao.integrations.torchao_config import SERQLinearConfig  # noqa: E402
 
-_register_with_transformers()
+# what lets transformers load serq folders: serq_ao.integrations.checkpoint_config says why
+_checkpoint_config.allow_in_torchao()
+_hf_quantizer.register_legacy()
+_torchao_route.install()
 
 __all__ = [
     "CalibrationStats",

@@ -11,7 +11,7 @@ about one float layer, the cached calibration activations
 (:mod:`serq_ao.quant.activations`), and what is being written.
 
 The folder written is the one ``save_pretrained`` writes for the same packed model
-(config.json with the "serq" ``quantization_config``, ``model-XXXXX-of-YYYYY.safetensors``
+(config.json with the serq ``quantization_config``, ``model-XXXXX-of-YYYYY.safetensors``
 shards with their index, tokenizer files): every tensor bitwise the same, in other shards.
 Each shard's ``serq_tensors`` record lists the tensors it holds
 (:mod:`serq_ao.integrations.verify`).
@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from serq_ao.files import Output, claim_output, strict_json
-from serq_ao.integrations.hf_quantizer import SERQHfConfig
+from serq_ao.integrations.hf_quantizer import packed_folder_config
 from serq_ao.integrations.verify import TENSOR_MANIFEST_KEY, tensor_manifest
 from serq_ao.models import TOKENIZER_FILES, ModelLoadError, load_model_config
 from serq_ao.passes import OutputGather
@@ -290,8 +290,7 @@ class PackedShardWriter:
         outside = storage_report(model)  # the layers are placeholders by now: the rest, tied tensors once
         self.model_bytes += outside.model_bytes
         self.unquantized_bytes += outside.unquantized_bytes
-        hf_config = SERQHfConfig(config.to_dict(), self.gathers, self.linears)
-        model.config.quantization_config = hf_config
+        model.config.quantization_config = packed_folder_config(config, self.gathers, self.linears)
         model.config.save_pretrained(self.folder)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(self.folder)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from serq_ao.integrations.checkpoint_config import checkpoint_fields
 from serq_ao.cli.main import main
 
 
@@ -62,9 +63,10 @@ def test_quantize_then_eval_the_saved_folder(tiny_model_dir, tmp_path, capsys):
     # tiny Llama: six linears with d_in 64 (28,672 weights), down_proj with d_in 128 (8,192)
     expected_bits = (28672 * 4.25 * 96 / 64 + 8192 * 4.25 * 160 / 128) / (28672 + 8192)
     assert summary["effective_bits"] == pytest.approx(expected_bits)
-    # the packed format: a transformers folder whose config names the "serq" quantizer
+    # the packed format: a transformers folder whose config names serq's torchao config
     assert summary["packed"] and summary["model_bytes"] > 0
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "serq"
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization["quant_type"]["default"]["_type"] == "serq_ao.SERQCheckpointConfig"
     # streamed: one shard per decoder layer, one for the rest, and their index
     assert (out / "model.safetensors.index.json").is_file() and (out / "serq_report.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
@@ -109,7 +111,7 @@ def test_quantize_with_gptq(tiny_model_dir, tmp_path, capsys):
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["gptq"] is True and summary["linears"] == 14
-    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    saved = checkpoint_fields(json.loads((out / "config.json").read_text())["quantization_config"])
     assert saved["serq_config"]["gptq"] is True
     assert json.loads((out / "serq_report.json").read_text())["calibration"]["windows"] == 2
 

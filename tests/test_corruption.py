@@ -160,7 +160,8 @@ def edit_description(change):
 
 
 def quantization(change):
-    return edit_json("config.json", lambda c: change(c["quantization_config"]))
+    """An edit of the serq fields of config.json's quantization_config."""
+    return edit_json("config.json", lambda c: change(c["quantization_config"]["quant_type"]["default"]["_data"]))
 
 
 PACKED = {
@@ -203,7 +204,12 @@ PACKED = {
     "config: rank changed": quantization(lambda q: q["serq_config"].__setitem__("rank", 64)),
     "config: format changed": quantization(lambda q: q["serq_config"].__setitem__("format", "w4a8")),
     "config: old format version": quantization(lambda q: q.__setitem__("format_version", 2)),
-    "config: quant_method renamed": quantization(lambda q: q.__setitem__("quant_method", "torchao")),
+    "config: quant_method renamed": edit_json("config.json", lambda c: c["quantization_config"].__setitem__(
+        "quant_method", "serq")),
+    "config: quant_type class changed": edit_json("config.json", lambda c: c["quantization_config"]["quant_type"][
+        "default"].__setitem__("_type", "Int4WeightOnlyConfig")),
+    "config: quant_type emptied": edit_json("config.json", lambda c: c["quantization_config"].__setitem__(
+        "quant_type", {})),
     "config.json deleted": remove_file("config.json"),
     "weights deleted": remove_file(WEIGHTS),
     "tokenizer edited": edit_json("tokenizer_config.json", lambda t: t.__setitem__("model_max_length", 7)),

@@ -1,15 +1,15 @@
 """transformers integration: ``save_pretrained`` / ``from_pretrained`` of packed SERQ models.
 
-Importing serq_ao registers the quantization method ``"serq"``: a config
-(:class:`SERQHfConfig`, written to config.json as ``quantization_config``) and an
-:class:`SERQHfQuantizer`. Saving writes every packed weight as plain tensors
-(``<linear>.weight_qdata``, ``<linear>.weight_scale``, ...) with its class and attributes in
-the safetensors metadata (:mod:`serq_ao.tensor_subclass.flatten`). Loading first re-creates
-the output wrappers that hold folded orders (:class:`OutputGather`), then a weight converter
-gathers each linear's fields back into its packed weight.
+A packed folder's config.json holds ``TorchAoConfig(SERQCheckpointConfig(...))`` (why torchao's
+method: :mod:`serq_ao.integrations.checkpoint_config`); importing serq_ao lets
+:mod:`serq_ao.integrations.torchao_route` hand such configs to :class:`SERQHfQuantizer`.
+Folders of format 3 (quant_method "serq", :class:`SERQHfConfig`) still load.
 
-transformers only knows "serq" once serq_ao has been imported: without the import it warns
-"Unknown quantization type" and loads random weights, so import serq_ao first.
+Saving writes every packed weight as plain tensors (``<linear>.weight_qdata``,
+``<linear>.weight_scale``, ...) with its class and attributes in the safetensors metadata
+(:mod:`serq_ao.tensor_subclass.flatten`). Loading first re-creates the output wrappers that
+hold folded orders (:class:`OutputGather`), then a weight converter gathers each linear's
+fields back into its packed weight.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from transformers.quantizers.auto import (
     register_quantization_config,
     register_quantizer,
 )
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from transformers.utils.quantization_config import QuantizationConfigMixin, TorchAoConfig
 
 from serq_ao.quant.config import SERQConfig
 from serq_ao.passes import OutputGather
@@ -37,6 +37,11 @@ from serq_ao.passes.transforms import replace_module
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
 from serq_ao.tensor_subclass.common import field_names
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten_state_dict
+from serq_ao.integrations.checkpoint_config import (
+    LEGACY_FORMAT_VERSION,
+    SERQCheckpointConfig,
+    check_format_version,
+)
 from serq_ao.integrations.verify import (
     TENSOR_MANIFEST_KEY,
     check_config_agrees,
@@ -50,44 +55,40 @@ from serq_ao.integrations.verify import (
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "serq"
-# 1: the evaluation-mode folders of serq_ao.integrations.serialization; 2: packed, without the
-# tensor manifest (refused: nothing in it can be verified)
-FORMAT_VERSION = 3
+LEGACY_QUANT_METHOD = "serq"
 # every field a packed weight may store, as "weight_<field>" in the checkpoint
 SERIALIZED_FIELDS = sorted({f for cls in PACKED_TENSOR_CLASSES for f in field_names(cls)})
 
 
 class SERQHfConfig(QuantizationConfigMixin):
-    """``quantization_config`` of a packed SERQ model.
-
-    - ``serq_config``: the :class:`SERQConfig` it was quantized with, as a dict.
-    - ``output_gathers``: module name -> ``{"width": int, "buffers": [...]}`` for every norm
-      (or other producer) wrapped in an :class:`OutputGather` holding a folded order.
-    - ``packed_linears``: names of the linears whose weights are packed.
-    """
+    """``quantization_config`` of a packed folder of format 3 (quant_method "serq"), read so
+    that those folders still load; new folders are written with :class:`SERQCheckpointConfig`
+    (same fields)."""
 
     def __init__(self, serq_config: dict | None = None, output_gathers: dict | None = None,
-                 packed_linears: list | None = None, format_version: int = FORMAT_VERSION, **kwargs):
-        self.quant_method = QUANT_METHOD
-        if format_version != FORMAT_VERSION:
-            raise ValueError(f"this serq-ao reads quantization format {FORMAT_VERSION}, the checkpoint has format "
-                             f"{format_version!r}" + (" (an older serq-ao, whose weights cannot be verified): re-quantize it"
-                                                      if format_version in (1, 2) else ""))
+                 packed_linears: list | None = None, format_version: int = LEGACY_FORMAT_VERSION, **kwargs):
+        self.quant_method = LEGACY_QUANT_METHOD
+        check_format_version(format_version, LEGACY_FORMAT_VERSION)
         self.format_version = format_version
         self.serq_config = SERQConfig.from_dict(serq_config or {}).to_dict()  # validates
         self.output_gathers = dict(output_gathers or {})
         self.packed_linears = list(packed_linears or [])
 
-    @classmethod
-    def from_model(cls, model: nn.Module, config: SERQConfig) -> "SERQHfConfig":
-        gathers, linears = {}, []
-        for name, module in model.named_modules():
-            if isinstance(module, OutputGather):
-                gathers[name] = module.spec()
-            elif isinstance(module, nn.Linear) and isinstance(module.weight, PACKED_TENSOR_CLASSES):
-                linears.append(name)
-        return cls(config.to_dict(), gathers, linears)
+
+def checkpoint_config(model: nn.Module, config: SERQConfig) -> TorchAoConfig:
+    """The ``quantization_config`` that describes ``model`` packed with ``config``."""
+    gathers, linears = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, OutputGather):
+            gathers[name] = module.spec()
+        elif isinstance(module, nn.Linear) and isinstance(module.weight, PACKED_TENSOR_CLASSES):
+            linears.append(name)
+    return packed_folder_config(config, gathers, linears)
+
+
+def packed_folder_config(config: SERQConfig, output_gathers: dict, packed_linears: list) -> TorchAoConfig:
+    """config.json's ``quantization_config`` of a packed folder."""
+    return TorchAoConfig(SERQCheckpointConfig(config.to_dict(), dict(output_gathers), list(packed_linears)))
 
 
 class SERQDeserialize(ConversionOps):
@@ -115,10 +116,20 @@ class SERQHfQuantizer(HfQuantizer):
     requires_calibration = True  # from_pretrained cannot quantize a float checkpoint by itself
     serialized_names = {"weight": [f"weight_{f}" for f in SERIALIZED_FIELDS]}
 
-    def __init__(self, quantization_config, **kwargs):
+    def __init__(self, quantization_config: TorchAoConfig | SERQHfConfig, **kwargs):
+        if not kwargs.get("pre_quantized", True):
+            raise ValueError("a serq checkpoint config describes a folder serq-ao wrote; it cannot quantize a float model: "
+                             "quantize on load with TorchAoConfig(SERQLinearConfig(...)), or with serq_ao.quantize_")
         super().__init__(quantization_config, **kwargs)
         self.load_dtype = None
         self.packed_descriptions: dict[str, dict] = {}
+
+    @property
+    def checkpoint(self) -> SERQCheckpointConfig | SERQHfConfig:
+        """The serq fields (serq_config, output_gathers, packed_linears) of either config."""
+        if isinstance(self.quantization_config, TorchAoConfig):
+            return self.quantization_config.quant_type
+        return self.quantization_config
 
     def validate_environment(self, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -134,14 +145,14 @@ class SERQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # config.json's quantization_config must name modules of the model config.json builds
         modules = dict(model.named_modules())
-        for what, names in (("output_gathers", self.quantization_config.output_gathers),
-                            ("packed_linears", self.quantization_config.packed_linears)):
+        for what, names in (("output_gathers", self.checkpoint.output_gathers),
+                            ("packed_linears", self.checkpoint.packed_linears)):
             unknown = [n for n in names if not isinstance(modules.get(n), nn.Module)]
             if unknown:
                 fail_checkpoint("config.json", f"quantization_config.{what} names {unknown[0]}, which the model "
                                                "it describes does not have")
         # the model is still on the meta device: re-create the wrappers so that their keys exist
-        for name, spec in self.quantization_config.output_gathers.items():
+        for name, spec in self.checkpoint.output_gathers.items():
             replace_module(model, name, OutputGather.from_spec(model.get_submodule(name), spec))
         files = [str(p) for p in checkpoint_files or [] if str(p).endswith(".safetensors")]
         if not files:
@@ -158,7 +169,7 @@ class SERQHfQuantizer(HfQuantizer):
         # and the model config.json builds expects exactly these
         stored = verify_tensors(files, on_tensor=self._packed_value_checker())
         described = set(self.packed_descriptions)
-        declared = {f"{name}.weight" for name in self.quantization_config.packed_linears}
+        declared = {f"{name}.weight" for name in self.checkpoint.packed_linears}
         if described != declared:
             odd = sorted(described ^ declared)[0]
             fail_checkpoint("checkpoint", f"{odd} is {'described as packed' if odd in described else 'declared packed'} "
@@ -193,12 +204,12 @@ class SERQHfQuantizer(HfQuantizer):
             c for c in getattr(model, "_weight_conversions", [])
             if not any(isinstance(op, SERQDeserialize) for op in getattr(c, "operations", []))
         ]
-        missing = [n for n in self.quantization_config.packed_linears
+        missing = [n for n in self.checkpoint.packed_linears
                    if not isinstance(model.get_submodule(n).weight, PACKED_TENSOR_CLASSES)]
         if missing:
             raise ValueError(f"the checkpoint did not provide packed weights for {missing[:3]} ({len(missing)} linears)")
-        config = SERQConfig.from_dict(self.quantization_config.serq_config)
-        for name in self.quantization_config.packed_linears:
+        config = SERQConfig.from_dict(self.checkpoint.serq_config)
+        for name in self.checkpoint.packed_linears:
             # transformers makes every floating parameter trainable; packed weights are not
             # (and AOTInductor refuses to lift their uint8 parts if they claim to be)
             weight = model.get_submodule(name).weight
@@ -212,7 +223,7 @@ class SERQHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name, **kwargs):
         module, _, param = param_name.rpartition(".")
-        return param == "weight" and module in self.quantization_config.packed_linears
+        return param == "weight" and module in self.checkpoint.packed_linears
 
     def get_state_dict_and_metadata(self, model):
         tensors, metadata = flatten_state_dict(model.state_dict())
@@ -233,16 +244,17 @@ class SERQHfQuantizer(HfQuantizer):
 def attach_quantizer(model: nn.Module, config: SERQConfig) -> None:
     """Make a model packed by :func:`serq_ao.quantize_` saveable with ``save_pretrained``,
     as if ``from_pretrained`` had loaded it."""
-    hf_config = SERQHfConfig.from_model(model, config)
+    hf_config = checkpoint_config(model, config)
     model.config.quantization_config = hf_config
     model.hf_quantizer = SERQHfQuantizer(hf_config, pre_quantized=True)
     model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
+    model.quantization_method = hf_config.quant_method
+    model.serq_config = config
 
 
-def register() -> None:
-    """Register "serq" with transformers (once; registering twice would raise)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(SERQHfConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(SERQHfQuantizer)
+def register_legacy() -> None:
+    """Register "serq" (format 3 folders) with transformers (once; twice would raise)."""
+    if LEGACY_QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(LEGACY_QUANT_METHOD)(SERQHfConfig)
+    if LEGACY_QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(LEGACY_QUANT_METHOD)(SERQHfQuantizer)

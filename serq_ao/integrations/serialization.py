@@ -4,18 +4,25 @@ Two kinds of folder, both Hugging Face folders (config.json, tokenizer files, sa
 both written under the rules of :mod:`serq_ao.files` (a temporary folder beside the
 destination, a manifest of every file written last, then an atomic swap):
 
-- packed (format 2, :func:`serq_ao.quantize_`): written by ``save_pretrained`` with the
-  "serq" quantizer (:mod:`serq_ao.integrations.hf_quantizer`); ``config.json`` holds the
+- packed (:func:`serq_ao.quantize_`): written by ``save_pretrained`` with serq's quantizer
+  (:mod:`serq_ao.integrations.hf_quantizer`); ``config.json`` holds the
   ``quantization_config`` and ``AutoModelForCausalLM.from_pretrained`` loads it (with serq_ao
-  imported). ``serq_report.json`` records how it was made.
+  imported; without, it raises an error naming serq_ao). ``serq_report.json`` records how it
+  was made.
 - evaluation mode (format 1, :func:`serq_ao.quantize_model`, needed for LQER / L2QER, which
   have no packed format): dequantized weights in ``model.safetensors`` and
   ``serq_config.json`` describing which modules were replaced, so that the architecture can
-  be rebuilt before the state is loaded.
+  be rebuilt before the state is loaded. config.json's ``quantization_config`` only marks the
+  folder, so that ``from_pretrained`` refuses it (the weights alone would load as a wrong
+  model) and points at :func:`load_quantized`.
+
+Which of the two a folder is, and why config.json is written as it is:
+:mod:`serq_ao.integrations.checkpoint_config`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -23,12 +30,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import TorchAoConfig
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from serq_ao.formats import get_format
 from serq_ao.quant.config import SERQConfig
 from serq_ao.files import Output, claim_output, strict_json
-from serq_ao.integrations.hf_quantizer import QUANT_METHOD, attach_quantizer
+from serq_ao.integrations.checkpoint_config import PACKED_TYPE, SERQEvaluationCheckpointConfig, serq_checkpoint_type
+from serq_ao.integrations.hf_quantizer import attach_quantizer
 from serq_ao.integrations.verify import (
     TENSOR_MANIFEST_KEY,
     CheckpointError,
@@ -58,7 +67,7 @@ def is_packed_folder(path: str | os.PathLike) -> bool:
         quantization = json.loads(config.read_text()).get("quantization_config") or {}
     except ValueError:
         return False
-    return quantization.get("quant_method") == QUANT_METHOD
+    return serq_checkpoint_type(quantization) in (PACKED_TYPE, "serq")
 
 
 def is_quantized_folder(path: str | os.PathLike) -> bool:
@@ -108,7 +117,9 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, config: SERQConfi
         model.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(strict_json(extra or {}, indent=1))
         return
-    model.config.save_pretrained(folder)
+    config_json = copy.deepcopy(model.config)
+    config_json.quantization_config = TorchAoConfig(SERQEvaluationCheckpointConfig())
+    config_json.save_pretrained(folder)
     # tied duplicates dropped as transformers does, so the manifest names what is stored
     state = {k: v.contiguous() for k, v in remove_tied_weights_from_state_dict(model.state_dict(), model).items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", TENSOR_MANIFEST_KEY: tensor_manifest(state)})
@@ -162,6 +173,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} was written by an incompatible serq-ao (format {meta.get('format_version')})")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config.__dict__.pop("quantization_config", None)  # the marker of this format, not a quantizer to run
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -27,38 +27,46 @@ class SERQLinearConfig(AOBaseConfig):
     """SERQ for one linear.
 
     - ``input_amax``: (d_in,) max |x_j| per input channel over calibration tokens (e.g.
-      ``serq_ao.quant.calibration.calibrate(...).amax[group]``); None quantizes without flattening
-      or reordering (plain round to nearest, which needs ``rank=0``).
+      ``serq_ao.quant.calibration.calibrate(...).amax[group]``), a 1-D tensor or a sequence of
+      floats; None quantizes without flattening or reordering (plain round to nearest, which
+      needs ``rank=0``). Stored as a list of floats (exact for float32 values) so that the
+      config is JSON, as torchao's ``config_to_dict`` and transformers' config.json need.
     - ``rank``: r, a multiple of 32 (0: flattening only).
     - ``format``: "mxfp4", "w4a8" or "w4a4"; ``scale_mode``: "floor" or "rceil" (MXFP4).
     """
 
-    input_amax: torch.Tensor | None = None
+    input_amax: list[float] | None = None
     rank: int = DEFAULT_RANK
     format: str = "mxfp4"
     scale_mode: str = "floor"
 
     def __post_init__(self):
-        self.format, self.scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
+        fmt, scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
+        self.format, self.scale_mode = str(fmt), str(scale_mode)  # plain strings: JSON as they are
         if self.input_amax is None:
             if self.rank:
                 raise ValueError("rank > 0 needs input_amax (the saliency order comes from it); pass rank=0 for plain RTN")
-        else:
-            if not isinstance(self.input_amax, torch.Tensor) or self.input_amax.dim() != 1:
-                raise ValueError("input_amax must be a 1-D tensor (d_in,) of per-channel max |x|")
-            amax = self.input_amax.float()
-            if not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
-                raise ValueError("input_amax must be finite and >= 0")
+            return
+        try:
+            amax = torch.as_tensor(self.input_amax, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError("input_amax must be a 1-D tensor (d_in,) or a sequence of floats, the per-channel max |x|, "
+                             f"got {type(self.input_amax).__name__}") from None
+        if amax.dim() != 1:
+            raise ValueError(f"input_amax must be a 1-D tensor (d_in,) of per-channel max |x|, got shape {tuple(amax.shape)}")
+        if not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
+            raise ValueError("input_amax must be finite and >= 0")
+        self.input_amax = amax.tolist()
+
+    def amax_tensor(self) -> torch.Tensor | None:
+        return None if self.input_amax is None else torch.tensor(self.input_amax, dtype=torch.float32)
 
     def to_dict(self) -> dict:
-        amax = None if self.input_amax is None else self.input_amax.float().tolist()
-        return {"input_amax": amax, "rank": self.rank, "format": str(self.format), "scale_mode": str(self.scale_mode)}
+        return {"input_amax": self.input_amax, "rank": self.rank, "format": str(self.format),
+                "scale_mode": str(self.scale_mode)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SERQLinearConfig":
-        data = dict(data)
-        if data.get("input_amax") is not None:
-            data["input_amax"] = torch.tensor(data["input_amax"], dtype=torch.float32)
         return cls(**data)
 
 
@@ -76,9 +84,9 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
         raise ValueError(f"rank ({config.rank}) must be at most the linear's in_features ({d_in})")
     scale_inv = perm = None
     if config.input_amax is not None:
-        if config.input_amax.shape != (d_in,):
-            raise ValueError(f"input_amax must have shape ({d_in},) for this linear, got {tuple(config.input_amax.shape)}")
-        scales = flattening_scales(config.input_amax.float().to(weight.device))
+        if len(config.input_amax) != d_in:
+            raise ValueError(f"input_amax must have shape ({d_in},) for this linear, got ({len(config.input_amax)},)")
+        scales = flattening_scales(config.amax_tensor().to(weight.device))
         perm = saliency_order(scales)
         weight = (weight * scales).index_select(1, perm)  # W~[:, pi]
         scale_inv = 1.0 / scales

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import serq_ao
 from serq_ao.quant.config import SERQConfig
+from serq_ao.integrations.checkpoint_config import SERQCheckpointConfig
 from serq_ao.integrations.hf_quantizer import SERQHfConfig
 from serq_ao.passes import OutputGather
 from serq_ao.integrations.serialization import load_quantized, save_quantized
@@ -46,7 +47,10 @@ def packed_weights(model):
 def test_save_pretrained_then_from_pretrained_gives_identical_logits(packed, tmp_path):
     packed.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "serq" and config["format_version"] == 3
+    # torchao's method, so that a process without serq_ao refuses the folder by name
+    assert config["quant_method"] == "torchao"
+    assert config["quant_type"]["default"]["_type"] == "serq_ao.SERQCheckpointConfig"
+    assert config["quant_type"]["default"]["_data"]["format_version"] == 4
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert torch.equal(logits(loaded), logits(packed))
@@ -127,10 +131,25 @@ def test_save_quantized_writes_the_packed_folder_atomically(packed, tmp_path, by
 
 
 def test_a_float_checkpoint_cannot_be_quantized_by_from_pretrained(tiny_model_dir):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot quantize a float model.*SERQLinearConfig"):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=SERQHfConfig())
+    with pytest.raises(ValueError, match="cannot quantize a float model.*SERQLinearConfig"):
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=TorchAoConfig(SERQCheckpointConfig()))
 
 
 def test_an_unknown_format_version_is_refused():
     with pytest.raises(ValueError, match="quantization format"):
         SERQHfConfig(format_version=99)
+    with pytest.raises(ValueError, match="quantization format"):
+        SERQCheckpointConfig(format_version=3)
+
+
+def test_a_format_3_folder_still_loads(packed, tmp_path):
+    """Folders written before the torchao method (quant_method "serq") load as they did."""
+    packed.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    fields = config["quantization_config"]["quant_type"]["default"]["_data"]
+    config["quantization_config"] = {"quant_method": "serq", **fields, "format_version": 3}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(loaded), logits(packed))

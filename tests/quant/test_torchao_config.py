@@ -64,7 +64,11 @@ def test_each_linear_gets_its_own_statistics_through_fqn_to_config():
 def test_config_serializes_to_json():
     config = SERQLinearConfig(input_amax=torch.rand(40), rank=32, format="w4a8")
     back = SERQLinearConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert torch.equal(back.input_amax, config.input_amax) and back.rank == 32 and back.format == "w4a8"
+    assert back.input_amax == config.input_amax and back.rank == 32 and back.format == "w4a8"
+    # and through torchao's own encoding, which transformers' TorchAoConfig uses
+    from torchao.core.config import config_from_dict, config_to_dict
+
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -85,3 +89,80 @@ def test_statistics_of_the_wrong_width_and_too_large_a_rank_are_refused():
         quantize_(nn.Sequential(nn.Linear(64, 8)), SERQLinearConfig(input_amax=torch.rand(32), rank=0))
     with pytest.raises(ValueError, match="at most the linear's in_features"):
         quantize_(nn.Sequential(nn.Linear(64, 8)), SERQLinearConfig(input_amax=torch.rand(64), rank=96))
+
+
+# ---- transformers' TorchAoConfig route: quantize on load, save, reload --------------------------
+
+IDS = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(4))
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchao_config_quantizes_on_load_saves_and_reloads_to_identical_logits(tiny_model_dir, tmp_path, dtype):
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=dtype, quantization_config=TorchAoConfig(SERQLinearConfig(rank=0)))
+    linears = {n: m for n, m in quantized.named_modules() if isinstance(m, nn.Linear)}
+    packed = {n for n, m in linears.items() if isinstance(m.weight, PACKED_TENSOR_CLASSES)}
+    assert packed and all(linears[n].weight.dtype == dtype for n in packed)
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    assert not torch.equal(hf_logits(quantized), hf_logits(float_model))  # it did quantize
+    quantized.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_type"]["default"]["_type"] == "serq_ao.SERQCheckpointConfig"
+    assert sorted(config["quant_type"]["default"]["_data"]["packed_linears"]) == sorted(packed)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    assert torch.equal(hf_logits(reloaded), hf_logits(quantized))
+    assert reloaded.serq_config.method == "rtn" and reloaded.serq_config.format == "mxfp4"
+
+
+def test_torchao_config_with_per_linear_statistics_saves_and_reloads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from serq_ao.tensor_subclass import SERQIntTensor
+
+    g = torch.Generator().manual_seed(5)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    amax = {names[0]: torch.rand(64, generator=g) + 0.1, names[1]: torch.rand(128, generator=g) + 0.1}
+    config = TorchAoConfig(FqnToConfig({n: SERQLinearConfig(input_amax=a, rank=32, format="w4a8")
+                                        for n, a in amax.items()}))
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
+    for name in names:
+        weight = quantized.get_submodule(name).weight
+        assert isinstance(weight, SERQIntTensor) and weight.rank == 32 and weight.input_perm is not None
+    quantized.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(hf_logits(reloaded), hf_logits(quantized))
+    assert reloaded.serq_config.method == "serq" and reloaded.serq_config.rank == 32
+
+
+@pytest.mark.parametrize("entries, message", [
+    ({"a": SERQLinearConfig(rank=0), "b": SERQLinearConfig(rank=0, format="w4a8")}, "must agree on format"),
+    ({"a": SERQLinearConfig(rank=0), "b": "int4"}, "mixes SERQLinearConfig with Int4WeightOnlyConfig"),
+])
+def test_torchao_config_that_no_one_folder_could_describe_is_refused_before_loading(tiny_model_dir, entries, message):
+    from torchao.quantization import Int4WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    entries = {k: Int4WeightOnlyConfig() if v == "int4" else v for k, v in entries.items()}
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=TorchAoConfig(FqnToConfig(entries)))
+
+
+def test_other_torchao_configs_still_go_to_torchao(tiny_model_dir):
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    from serq_ao.integrations.torchao_route import TorchAoOrSERQHfQuantizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    assert type(model.hf_quantizer) is TorchAoOrSERQHfQuantizer and isinstance(model.hf_quantizer, TorchAoHfQuantizer)
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
