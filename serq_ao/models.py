@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from serq_ao.extras import require
 from serq_ao.files import file_records, sha256_of, umask_permissions
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def cached_folder(key: str, build: Callable[[Path], None]) -> Path:
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a float32 safetensors Hugging Face folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require("gguf", "gguf", f"converting the GGUF model {gguf_path.name}")  # transformers reads GGUF with it
 
     logger.info("converting %s to a Hugging Face folder (once)", gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name

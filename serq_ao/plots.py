@@ -18,14 +18,19 @@ from collections import defaultdict
 from pathlib import Path
 
 from serq_ao.quant.diagnostics import Diagnostics
+from serq_ao.extras import require
 from serq_ao.files import Output, atomic_path, claim_output
 
 FIGURES = ("saliency.png", "layer_error.png", "rank_sweep.png")
 
 
-def _pyplot():
-    import matplotlib
+def require_matplotlib():
+    """matplotlib, or an error naming the ``plot`` extra (callers check before any work)."""
+    return require("matplotlib", "plot", "serq inspect --plot")
 
+
+def _pyplot():
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     import matplotlib.pyplot as plt
 

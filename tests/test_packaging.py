@@ -29,3 +29,16 @@ def test_wheel_carries_the_license_and_the_typing_marker(wheel):
     assert wheel.read(license_file).decode().startswith("BSD 3-Clause License")
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     assert "License-Expression: BSD-3-Clause" in wheel.read(metadata).decode().splitlines()
+
+
+def test_wheel_carries_the_task_definitions_and_its_extras(wheel):
+    from serq_ao.eval.tasks import SHIPPED_TASKS
+
+    names = wheel.namelist()
+    for task in SHIPPED_TASKS:  # lm-eval reads them by path from the installed package
+        assert f"serq_ao/eval/lm_tasks/{task}.yaml" in names
+    assert "serq_ao/eval/lm_tasks/olmo_data.py" in names  # the module their !function tags name
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    lines = wheel.read(metadata).decode().splitlines()
+    assert {"Provides-Extra: eval", "Provides-Extra: plot", "Provides-Extra: gguf", "Provides-Extra: dev"} <= set(lines)
+    assert 'Requires-Dist: triton>=3.6; platform_system == "Linux"' in lines

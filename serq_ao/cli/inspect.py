@@ -136,8 +136,9 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
 
     if args.plot is not None:
         from serq_ao.files import check_destination
-        from serq_ao.plots import FIGURES
+        from serq_ao.plots import FIGURES, require_matplotlib
 
+        require_matplotlib()
         if Path(args.plot).exists() and not Path(args.plot).is_dir():
             raise UsageError(f"--plot must be a folder to write PNG files into, got the file {args.plot}")
         for name in FIGURES:  # before any work; checked again, under a lock, when written

@@ -13,6 +13,7 @@ import sys
 
 import tqdm
 from rich.console import Console
+from rich.markup import escape  # rich would take "[eval]" or "[1, 2]" in a message for markup
 
 # The CLI draws its own progress with rich; libraries' tqdm bars (lm-eval's, the GGUF
 # converter's) would interleave with it. TQDM_DISABLE cannot do this: tqdm reads it once, when
@@ -29,6 +30,7 @@ from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
 from serq_ao.quant.config import DEFAULT_RANK, DEFAULT_RESIDUAL_ORDER, FORMATS, METHODS, RESIDUAL_ORDERS  # noqa: E402
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
+from serq_ao.extras import MissingExtraError  # noqa: E402
 from serq_ao.formats import SCALE_MODES  # noqa: E402
 from serq_ao.models import (  # noqa: E402
     DEFAULT_MODEL,
@@ -278,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
             ConfigMismatchError) as e:
         if args.debug:
             raise
-        err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]serq: error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-    except (ModelAssetMissingError, CorpusMissingError, NonFiniteError, CheckpointError) as e:
+    except (ModelAssetMissingError, CorpusMissingError, MissingExtraError, NonFiniteError, CheckpointError) as e:
         if args.debug:
             raise
-        err.print(f"[red]serq: error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]serq: error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("serq: interrupted")

@@ -22,9 +22,12 @@ from unittest import mock
 
 import torch
 
+from serq_ao.extras import require
+
 logger = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "lm_tasks"
+FEATURE = "serq eval tasks"  # what the error names when lm-eval is missing
 SHIPPED_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 DEFAULT_BATCH_SIZE = 16
 
@@ -58,6 +61,7 @@ class TaskResults:
 
 def task_manager(include_paths: Sequence[str | Path] = ()):
     """lm-eval's TaskManager over the shipped tasks and ``include_paths``."""
+    require("lm_eval", "eval", FEATURE)
     from lm_eval.tasks import TaskManager
 
     for path in include_paths:
@@ -120,7 +124,7 @@ def evaluate_tasks(
     ``limit`` takes the first N documents of each task (lm-eval's ``--limit``); None: all.
     ``on_progress(done, total)`` follows the loglikelihood requests answered so far.
     """
-    import lm_eval
+    lm_eval = require("lm_eval", "eval", FEATURE)
     from lm_eval.evaluator import simple_evaluate
 
     if limit is not None and limit < 1:

@@ -22,12 +22,27 @@ only the reference. The two kernels are also ops of their own
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
+from serq_ao.extras import require
 from serq_ao.formats.integer import dequantize_int4_groups, fake_quantize_int
 from serq_ao.formats.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
 from serq_ao.kernels.reference import RowWeights, apply_pre_op, linear_on_weights
+
+try:
+    import triton  # noqa: F401  (torch.library.triton_op below imports it anyway when installed)
+except ImportError:
+    # triton is a dependency only on Linux; elsewhere torch would warn once per op below
+    # that it found no kernels in the bodies, which is expected: they launch kernels only on CUDA
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+
+def _require_triton() -> None:
+    require("triton", None, "running the serq MXFP4 ops on CUDA",
+            install="pip install triton (torch's CUDA wheels for Linux bring it)")
 
 
 def padded_in_features(in_features: int, multiple: int = BLOCK_SIZE) -> int:
@@ -67,6 +82,7 @@ def triton_quantize_activation_mxfp4(
     x: Tensor, scale_mode: str, input_scale_inv: Tensor | None, input_perm: Tensor | None, launcher=None
 ) -> tuple[Tensor, Tensor]:
     """The Triton path of ``serq::quantize_activation_mxfp4``: x (..., K) -> codes, scales."""
+    _require_triton()
     from serq_ao.kernels.triton_quantize import launch_quantize_activation
 
     x2d = x.reshape(-1, x.shape[-1])  # (M, K)
@@ -86,6 +102,7 @@ def triton_mxfp4_gemm(
     bias: Tensor | None, out_dtype: torch.dtype, launcher=None,
 ) -> Tensor:
     """The Triton path of ``serq::mxfp4_gemm``: activation codes (..., Kp/2) times ``[W^q | R]``."""
+    _require_triton()
     from serq_ao.kernels.triton_gemm import launch_serq_mxfp4_gemm
 
     codes2d = a_codes.reshape(-1, a_codes.shape[-1])  # (M, Kp/2)
