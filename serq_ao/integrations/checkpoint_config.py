@@ -83,7 +83,8 @@ SERQEvaluationCheckpointConfig.__name__ = EVALUATION_TYPE
 def check_format_version(found, expected: int) -> None:
     if found != expected:
         older = " (an older serq-ao, whose weights cannot be verified): re-quantize it" if found in (1, 2) else ""
-        raise ValueError(f"this serq-ao reads quantization format {expected}, the checkpoint has format {found!r}{older}")
+        raise ValueError(f"this serq-ao reads quantization format {expected}, "
+                         f"the checkpoint has format {found!r}{older}")
 
 
 def allow_in_torchao() -> None:

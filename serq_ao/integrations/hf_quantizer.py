@@ -118,8 +118,8 @@ class SERQHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: TorchAoConfig | SERQHfConfig, **kwargs):
         if not kwargs.get("pre_quantized", True):
-            raise ValueError("a serq checkpoint config describes a folder serq-ao wrote; it cannot quantize a float model: "
-                             "quantize on load with TorchAoConfig(SERQLinearConfig(...)), or with serq_ao.quantize_")
+            raise ValueError("a serq checkpoint config describes a folder serq-ao wrote; it cannot quantize a float "
+                             "model: quantize on load with TorchAoConfig(SERQLinearConfig(...)), or with serq_ao.quantize_")
         super().__init__(quantization_config, **kwargs)
         self.load_dtype = None
         self.packed_descriptions: dict[str, dict] = {}

@@ -84,8 +84,9 @@ class TorchAoOrSERQHfQuantizer(TorchAoHfQuantizer):
         if isinstance(quant_type, SERQCheckpointConfig):
             return SERQHfQuantizer(quantization_config, **kwargs)
         if isinstance(quant_type, SERQEvaluationCheckpointConfig):
-            raise ValueError("this folder was saved by serq-ao in evaluation mode (dequantized weights, serq_config.json): "
-                             "load it with serq_ao.integrations.serialization.load_quantized(path), or use `serq eval`")
+            raise ValueError("this folder was saved by serq-ao in evaluation mode (dequantized weights, "
+                             "serq_config.json): load it with serq_ao.integrations.serialization.load_quantized(path), "
+                             "or use `serq eval`")
         if serq_linear_configs(quant_type):
             return SERQOnLoadHfQuantizer(quantization_config, **kwargs)
         return super().__new__(cls)

@@ -163,6 +163,7 @@ def test_other_torchao_configs_still_go_to_torchao(tiny_model_dir):
 
     from serq_ao.integrations.torchao_route import TorchAoOrSERQHfQuantizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    config = TorchAoConfig(Int8WeightOnlyConfig())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
     assert type(model.hf_quantizer) is TorchAoOrSERQHfQuantizer and isinstance(model.hf_quantizer, TorchAoHfQuantizer)
     assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
