@@ -37,6 +37,7 @@ from serq_ao.quant.config import SERQConfig
 # 3: quant_method "serq" (still read); 4: the same tensors under quant_method "torchao"
 FORMAT_VERSION = 4
 LEGACY_FORMAT_VERSION = 3
+LEGACY_QUANT_METHOD = "serq"
 PACKED_TYPE = "serq_ao.SERQCheckpointConfig"
 EVALUATION_TYPE = "serq_ao.SERQEvaluationCheckpointConfig"
 
@@ -99,11 +100,11 @@ def allow_in_torchao() -> None:
 
 def serq_checkpoint_type(quantization_config: dict | None) -> str | None:
     """The serq type a config.json ``quantization_config`` names (``PACKED_TYPE``,
-    ``EVALUATION_TYPE``; "serq" for format 3), or None."""
+    ``EVALUATION_TYPE``; ``LEGACY_QUANT_METHOD`` for format 3), or None."""
     if not isinstance(quantization_config, dict):
         return None
-    if quantization_config.get("quant_method") == "serq":
-        return "serq"
+    if quantization_config.get("quant_method") == LEGACY_QUANT_METHOD:
+        return LEGACY_QUANT_METHOD
     quant_type = quantization_config.get("quant_type")
     if quantization_config.get("quant_method") != "torchao" or not isinstance(quant_type, dict):
         return None
@@ -116,7 +117,7 @@ def checkpoint_fields(quantization_config: dict) -> dict:
     """The serq fields (serq_config, output_gathers, packed_linears, format_version) of a
     packed folder's config.json ``quantization_config``, in either format."""
     kind = serq_checkpoint_type(quantization_config)
-    if kind == "serq":
+    if kind == LEGACY_QUANT_METHOD:
         return quantization_config
     if kind != PACKED_TYPE:
         raise ValueError("not the quantization_config of a packed serq folder")

@@ -39,6 +39,7 @@ from serq_ao.tensor_subclass.common import field_names
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten_state_dict
 from serq_ao.integrations.checkpoint_config import (
     LEGACY_FORMAT_VERSION,
+    LEGACY_QUANT_METHOD,
     SERQCheckpointConfig,
     check_format_version,
 )
@@ -55,7 +56,6 @@ from serq_ao.integrations.verify import (
 
 logger = logging.getLogger(__name__)
 
-LEGACY_QUANT_METHOD = "serq"
 # every field a packed weight may store, as "weight_<field>" in the checkpoint
 SERIALIZED_FIELDS = sorted({f for cls in PACKED_TENSOR_CLASSES for f in field_names(cls)})
 

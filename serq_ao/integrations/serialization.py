@@ -36,7 +36,12 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from serq_ao.formats import get_format
 from serq_ao.quant.config import SERQConfig
 from serq_ao.files import Output, claim_output, strict_json
-from serq_ao.integrations.checkpoint_config import PACKED_TYPE, SERQEvaluationCheckpointConfig, serq_checkpoint_type
+from serq_ao.integrations.checkpoint_config import (
+    LEGACY_QUANT_METHOD,
+    PACKED_TYPE,
+    SERQEvaluationCheckpointConfig,
+    serq_checkpoint_type,
+)
 from serq_ao.integrations.hf_quantizer import attach_quantizer
 from serq_ao.integrations.verify import (
     TENSOR_MANIFEST_KEY,
@@ -67,7 +72,7 @@ def is_packed_folder(path: str | os.PathLike) -> bool:
         quantization = json.loads(config.read_text()).get("quantization_config") or {}
     except ValueError:
         return False
-    return serq_checkpoint_type(quantization) in (PACKED_TYPE, "serq")
+    return serq_checkpoint_type(quantization) in (PACKED_TYPE, LEGACY_QUANT_METHOD)
 
 
 def is_quantized_folder(path: str | os.PathLike) -> bool:
