@@ -272,6 +272,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = resolve_model_folder(name_or_path)
     if is_quantized_folder(folder):
+        check_tokenizer_files(folder)
         model, tokenizer = load_quantized(folder, dtype=dtype, trust_remote_code=trust_remote_code)  # verifies it
         return model.to(device), tokenizer
     tokenizer = load_float_tokenizer(folder, trust_remote_code=trust_remote_code)
@@ -304,6 +305,13 @@ def remote_code_refused(folder) -> str:
             "(serq: --trust-remote-code), only for a folder you trust")
 
 
+def check_tokenizer_files(folder: Path) -> None:
+    """A model folder the CLI loads must hold its tokenizer: a one-line error otherwise."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
+                             "save the tokenizer beside the model (tokenizer.save_pretrained)")
+
+
 def load_float_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     """The tokenizer of a float model folder, once the folder is checked: its serq manifest
     (if any) holds, it is not a serq output stripped of its markers, it has a tokenizer."""
@@ -317,9 +325,7 @@ def load_float_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     if written_by_serq(folder):
         fail_checkpoint(folder, "its weights were written by serq, but neither config.json's quantization_config "
                                 "nor serq_config.json says how to load them")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelLoadError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
-                             "save the tokenizer beside the model (tokenizer.save_pretrained)")
+    check_tokenizer_files(folder)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

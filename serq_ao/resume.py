@@ -208,15 +208,15 @@ class PartialRun:
         tables: dict[str, torch.Tensor] = {}
         observer = None
         if state.observer is not None:
-            observer = {"groups": sorted(state.observer.amax)}
+            observer = {"groups": sorted(state.observer.amax), "count": dict(state.observer.count)}
             for group in observer["groups"]:
                 tables[f"amax.{group}"] = state.observer.amax[group]
                 tables[f"abs_sum.{group}"] = state.observer.abs_sum[group]
-        for linear, plan in state.plans.items():
+        for linear, plan in state.plans.items():  # copies: the linears of a pre-op group share one
             if plan.input_scale_inv is not None:
-                tables[f"plan.{linear}.input_scale_inv"] = plan.input_scale_inv.contiguous()
+                tables[f"plan.{linear}.input_scale_inv"] = plan.input_scale_inv.clone()
             if plan.input_perm is not None:
-                tables[f"plan.{linear}.input_perm"] = plan.input_perm.contiguous()
+                tables[f"plan.{linear}.input_perm"] = plan.input_perm.clone()
         save_file(tables, str(staging / "tables.safetensors"))
         record = {
             "streams": counts,
@@ -256,6 +256,7 @@ class PartialRun:
                 for group in saved["observer"]["groups"]:
                     observer.amax[group] = tables[f"amax.{group}"]
                     observer.abs_sum[group] = tables[f"abs_sum.{group}"]
+                observer.count.update({g: int(n) for g, n in saved["observer"].get("count", {}).items()})
             state = LayerwiseState(
                 int(record["layers_done"]),
                 _load_stream(cache, folder, "analysis", counts["analysis"]),

@@ -42,6 +42,7 @@ from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import NonFiniteError, check_finite_weights
 from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.experts import Selection, select_stored, stored_names
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.packing import LinearStorage, StorageReport, is_packed_linear, pack_linear, storage_report
 from serq_ao.tensor_subclass.flatten import flatten_state_dict
@@ -136,13 +137,22 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor, is_parameter: bo
         owner._buffers[attribute] = tensor
 
 
+def _stored(name: str, keys: set[str]) -> tuple[str, Selection]:
+    """The checkpoint tensor (and part of it) that holds the model's ``name``: the name itself,
+    or where transformers' MoE layouts keep an unfused expert's weight (:mod:`serq_ao.quant.experts`)."""
+    return next(((key, part) for key, part in stored_names(name) if key in keys), (name, None))
+
+
 def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader, dtype: torch.dtype,
                device: torch.device) -> list[str]:
     """Read ``module``'s tensors (``prefix`` + name) into it, floats cast to ``dtype``."""
     names = _state_names(module)
-    tensors = reader.read([prefix + n for n, _ in names])
+    keys = reader.keys()
+    sources = {prefix + n: _stored(prefix + n, keys) for n, _ in names}
+    tensors = reader.read(sorted({key for key, _ in sources.values()}))
     for name, is_parameter in names:
-        tensor = tensors.pop(prefix + name)
+        key, part = sources[prefix + name]
+        tensor = select_stored(tensors[key], part)
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         _assign(module, name, tensor.to(device), is_parameter)
@@ -280,12 +290,19 @@ class PackedShardWriter:
                describe: Callable[[StorageReport], dict]) -> ShardedOutput:
         """Into ``staging``: the layer shards (linked from the work folder, which stays
         whole until the output is committed), the last shard (``rest``: the tensors outside
-        the layers), config.json with the quantization_config, the index, generation config,
+        the layers, a quantized head packed), config.json with the quantization_config, the index, generation config,
         tokenizer and serq_report.json."""
         if staging != self.folder:
             for name in self.written:
                 os.link(self.folder / name, staging / name)
         self.folder = staging
+        # a quantized head (SERQConfig.quantize_lm_head) is packed and written in place of
+        # its float weight; the layers are placeholders by now, so it is the only one
+        for name in [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]:
+            replace_module(model, name, pack_linear(model.get_submodule(name)))
+            self.linears.append(name)
+            rest = {**{k: v for k, v in rest.items() if not k.startswith(name + ".")},
+                    **model.get_submodule(name).state_dict(prefix=name + ".")}
         self._write(self.shards, rest, staging)
         outside = storage_report(model)  # the layers are placeholders by now: the rest, tied tensors once
         self.model_bytes += outside.model_bytes

@@ -109,7 +109,8 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
     if method_spec(method).input_transform is not TransformKind.FLATTEN:
         fields.pop("residual_order", None)  # serq compare: the order is SERQ's, the other methods have none
     try:
-        return SERQConfig(method=method, format=args.format, gptq=args.gptq, ignore=tuple(args.ignore), **fields)
+        return SERQConfig(method=method, format=args.format, gptq=args.gptq, ignore=tuple(args.ignore),
+                          quantize_lm_head=args.quantize_lm_head, **fields)
     except ValueError as e:
         raise UsageError(str(e)) from e
 

@@ -116,6 +116,9 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                         help="leave the linears this matches in floating point (repeatable): a module name, a glob "
                              "such as '*.down_proj', or 're:' and a regular expression of the whole name")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize the output head too (a head tied to the embeddings is untied; the "
+                             "embeddings stay in floating point)")
     parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default=None,
                         help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm), "
                              "global (one order for the residual stream, no gathers) or auto (global where exact, "

@@ -198,8 +198,9 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     quantized = [m for m in methods if m != "fp"]
     configs = {m: config_from_args(args, m, quantized) for m in quantized}
     if not quantized and (args.rank is not None or args.scale_mode is not None or args.residual_order is not None
-                          or args.gptq):
-        raise UsageError("--methods fp quantizes nothing: drop --rank, --scale-mode, --residual-order and --gptq")
+                          or args.gptq or args.quantize_lm_head):
+        raise UsageError("--methods fp quantizes nothing: drop --rank, --scale-mode, --residual-order, --gptq and "
+                         "--quantize-lm-head")
     first = next(iter(configs.values()), None)
     rows, stats = [], None
     with progress_bar(err, args.quiet) as progress:

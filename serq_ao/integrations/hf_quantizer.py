@@ -32,6 +32,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin, TorchAoConfig
 
 from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.experts import has_unfused_experts, merges_experts, unfuse_experts
 from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
@@ -91,6 +92,14 @@ def packed_folder_config(config: SERQConfig, output_gathers: dict, packed_linear
     return TorchAoConfig(SERQCheckpointConfig(config.to_dict(), dict(output_gathers), list(packed_linears)))
 
 
+def store_under_model_names(model: nn.Module) -> None:
+    """A packed folder stores every tensor under the model's own name (what its serq_tensors
+    manifest lists and the streamed writer writes), so save_pretrained must not revert
+    transformers' load-time renames and merges (Mixtral's mlp -> block_sparse_moe, experts
+    fused on load) nor our converters: it gets nothing to revert."""
+    model._weight_conversions = []
+
+
 class SERQDeserialize(ConversionOps):
     """``{"weight_qdata": [t], "weight_scale": [t], ...}`` -> ``{"<linear>.weight": packed}``."""
 
@@ -143,6 +152,7 @@ class SERQHfQuantizer(HfQuantizer):
         return {"deserialize": SERQDeserialize}
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        unfuse_experts(model)  # serq stores MoE experts one linear per projection, as it quantized them
         # config.json's quantization_config must name modules of the model config.json builds
         modules = dict(model.named_modules())
         for what, names in (("output_gathers", self.checkpoint.output_gathers),
@@ -176,6 +186,13 @@ class SERQHfQuantizer(HfQuantizer):
                                           "in only one of the weights' metadata and config.json's packed_linears")
         check_expected_keys(model, stored, self.packed_descriptions)
 
+    def update_weight_conversions(self, weight_conversions, model):
+        # transformers merges per-expert checkpoint tensors into the fused 3-D parameters;
+        # this model keeps them per expert (unfused above), under their stored names
+        if has_unfused_experts(model):
+            weight_conversions = [c for c in weight_conversions if not merges_experts(c)]
+        return super().update_weight_conversions(weight_conversions, model)
+
     def _packed_value_checker(self):
         """``on_tensor`` for :func:`verify_tensors`: gathers each packed weight's fields as they
         are read and checks the weight once it is whole (fields are adjacent in key order)."""
@@ -198,12 +215,7 @@ class SERQHfQuantizer(HfQuantizer):
         return on_tensor
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        # save_pretrained would try to reverse our converters; get_state_dict_and_metadata
-        # writes the flat format itself
-        model._weight_conversions = [
-            c for c in getattr(model, "_weight_conversions", [])
-            if not any(isinstance(op, SERQDeserialize) for op in getattr(c, "operations", []))
-        ]
+        store_under_model_names(model)
         missing = [n for n in self.checkpoint.packed_linears
                    if not isinstance(model.get_submodule(n).weight, PACKED_TENSOR_CLASSES)]
         if missing:
@@ -247,6 +259,7 @@ def attach_quantizer(model: nn.Module, config: SERQConfig) -> None:
     hf_config = checkpoint_config(model, config)
     model.config.quantization_config = hf_config
     model.hf_quantizer = SERQHfQuantizer(hf_config, pre_quantized=True)
+    store_under_model_names(model)
     model.is_quantized = True
     model.quantization_method = hf_config.quant_method
     model.serq_config = config

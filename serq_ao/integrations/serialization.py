@@ -35,6 +35,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from serq_ao.formats import get_format
 from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.experts import unfuse_experts
 from serq_ao.files import Output, claim_output, strict_json
 from serq_ao.integrations.checkpoint_config import (
     LEGACY_QUANT_METHOD,
@@ -164,8 +165,9 @@ def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *,
                    trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in eval mode, in ``dtype``
-    ("auto": the dtype the model was saved in)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    ("auto": the dtype the model was saved in); the tokenizer is None where the folder holds
+    none (a model saved with ``save_pretrained`` alone)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     # every file against the manifest the save wrote; the weights are checked tensor by tensor
@@ -173,7 +175,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
     verify_files(path, hash_weights=False)
     if is_packed_folder(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
-        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return model, _tokenizer(path, trust_remote_code)
     meta = json.loads((path / QUANTIZATION_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} was written by an incompatible serq-ao (format {meta.get('format_version')})")
@@ -183,6 +185,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    unfuse_experts(model)  # MoE experts were quantized (and stored) one linear per projection
     for name, spec in meta["structure"].items():
         replace_module(model, name, _placeholder(spec, model.get_submodule(name)))
     stored = verify_tensors([path / WEIGHTS_FILE])
@@ -198,6 +201,15 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
         elif isinstance(module, OutputGather):
             check_output_gather(name, module)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.serq_config = SERQConfig.from_dict(meta["config"])
-    return model, tokenizer
+    return model, _tokenizer(path, trust_remote_code)
+
+
+def _tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    from serq_ao.models import TOKENIZER_FILES
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

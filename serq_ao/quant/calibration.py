@@ -99,6 +99,10 @@ class StatisticsObserver:
     def __init__(self):
         self.amax: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
+        # rows seen per group: every token for most linears, the routed ones for an expert's
+        self.count: dict[str, int] = {}
+        self.groups: list = []  # the LinearGroups attached, for the fallback of unreached experts
+        self.experts: set[str] = set()
 
     def hook(self, name: str):
         def observe(module, args):
@@ -111,15 +115,26 @@ class StatisticsObserver:
             self.amax[name] = current if name not in self.amax else torch.maximum(self.amax[name], current)
             total = x.double().sum(dim=0).cpu()
             self.abs_sum[name] = total if name not in self.abs_sum else self.abs_sum[name] + total
+            self.count[name] = self.count.get(name, 0) + x.shape[0]
 
         return observe
 
     def attach(self, model: nn.Module, plan: ModelPlan) -> list:
         """Hooks on the first linear of every group (it sees the group's input); returns handles."""
+        from serq_ao.quant.experts import expert_modules
+
+        self.groups.extend(plan.groups)
+        self.experts |= expert_modules(model)
         return [model.get_submodule(g.linears[0]).register_forward_pre_hook(self.hook(g.name)) for g in plan.groups]
 
     def statistics(self, tokens: int, seconds: float) -> CalibrationStats:
-        abs_mean = {name: (total / tokens).float() for name, total in self.abs_sum.items()}
+        """What was observed over ``tokens`` tokens; an expert no token reached gets the
+        fallback of :func:`~serq_ao.quant.experts.fill_unreached` (kept, so it is named once)."""
+        from serq_ao.quant.experts import fill_unreached
+
+        if self.experts:
+            fill_unreached(self.groups, self.amax, self.abs_sum, self.count, self.experts)
+        abs_mean = {name: (total / self.count.get(name, tokens)).float() for name, total in self.abs_sum.items()}
         return CalibrationStats(self.amax, tokens, seconds, abs_mean)
 
 

@@ -33,7 +33,8 @@ def check_format_rank_scale_mode(fmt, rank: int, scale_mode) -> tuple[FormatName
 
 @dataclasses.dataclass(frozen=True)
 class SERQConfig:
-    """How to quantize every linear inside the decoder layers (lm_head and embeddings stay fp).
+    """How to quantize every linear inside the decoder layers (and lm_head if asked; the
+    embeddings stay in floating point).
 
     - ``method``: ``"serq"`` (flattening + saliency order + one correction matrix of rank
       ``rank``), ``"rtn"`` (round to nearest, no transform), ``"smoothquant"`` (scales
@@ -64,6 +65,9 @@ class SERQConfig:
       that must match the whole name (as LLM Compressor spells it). Their group's exact
       transforms still apply (the model's output does not change); they are not quantized.
       A pattern that matches no linear is reported with a warning.
+    - ``quantize_lm_head``: quantize the output head too, as the last stage after the
+      decoder layers (:mod:`serq_ao.quant.lm_head`); a head tied to the embeddings is untied
+      first (the embeddings stay in floating point). Off by default, as in the paper.
 
     ``method``, ``format`` and ``scale_mode`` accept strings or the enums
     (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
@@ -80,6 +84,7 @@ class SERQConfig:
     fold_into_linears: bool = True
     residual_order: ResidualOrder = DEFAULT_RESIDUAL_ORDER
     ignore: tuple[str, ...] = ()
+    quantize_lm_head: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "method", enum_value(Method, self.method, "method"))
@@ -92,6 +97,8 @@ class SERQConfig:
             raise ValueError(f"fold_into_linears must be True or False, got {self.fold_into_linears!r}")
         if not isinstance(self.gptq, bool):
             raise ValueError(f"gptq must be True or False, got {self.gptq!r}")
+        if not isinstance(self.quantize_lm_head, bool):
+            raise ValueError(f"quantize_lm_head must be True or False, got {self.quantize_lm_head!r}")
         object.__setattr__(self, "residual_order", enum_value(ResidualOrder, self.residual_order, "residual_order"))
         if self.residual_order is ResidualOrder.GLOBAL and self.spec.input_transform is not TransformKind.FLATTEN:
             raise ValueError(f"residual_order='global' applies to method 'serq' only (its saliency order), "

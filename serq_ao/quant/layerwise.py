@@ -216,6 +216,10 @@ def _run_stream(layer, stream, calls, device, cache: ActivationCache | None, lim
 
 # (the linear's plan, its GPTQ Hessian or None, the statistics so far) -> its report
 Quantize = Callable[[LinearPlan, "torch.Tensor | None", "CalibrationStats | None"], object]
+# (last layer's float outputs, its quantized outputs or None, observer or None, statistics or
+# None) -> (plans, reports, statistics)
+FinalStage = Callable[[ActivationStream, "ActivationStream | None", "StatisticsObserver | None",
+                       "CalibrationStats | None"], tuple[dict, list, "CalibrationStats | None"]]
 
 
 def _initial_state(hidden: list[torch.Tensor], cache: ActivationCache, float_windows: int, gptq: bool,
@@ -253,6 +257,7 @@ def quantize_layerwise(
     resume: Callable[[ActivationCache], LayerwiseState | None] | None = None,
     on_checkpoint: Callable[[LayerwiseState], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    final_stage: FinalStage | None = None,
 ) -> LayerwiseResult:
     """Quantize ``model``'s decoder layers one at a time (see the module doc).
 
@@ -264,7 +269,10 @@ def quantize_layerwise(
     statistics)`` replaces one linear and returns its report. ``device``: the compute device
     (default: where the layer is). ``resume(cache)``: the state of an earlier run to continue
     from (or None); ``on_checkpoint(state)`` is called after every layer but the last, once
-    ``on_layer_done`` has taken it.
+    ``on_layer_done`` has taken it. ``final_stage(floats, quantized, observer, statistics)``
+    runs after the last layer on its float (and, with GPTQ, quantized) outputs and returns
+    ``(plans, reports, statistics)`` of what it quantized (the output head:
+    :mod:`serq_ao.quant.lm_head`).
     """
     weights = weights or ResidentWeights()
     report = progress or (lambda stage, done, total: None)
@@ -307,7 +315,8 @@ def quantize_layerwise(
             observer = state.observer
             handles = observer.attach(model, ModelPlan(layers_name, groups)) if observer is not None else []
             try:
-                next_floats = _run_stream(layer, state.floats, window_calls[1:], device, None if last else cache)
+                next_floats = _run_stream(layer, state.floats, window_calls[1:], device,
+                                          None if last and final_stage is None else cache)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -324,8 +333,10 @@ def quantize_layerwise(
                 hessians = _hessians(model, layer, groups, layer_plans, state.quantized, window_calls[1:], device)
                 for group in groups:
                     for name in group.linears:
-                        state.linears.append(quantize_linear(layer_plans[name], hessians[group.name], layer_stats))
-                next_quantized = None if last else _run_stream(layer, state.quantized, window_calls[1:], device, cache)
+                        # no Hessian: an expert no token reached (experts.py): round-to-nearest
+                        state.linears.append(quantize_linear(layer_plans[name], hessians.get(group.name), layer_stats))
+                next_quantized = (None if last and final_stage is None
+                                  else _run_stream(layer, state.quantized, window_calls[1:], device, cache))
             else:
                 for name in layer_plans:
                     state.linears.append(quantize_linear(layer_plans[name], None, layer_stats))
@@ -346,6 +357,12 @@ def quantize_layerwise(
             if on_checkpoint is not None and not last:
                 on_checkpoint(state)
             report("layers", index + 1, len(layers))
+        if final_stage is not None:
+            clock = time.perf_counter()
+            plans, reports, statistics = final_stage(state.floats, state.quantized, state.observer, statistics)
+            state.plans.update(plans)
+            state.linears.extend(reports)
+            state.clock("quantize", clock)
     finally:
         state.release()
         if own_cache:

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from serq_ao.integrations.hf_quantizer import attach_quantizer
 from serq_ao.passes import (
     InputTransform,
+    LinearGroup,
     ModelPlan,
     ResidualOrderError,
     ResidualPlan,
@@ -28,13 +29,15 @@ from serq_ao.passes import (
     apply_input_transforms,
     apply_residual_order,
 )
-from serq_ao.passes.trace import find_decoder_layers
+from serq_ao.passes.trace import example_input_ids, find_decoder_layers
 from serq_ao.passes.transforms import PreOpLinear, replace_module
 from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
 from serq_ao.quant.calibration_input import as_windows, prepare_calibration, window_tokens
 from serq_ao.quant.calibration import collect_statistics as collect_model_statistics
 from serq_ao.quant.config import SERQConfig, matches_pattern
+from serq_ao.quant.experts import fused_experts, unfuse_experts
+from serq_ao.quant.lm_head import HeadError, HeadPlan, find_head, head_name, quantize_head, untie_head
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.quant.linear_plan import LinearPlan, linear_plans
@@ -88,7 +91,8 @@ class QuantizationReport:
     output_errors: dict[str, float] = dataclasses.field(default_factory=dict, repr=False)
     error_tokens: int = 0
     # bytes of the decoder layers' weight matrices left in floating point that no ``ignore``
-    # named (fused MoE experts, routers), by name with the layer index as "*"
+    # named (MoE routers, experts of a layout serq does not unfuse), by name with the layer
+    # index as "*"
     unquantized: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
@@ -234,6 +238,31 @@ def _layer_matrices(model: nn.Module) -> list[tuple[str, str, int]]:
     return matrices
 
 
+def _unfuse_experts(model: nn.Module, *, dispatched: bool) -> None:
+    """Fused MoE experts become one nn.Linear per projection (:mod:`serq_ao.quant.experts`),
+    except in a model accelerate placed, whose offloaded values live in its hooks."""
+    if not dispatched:
+        unfuse_experts(model)
+    elif fused_experts(model):
+        logger.warning("MoE experts stay in float under an accelerate device map (their weights are held by its "
+                       "hooks): quantize the model in memory or stream it from its checkpoint to quantize them")
+
+
+def _head_plan(model: nn.Module, weights) -> HeadPlan:
+    """lm_head and the norm it reads (:mod:`serq_ao.quant.lm_head`), the head untied from the
+    embeddings."""
+    if isinstance(weights, AcceleratedWeights):
+        raise HeadError("quantize_lm_head is not supported for a model placed by accelerate with a device map: "
+                        "quantize it in memory, or stream it from its checkpoint")
+    untie_head(model, head_name(model))
+    embeddings = model.get_input_embeddings().weight.device
+    return find_head(model, find_decoder_layers(model)[1], example_input_ids(model, device=embeddings))
+
+
+def _head_group(model: nn.Module, head: HeadPlan) -> LinearGroup:
+    return head.group(model.get_submodule(head.head).in_features)
+
+
 def _keep_in_float(model: nn.Module, name: str) -> None:
     """An ignored linear stays a plain nn.Linear: on the input its (transformed) producer gives
     it, with a run-time pre-op undone into its weight."""
@@ -315,6 +344,7 @@ def run_quantization(
     if plan is not None:
         check_config_for_plan(config, plan)
     device = None if device is None else torch.device(device)
+    _unfuse_experts(model, dispatched=weights is None and is_dispatched(model))
     if weights is None and is_dispatched(model):
         layers_name, layers = find_decoder_layers(model)
         weights = AcceleratedWeights(model, layers_name)
@@ -323,6 +353,7 @@ def run_quantization(
             logger.warning("residual order: per group (the layers of a model placed by accelerate are quantized one "
                            "at a time, so they cannot share one order)")
 
+    head = _head_plan(model, weights) if config.quantize_lm_head else None  # the head untied
     in_stream_order: set[str] = set()
     residual = None
     if weights is None:
@@ -335,10 +366,13 @@ def run_quantization(
             if stats is None:
                 total = len(ids)
                 counter = iter(range(1, total + 1))
-                stats = collect_model_statistics(model, plan_for_order, ids,
-                                           on_batch=lambda k: report("calibrate", next(counter), total))
+                groups = plan_for_order.groups + (() if head is None else (_head_group(model, head),))
+                stats = collect_model_statistics(model, ModelPlan(plan_for_order.layers, groups), ids,
+                                                 on_batch=lambda k: report("calibrate", next(counter), total))
             seconds["calibration"] = stats.seconds
-            stats, in_stream_order, _ = _apply_global_residual_order(model, plan_for_order, stats, residual)
+            stats, in_stream_order, order = _apply_global_residual_order(model, plan_for_order, stats, residual)
+            if head is not None:  # the head reads the final norm, in the stream's new order too
+                stats = stats.permuted({_head_group(model, head).name}, order)
             plan = plan_for_order
     elif spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.GLOBAL:
         raise ResidualOrderError("residual_order='global' permutes every layer at once, so it needs the whole model "
@@ -367,6 +401,15 @@ def run_quantization(
     # every weight matrix of the decoder layers, read before any layer changes (or is streamed
     # away): what no plan quantized is reported at the end, a resumed run included
     layer_matrices = _layer_matrices(model)
+    final_stage = None
+    if head is not None:
+        layers_name = find_decoder_layers(model)[0]
+        tokens = 0 if ids is None else window_tokens(ids)
+
+        def final_stage(floats, quantized, observer, statistics):
+            return quantize_head(model, head, layers_name=layers_name, floats=floats, quantized=quantized,
+                                 observer=observer, statistics=statistics, tokens=tokens,
+                                 transform_layer=transform_layer, quantize_linear=quantize_linear)
 
     layers_start = time.perf_counter()
     result = quantize_layerwise(
@@ -388,6 +431,7 @@ def run_quantization(
         resume=resume,
         on_checkpoint=on_checkpoint,
         progress=report,
+        final_stage=final_stage,
     )
     for stage, spent in result.seconds.items():  # calibration, transform, quantize, output_error
         seconds[stage] = seconds.get(stage, 0.0) + spent
@@ -406,7 +450,8 @@ def run_quantization(
         if module not in result.plans and not config.ignores(module) and not transform_only:
             unquantized[key] = unquantized.get(key, 0) + size
     if unquantized:
-        logger.warning("not quantized, kept in the model's dtype (serq-ao quantizes nn.Linear modules only): %s",
+        logger.warning("not quantized, kept in the model's dtype (serq-ao quantizes nn.Linear modules and gated, "
+                       "bias-free MoE experts): %s",
                        ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in unquantized.items()))
     unused = [p for p in config.ignore if not any(matches_pattern(p, n) for n in result.plans)]
     if unused:

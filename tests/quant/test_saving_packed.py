@@ -153,3 +153,20 @@ def test_a_format_3_folder_still_loads(packed, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(logits(loaded), logits(packed))
+
+
+def test_a_folder_saved_without_its_tokenizer(tmp_path, capsys):
+    """save_pretrained alone writes no tokenizer: load_quantized gives the model and None, the
+    CLI (which needs one) says so in one line instead of a transformers traceback."""
+    from serq_ao.cli.main import main
+
+    model = make_tiny_llama()
+    serq_ao.quantize_(model, SERQConfig(rank=32), CALIBRATION)
+    model.save_pretrained(tmp_path / "q")
+    back, tokenizer = load_quantized(tmp_path / "q")
+    assert tokenizer is None
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, model(IDS).logits)
+    assert main(["inspect", str(tmp_path / "q")]) == 2  # as for a float folder without one
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no tokenizer" in err[0] and "tokenizer.save_pretrained" in err[0]
