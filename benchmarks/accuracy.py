@@ -41,7 +41,7 @@ ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq", "serq+gptq"]
 
 def cell_key(cell: dict) -> tuple:
     return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"], cell.get("folds", "all"),
-            cell.get("residual_order", "per_group"))
+            cell.get("residual_order", "per_group"), cell.get("weight_scales", "rule"))
 
 
 def load_cells(path: Path) -> list[dict]:
@@ -71,7 +71,7 @@ def statistics(corpus: str, windows: int, cache: Path) -> CalibrationStats:
 
 
 def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, calib_windows: int,
-                    folds: str, cache: Path, residual_order: str = "per_group"):
+                    folds: str, cache: Path, residual_order: str = "per_group", weight_scales: str = "rule"):
     """A fresh copy of the model quantized for one cell: (model, tokenizer, bits, quantize seconds)."""
     model, tokenizer = load_model(MODEL)
     if method == "fp":
@@ -79,7 +79,7 @@ def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: s
     base, gptq = method.removesuffix("+gptq"), method.endswith("+gptq")
     config = SERQConfig(
         method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=folds == "all",
-        residual_order=residual_order if base == "serq" else "per_group",
+        residual_order=residual_order if base == "serq" else "per_group", weight_scales=weight_scales,
     )
     if gptq:  # GPTQ calibrates inside, on the layers' own inputs
         calibration = calibration_batches(tokenizer, corpus, calib_windows)
@@ -94,7 +94,8 @@ def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: s
 
 def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, args, cache: Path) -> dict:
     model, tokenizer, bits, seconds = quantized_model(
-        method, fmt, rank, corpus, scale_mode, args.calib_windows, args.folds, cache, args.residual_order
+        method, fmt, rank, corpus, scale_mode, args.calib_windows, args.folds, cache, args.residual_order,
+        args.weight_scales if fmt == "mxfp4" else "rule",
     )
     windows = evaluation_windows(tokenizer, "wiki", n_windows=args.windows)
     result = perplexity(model, windows)
@@ -106,6 +107,7 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
         "scale_mode": scale_mode,
         "folds": args.folds,
         "residual_order": args.residual_order if method.startswith("serq") else "per_group",
+        "weight_scales": args.weight_scales if fmt == "mxfp4" else "rule",
         "ppl": result.ppl,
         "windows": result.windows,
         "tokens": result.tokens,
@@ -132,7 +134,7 @@ def tables(cells: list[dict]) -> str:
         for fmt in FORMATS:
             rank = 64 if method.startswith("serq") else 0
             fmt_key = "fp" if method == "fp" else fmt
-            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all", "per_group"))
+            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all", "per_group", "rule"))
             if cell is None:
                 row.append("—")
             elif method == "fp":
@@ -143,7 +145,7 @@ def tables(cells: list[dict]) -> str:
         name = names.get(method, method.upper())
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and c.get("folds", "all") == "all"
-               and c.get("residual_order", "per_group") == "per_group"]
+               and c.get("residual_order", "per_group") == "per_group" and c.get("weight_scales", "rule") == "rule"]
     sweep = sorted((c for c in default if c["method"] == "serq" and c["format"] == "mxfp4"), key=lambda c: c["rank"])
     if sweep:
         lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]
@@ -151,10 +153,12 @@ def tables(cells: list[dict]) -> str:
     other = [c for c in cells if c not in default]
     if other:
         lines += ["", "## Other settings", "",
-                  "| method | format | rank | calibration | scale rule | folds into | residual order | perplexity |",
-                  "|---|---|---:|---|---|---|---|---:|"]
+                  "| method | format | rank | calibration | scale rule | weight scales | folds into | residual order "
+                  "| perplexity |",
+                  "|---|---|---:|---|---|---|---|---|---:|"]
         lines += [
             f"| {c['method']} | {c['format']} | {c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | "
+            f"{c.get('weight_scales', 'rule')} | "
             f"{'norms and linears' if c.get('folds', 'all') == 'all' else 'norms only'} | "
             f"{c.get('residual_order', 'per_group').replace('_', ' ')} | {c['ppl']:.2f} |"
             for c in other
@@ -174,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", choices=("all", "norms"), default="all", help="norms: keep 1/s of linear-produced inputs a run-time pre-op (no quantized weight absorbs it)")
     parser.add_argument("--residual-order", choices=("per_group", "global"), default="per_group",
                         help="SERQ's order for norm-fed linears (SERQConfig.residual_order); other methods have none")
+    parser.add_argument("--weight-scales", choices=("rule", "search"), default="rule",
+                        help="MXFP4 weight block scales (SERQConfig.weight_scales); other formats use their own")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="forget earlier cells")
     args = parser.parse_args(argv)
@@ -198,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     for mode in (["floor"] if fmt != "mxfp4" else args.scale_modes.split(",")):
                         plan.append((method, fmt, rank, corpus, mode))
     for index, cell_args in enumerate(plan, 1):
-        key = (*cell_args, args.folds, args.residual_order if cell_args[0].startswith("serq") else "per_group")
+        key = (*cell_args, args.folds, args.residual_order if cell_args[0].startswith("serq") else "per_group",
+               args.weight_scales if cell_args[1] == "mxfp4" else "rule")
         if key in done:
             continue
         print(f"[{index}/{len(plan)}] {key}", file=sys.stderr, flush=True)

@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
 
     An option given on the command line that none of ``methods`` (default: the one method)
     with this format uses is a usage error, not something silently ignored: ``--rank`` and
-    ``--residual-order`` are SERQ's, ``--scale-mode`` is MXFP4's. Options left out take the
+    ``--residual-order`` are SERQ's, ``--scale-mode`` and ``--weight-scales`` are MXFP4's. Options left out take the
     SERQConfig defaults."""
     from serq_ao.formats import FormatName
     from serq_ao.quant.config import SERQConfig
@@ -98,12 +98,14 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
         "rank": any(s.correction is CorrectionKind.SALIENT for s in specs),
         "residual_order": any(s.input_transform is TransformKind.FLATTEN for s in specs),
         "scale_mode": args.format == FormatName.MXFP4,
+        "weight_scales": args.format == FormatName.MXFP4,
     }
     for option, used in uses.items():
         if getattr(args, option) is not None and not used:
-            whose = "the MXFP4 format" if option == "scale_mode" else "method serq"
+            mxfp4 = option in ("scale_mode", "weight_scales")
+            whose = "the MXFP4 format" if mxfp4 else "method serq"
             raise UsageError(f"--{option.replace('_', '-')} applies to {whose} only; "
-                             f"{'--format ' + args.format if option == 'scale_mode' else '--method ' + ','.join(chosen)} "
+                             f"{'--format ' + args.format if mxfp4 else '--method ' + ','.join(chosen)} "
                              "does not use it")
     fields = {option: getattr(args, option) for option in uses if getattr(args, option) is not None}
     if method_spec(method).input_transform is not TransformKind.FLATTEN:

@@ -31,7 +31,7 @@ from serq_ao.quant.config import DEFAULT_RANK, DEFAULT_RESIDUAL_ORDER, FORMATS, 
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
 from serq_ao.extras import MissingExtraError  # noqa: E402
-from serq_ao.formats import SCALE_MODES  # noqa: E402
+from serq_ao.formats import SCALE_MODES, WEIGHT_SCALES  # noqa: E402
 from serq_ao.models import (  # noqa: E402
     DEFAULT_MODEL,
     DEVICE_HELP,
@@ -112,6 +112,9 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
                         help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK}; method serq only)")
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default=None,
                         help="MXFP4 block scale rule (default floor; format mxfp4 only)")
+    parser.add_argument("--weight-scales", choices=WEIGHT_SCALES, default=None,
+                        help="MXFP4 weight block scales: rule (--scale-mode's, as for activations) or search (per "
+                             "block, FLOOR's exponent or one above by reconstruction error); default rule")
     parser.add_argument("--gptq", action="store_true", help="GPTQ for the main weights, layer by layer")
     parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                         help="leave the linears this matches in floating point (repeatable): a module name, a glob "

@@ -2,7 +2,7 @@
 and one :class:`QuantFormat` object per family that the method core asks for everything
 format-specific (see :mod:`serq_ao.formats.base`)."""
 
-from serq_ao.formats.base import FormatName, Quantized, QuantFormat, ScaleMode, enum_value
+from serq_ao.formats.base import FormatName, Quantized, QuantFormat, ScaleMode, WeightScales, enum_value
 
 from serq_ao.formats.integer import (
     GRANULARITIES,
@@ -22,6 +22,7 @@ from serq_ao.formats.mxfp4 import (
     fake_quantize_mxfp4,
     pack_uint4,
     quantize_mxfp4,
+    quantize_mxfp4_by_error,
     unpack_uint4,
 )
 
@@ -29,14 +30,21 @@ from serq_ao.formats.int_format import IntFormat
 from serq_ao.formats.mxfp4_format import MXFP4Format
 
 FORMATS = tuple(f.value for f in FormatName)
+WEIGHT_SCALES = tuple(w.value for w in WeightScales)
 
 
-def get_format(name: str | FormatName, scale_mode: str | ScaleMode = ScaleMode.FLOOR) -> QuantFormat:
-    """The format object of a ``SERQConfig.format`` name (``scale_mode``: MXFP4's block-scale rule)."""
+def get_format(name: str | FormatName, scale_mode: str | ScaleMode = ScaleMode.FLOOR,
+               weight_scales: str | WeightScales = WeightScales.RULE) -> QuantFormat:
+    """The format object of a ``SERQConfig.format`` name (``scale_mode``: MXFP4's block-scale
+    rule; ``weight_scales``: how MXFP4 weight scales are chosen, "search" for MXFP4 only)."""
     name = enum_value(FormatName, name, "format")
     scale_mode = enum_value(ScaleMode, scale_mode, "scale_mode")
+    weight_scales = enum_value(WeightScales, weight_scales, "weight_scales")
     if name is FormatName.MXFP4:
-        return MXFP4Format(scale_mode)
+        return MXFP4Format(scale_mode, weight_scales)
+    if weight_scales is not WeightScales.RULE:
+        raise ValueError(f"weight_scales={weight_scales.value!r} applies to format 'mxfp4' only (its E8M0 block "
+                         f"scales), got format {name.value!r}")
     return IntFormat(name, activation_bits={FormatName.W4A8: 8, FormatName.W4A4: 4}[name])
 
 
@@ -48,6 +56,8 @@ __all__ = [
     "Quantized",
     "QuantFormat",
     "ScaleMode",
+    "WEIGHT_SCALES",
+    "WeightScales",
     "dequantize_int4_groups",
     "enum_value",
     "get_format",
@@ -65,5 +75,6 @@ __all__ = [
     "fake_quantize_mxfp4",
     "pack_uint4",
     "quantize_mxfp4",
+    "quantize_mxfp4_by_error",
     "unpack_uint4",
 ]

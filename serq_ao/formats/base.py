@@ -38,6 +38,13 @@ class ScaleMode(enum.StrEnum):
     RCEIL = "rceil"  # torchao's and cuBLAS's, never clips
 
 
+class WeightScales(enum.StrEnum):
+    """How MXFP4 weight (and R) block scales are chosen (activations always use the rule)."""
+
+    RULE = "rule"  # the scale_mode rule, as for activations (the SERQ reference)
+    SEARCH = "search"  # per block, FLOOR's exponent or one above, by reconstruction error
+
+
 def enum_value(enum_cls: type[enum.Enum], value, option: str) -> enum.Enum:
     """``value`` (a member or its string) as a member of ``enum_cls``; a clear error naming
     ``option`` and the allowed values otherwise."""

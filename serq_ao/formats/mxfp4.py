@@ -24,6 +24,14 @@ Scale rules (``scale_mode``):
 
 Both are clamped to E8M0's range, ``-127 <= e <= 127``.
 
+For weights, which are quantized once, offline, :func:`quantize_mxfp4_by_error` chooses each
+block's exponent by its reconstruction error instead: FLOOR's ``e`` or ``e + 1``, whichever
+gives the smaller sum of squared errors over the block (a tie keeps FLOOR's). The first may
+clip the block's largest elements to 6, the second never clips but rounds on a grid twice
+as coarse; RCEIL's choice is always one of the two, so the searched block error is at most
+that of FLOOR and of RCEIL. The result is ordinary OCP MXFP4 (one E8M0 byte per block), so
+packing and kernels do not change.
+
 Special values, defined here because the spec leaves them to the implementation:
 
 - an all-zero block gets scale byte 0 (``2**-127``) and all-zero codes (exact zeros back);
@@ -184,6 +192,34 @@ def quantize_mxfp4(x: Tensor, scale_mode: str = "floor") -> tuple[Tensor, Tensor
     scales = torch.where(finite, exponent + E8M0_BIAS, E8M0_NAN).to(torch.uint8)
     codes = pack_uint4(code.flatten(-2))
     return codes, scales.squeeze(-1)
+
+
+def quantize_mxfp4_by_error(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_mxfp4` with each block's exponent chosen among FLOOR's ``e`` and
+    ``e + 1`` by the block's sum of squared errors (ties: ``e``); see the module doc. Same
+    layout, same special values (zero and non-finite blocks as with FLOOR)."""
+    blocks = _blocks(x)  # (..., B, 32)
+    magnitude = blocks.abs()
+    amax = magnitude.amax(dim=-1, keepdim=True)
+    finite = torch.isfinite(amax)
+    magnitude = torch.where(finite, magnitude, torch.zeros_like(magnitude))
+    floor = _shared_exponent(torch.where(finite, amax, torch.zeros_like(amax)), "floor")  # (..., B, 1)
+    values = cached_constant("e2m1_values", E2M1_VALUES, torch.float32, x.device)
+    candidates = []
+    for exponent in (floor, (floor + 1).clamp(max=E8M0_BIAS - 1)):  # FLOOR's e <= 125: e + 1 stays finite
+        reciprocal = ((E8M0_BIAS - exponent) << 23).view(torch.float32)  # exact 2**-e
+        code = _e2m1_magnitude_code(magnitude * reciprocal)
+        scale = e8m0_to_float32((exponent + E8M0_BIAS).to(torch.uint8))  # 2**e
+        error = (values[code.long()] * scale - magnitude).double().square().sum(dim=-1, keepdim=True)
+        candidates.append((exponent, code, error))
+    (low, low_code, low_error), (high, high_code, high_error) = candidates
+    take_high = high_error < low_error  # (..., B, 1)
+    exponent = torch.where(take_high, high, low)
+    code = torch.where(take_high, high_code, low_code)
+    sign = (blocks.view(torch.int32) < 0).to(torch.uint8) << 3
+    code = torch.where(finite, code | sign, torch.zeros_like(code))
+    scales = torch.where(finite, exponent + E8M0_BIAS, E8M0_NAN).to(torch.uint8)
+    return pack_uint4(code.flatten(-2)), scales.squeeze(-1)
 
 
 def e8m0_to_float32(scales: Tensor) -> Tensor:

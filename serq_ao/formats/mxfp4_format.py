@@ -1,9 +1,11 @@
 """The MXFP4 format family: MXFP4 weights, correction and activations (W4A4).
 
 Numerics in :mod:`serq_ao.formats.mxfp4`. Weights and R use the same block-scale rule as the
-activations (``scale_mode``). GPTQ fixes every block scale from the weight before the sweep
-(a block's scale cannot follow the columns it has not reached yet), then rounds each column
-to the E2M1 grid times its block's scale.
+activations (``scale_mode``), or with ``weight_scales="search"`` each block's exponent chosen
+by its reconstruction error (:func:`~serq_ao.formats.mxfp4.quantize_mxfp4_by_error`;
+activations, quantized at run time, keep the rule). GPTQ fixes every block scale from the
+weight before the sweep, by the same choice (a block's scale cannot follow the columns it
+has not reached yet), then rounds each column to the E2M1 grid times its block's scale.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from serq_ao.formats.base import FormatName, Quantized, QuantFormat, ScaleMode, enum_value
+from serq_ao.formats.base import FormatName, Quantized, QuantFormat, ScaleMode, WeightScales, enum_value
 from serq_ao.formats.mxfp4 import (
     BLOCK_SIZE,
     E2M1_VALUES,
     _e2m1_magnitude_code,
     cached_constant,
     fake_quantize_mxfp4,
+    e8m0_to_float32,
     mxfp4_block_scales,
     pack_uint4,
     quantize_mxfp4,
+    quantize_mxfp4_by_error,
 )
 
 BITS_PER_ELEMENT = 4.25  # 4-bit code + one 8-bit scale per 32
@@ -32,6 +36,7 @@ BITS_PER_ELEMENT = 4.25  # 4-bit code + one 8-bit scale per 32
 @dataclasses.dataclass(frozen=True)
 class MXFP4Format(QuantFormat):
     scale_mode: ScaleMode = ScaleMode.FLOOR
+    weight_scales: WeightScales = WeightScales.RULE
 
     name = FormatName.MXFP4
     activation_bits = 4
@@ -40,9 +45,13 @@ class MXFP4Format(QuantFormat):
 
     def __post_init__(self):
         object.__setattr__(self, "scale_mode", enum_value(ScaleMode, self.scale_mode, "scale_mode"))
+        object.__setattr__(self, "weight_scales", enum_value(WeightScales, self.weight_scales, "weight_scales"))
 
     def _quantize(self, weight: Tensor) -> Quantized:
-        codes, scales = quantize_mxfp4(weight.float(), self.scale_mode.value)
+        if self.weight_scales is WeightScales.SEARCH:
+            codes, scales = quantize_mxfp4_by_error(weight.float())
+        else:
+            codes, scales = quantize_mxfp4(weight.float(), self.scale_mode.value)
         return Quantized(codes, scales, weight.shape[-1], BLOCK_SIZE, "mxfp4")
 
     def quantize_weight(self, weight: Tensor) -> Quantized:
@@ -55,6 +64,8 @@ class MXFP4Format(QuantFormat):
         return fake_quantize_mxfp4(x, self.scale_mode.value)
 
     def gptq_frozen_scales(self, weight: Tensor) -> Tensor:
+        if self.weight_scales is WeightScales.SEARCH:
+            return e8m0_to_float32(quantize_mxfp4_by_error(weight.float())[1])
         return mxfp4_block_scales(weight.float(), self.scale_mode.value)  # (d_out, n_blocks) powers of two
 
     def gptq_group_scale(self, group: Tensor) -> Tensor:
@@ -86,4 +97,5 @@ class MXFP4Format(QuantFormat):
                                               input_scale_inv=input_scale_inv, input_perm=input_perm, dtype=dtype)
 
     def to_dict(self) -> dict:
-        return {"format": self.name.value, "scale_mode": self.scale_mode.value}
+        return {"format": self.name.value, "scale_mode": self.scale_mode.value,
+                "weight_scales": self.weight_scales.value}

@@ -7,7 +7,7 @@ import fnmatch
 import json
 import re
 
-from serq_ao.formats import FORMATS, FormatName, QuantFormat, ScaleMode, enum_value, get_format
+from serq_ao.formats import FORMATS, FormatName, QuantFormat, ScaleMode, WeightScales, enum_value, get_format
 from serq_ao.quant.methods import METHODS, CorrectionKind, Method, MethodSpec, ResidualOrder, TransformKind, method_spec
 
 RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
@@ -47,6 +47,10 @@ class SERQConfig:
     - ``rank``: multiple of 32, 0 allowed (plain flattening); used by ``serq`` only.
     - ``scale_mode``: MXFP4 block scale rule, ``"floor"`` (OCP spec, SERQ reference) or
       ``"rceil"`` (torchao's default).
+    - ``weight_scales``: how MXFP4 weight and R block scales are chosen: ``"rule"`` (the
+      ``scale_mode`` rule, as for activations; the SERQ reference) or ``"search"`` (per
+      block, FLOOR's exponent or one above, whichever reconstructs the block better; still
+      OCP MXFP4). Activations always use ``scale_mode``.
     - ``gptq``: quantize main weights with GPTQ, layer by layer, each layer calibrated on the
       outputs of the already quantized layers before it (any method).
     - ``fold_into_linears``: fold 1/s into producing linears (up rows, ReLU inputs, MHA value
@@ -69,15 +73,17 @@ class SERQConfig:
       decoder layers (:mod:`serq_ao.quant.lm_head`); a head tied to the embeddings is untied
       first (the embeddings stay in floating point). Off by default, as in the paper.
 
-    ``method``, ``format`` and ``scale_mode`` accept strings or the enums
+    ``method``, ``format``, ``scale_mode`` and ``weight_scales`` accept strings or the enums
     (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
-    :class:`~serq_ao.formats.ScaleMode`) and are stored as the enums (which are ``str``).
+    :class:`~serq_ao.formats.ScaleMode`, :class:`~serq_ao.formats.WeightScales`) and are
+    stored as the enums (which are ``str``).
     """
 
     method: Method = Method.SERQ
     format: FormatName = FormatName.MXFP4
     rank: int = DEFAULT_RANK
     scale_mode: ScaleMode = ScaleMode.FLOOR
+    weight_scales: WeightScales = WeightScales.RULE
     smoothquant_alpha: float = 0.5
     lowrank_rank: int = 32
     gptq: bool = False
@@ -91,6 +97,10 @@ class SERQConfig:
         fmt, scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
         object.__setattr__(self, "format", fmt)
         object.__setattr__(self, "scale_mode", scale_mode)
+        object.__setattr__(self, "weight_scales", enum_value(WeightScales, self.weight_scales, "weight_scales"))
+        if self.weight_scales is not WeightScales.RULE and fmt is not FormatName.MXFP4:
+            raise ValueError(f"weight_scales={self.weight_scales.value!r} applies to format 'mxfp4' only, "
+                             f"got format {fmt.value!r}")
         if not isinstance(self.lowrank_rank, int) or isinstance(self.lowrank_rank, bool) or self.lowrank_rank < 1:
             raise ValueError(f"lowrank_rank must be a positive integer, got {self.lowrank_rank!r}")
         if not isinstance(self.fold_into_linears, bool):
@@ -117,7 +127,7 @@ class SERQConfig:
 
     @property
     def quant_format(self) -> QuantFormat:
-        return get_format(self.format, self.scale_mode)
+        return get_format(self.format, self.scale_mode, self.weight_scales)
 
     @property
     def correction_rank(self) -> int:
