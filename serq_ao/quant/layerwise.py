@@ -31,6 +31,7 @@ window at a time, so the result is bitwise that of quantizing the whole model at
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -141,6 +142,24 @@ def _first_tensor_device(module: nn.Module) -> torch.device | None:
     return None
 
 
+@contextlib.contextmanager
+def layer_forwards(layers: nn.ModuleList, forward_of: Callable[[int], Callable]):
+    """Within the block, layer ``i`` runs ``forward_of(i)`` instead of its own forward. It is
+    an instance attribute: the class's forward is untouched; one that was there already
+    (accelerate's hook wrapper) is put back afterwards."""
+    wrapped = [layer.__dict__.get("forward") for layer in layers]
+    for index, layer in enumerate(layers):
+        layer.forward = forward_of(index)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, wrapped):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor],
                          device: torch.device | None = None) -> tuple[list[torch.Tensor], list[list[dict]]]:
@@ -163,24 +182,13 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[
 
         return forward
 
-    # an instance attribute: the class's forward is untouched; one that was there already
-    # (accelerate's hook wrapper) is put back afterwards
-    wrapped = [layer.__dict__.get("forward") for layer in layers]
-    for index, layer in enumerate(layers):
-        layer.forward = recorder(index)
     device = device or _first_tensor_device(model) or torch.device("cpu")
-    try:
+    with layer_forwards(layers, recorder):
         for ids in windows:
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _Stop:
                 pass
-    finally:
-        for layer, forward in zip(layers, wrapped):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
     if len(hidden) != len(windows) or any(len(c) != len(windows) for c in calls):
         raise RuntimeError("the model's forward did not call every decoder layer once per window")
     return hidden, calls

@@ -28,6 +28,8 @@ from torch import nn
 from serq_ao.kernels.reference import apply_pre_op
 from serq_ao.passes import LinearGroup, ModelPlan
 from serq_ao.passes.plan import UnknownProducer
+from serq_ao.passes.trace import example_input_ids
+from serq_ao.quant.layerwise import layer_forwards
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,8 @@ class HeadPlan:
     head: str  # the nn.Linear that computes the logits
     norm: str  # the module whose output it reads
 
-    def group(self, in_features: int) -> LinearGroup:
+    def group(self, model: nn.Module) -> LinearGroup:
+        in_features = model.get_submodule(self.head).in_features
         return LinearGroup((self.head,), in_features, UnknownProducer(
             "lm_head reads the final norm, whose output the model also returns: the transform stays a pre-op"))
 
@@ -68,6 +71,17 @@ def untie_head(model: nn.Module, name: str) -> bool:
         config.tie_word_embeddings = False
     logger.info("%s: untied %s from the input embeddings, which stay in floating point", OPTION, name)
     return True
+
+
+def prepare_head(model: nn.Module, layers: nn.ModuleList, *, dispatched: bool) -> HeadPlan:
+    """lm_head and the norm it reads, the head untied from the embeddings; refused for a
+    model placed by accelerate (its head's values may live in accelerate's hooks)."""
+    if dispatched:
+        raise HeadError(f"{OPTION} is not supported for a model placed by accelerate with a device map: "
+                        "quantize it in memory, or stream it from its checkpoint")
+    untie_head(model, head_name(model))
+    embeddings = model.get_input_embeddings().weight.device
+    return find_head(model, layers, example_input_ids(model, device=embeddings))
 
 
 @torch.no_grad()
@@ -101,19 +115,12 @@ def find_head(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor) 
     handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules()
                if id(m) not in inside and m is not head and n]
     handles.append(head.register_forward_pre_hook(lambda module, args: seen.append(args[0])))
-    wrapped = [layer.__dict__.get("forward") for layer in layers]
-    for index, layer in enumerate(layers):
-        layer.forward = identity(index)
     try:
-        model(input_ids=input_ids, use_cache=False)
+        with layer_forwards(layers, identity):
+            model(input_ids=input_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-        for layer, forward in zip(layers, wrapped):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
     if not last or not seen:
         raise HeadError(f"{OPTION}: the model's forward did not reach its last decoder layer and {name}")
 
@@ -138,7 +145,7 @@ def quantize_head(model: nn.Module, plan: HeadPlan, *, layers_name: str, floats,
     norm = model.get_submodule(plan.norm)
     head = model.get_submodule(plan.head)
     device = head.weight.device
-    group = plan.group(head.in_features)
+    group = plan.group(model)
     if observer is not None:
         observe = observer.hook(group.name)
         observer.groups.append(group)

@@ -20,7 +20,6 @@ from transformers import PreTrainedModel
 from serq_ao.integrations.hf_quantizer import attach_quantizer
 from serq_ao.passes import (
     InputTransform,
-    LinearGroup,
     ModelPlan,
     ResidualOrderError,
     ResidualPlan,
@@ -29,7 +28,7 @@ from serq_ao.passes import (
     apply_input_transforms,
     apply_residual_order,
 )
-from serq_ao.passes.trace import example_input_ids, find_decoder_layers
+from serq_ao.passes.trace import find_decoder_layers
 from serq_ao.passes.transforms import PreOpLinear, replace_module
 from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
@@ -37,7 +36,7 @@ from serq_ao.quant.calibration_input import as_windows, prepare_calibration, win
 from serq_ao.quant.calibration import collect_statistics as collect_model_statistics
 from serq_ao.quant.config import SERQConfig, matches_pattern
 from serq_ao.quant.experts import fused_experts, unfuse_experts
-from serq_ao.quant.lm_head import HeadError, HeadPlan, find_head, head_name, quantize_head, untie_head
+from serq_ao.quant.lm_head import prepare_head, quantize_head
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.quant.linear_plan import LinearPlan, linear_plans
@@ -248,21 +247,6 @@ def _unfuse_experts(model: nn.Module, *, dispatched: bool) -> None:
                        "hooks): quantize the model in memory or stream it from its checkpoint to quantize them")
 
 
-def _head_plan(model: nn.Module, weights) -> HeadPlan:
-    """lm_head and the norm it reads (:mod:`serq_ao.quant.lm_head`), the head untied from the
-    embeddings."""
-    if isinstance(weights, AcceleratedWeights):
-        raise HeadError("quantize_lm_head is not supported for a model placed by accelerate with a device map: "
-                        "quantize it in memory, or stream it from its checkpoint")
-    untie_head(model, head_name(model))
-    embeddings = model.get_input_embeddings().weight.device
-    return find_head(model, find_decoder_layers(model)[1], example_input_ids(model, device=embeddings))
-
-
-def _head_group(model: nn.Module, head: HeadPlan) -> LinearGroup:
-    return head.group(model.get_submodule(head.head).in_features)
-
-
 def _keep_in_float(model: nn.Module, name: str) -> None:
     """An ignored linear stays a plain nn.Linear: on the input its (transformed) producer gives
     it, with a run-time pre-op undone into its weight."""
@@ -353,7 +337,10 @@ def run_quantization(
             logger.warning("residual order: per group (the layers of a model placed by accelerate are quantized one "
                            "at a time, so they cannot share one order)")
 
-    head = _head_plan(model, weights) if config.quantize_lm_head else None  # the head untied
+    head = None
+    if config.quantize_lm_head:  # the head untied
+        head = prepare_head(model, find_decoder_layers(model)[1],
+                            dispatched=isinstance(weights, AcceleratedWeights))
     in_stream_order: set[str] = set()
     residual = None
     if weights is None:
@@ -366,13 +353,13 @@ def run_quantization(
             if stats is None:
                 total = len(ids)
                 counter = iter(range(1, total + 1))
-                groups = plan_for_order.groups + (() if head is None else (_head_group(model, head),))
+                groups = plan_for_order.groups + (() if head is None else (head.group(model),))
                 stats = collect_model_statistics(model, ModelPlan(plan_for_order.layers, groups), ids,
                                                  on_batch=lambda k: report("calibrate", next(counter), total))
             seconds["calibration"] = stats.seconds
             stats, in_stream_order, order = _apply_global_residual_order(model, plan_for_order, stats, residual)
             if head is not None:  # the head reads the final norm, in the stream's new order too
-                stats = stats.permuted({_head_group(model, head).name}, order)
+                stats = stats.permuted({head.group(model).name}, order)
             plan = plan_for_order
     elif spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.GLOBAL:
         raise ResidualOrderError("residual_order='global' permutes every layer at once, so it needs the whole model "

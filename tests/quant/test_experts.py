@@ -13,7 +13,7 @@ import serq_ao
 from serq_ao.quant.experts import SERQExperts, fused_experts, unfuse_experts
 from serq_ao.streaming import quantize_checkpoint
 from tests.conftest import make_byte_tokenizer
-from tests.test_streaming import assert_same_tensors
+from tests.test_streaming import assert_same_tensors, in_memory, tensors
 
 IDS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
 CALIBRATION = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -192,13 +192,11 @@ def test_streamed_moe_equals_the_in_memory_result(layout, tmp_path):
     model = tiny_mixtral()
     model.save_pretrained(tmp_path / "source", max_shard_size="60KB", save_original_format=layout == "original")
     make_byte_tokenizer().save_pretrained(tmp_path / "source")
-    stored = set(__import__("tests.test_streaming", fromlist=["tensors"]).tensors(tmp_path / "source"))
+    stored = set(tensors(tmp_path / "source"))
     marker = "block_sparse_moe.experts.0.w1.weight" if layout == "original" else "mlp.experts.gate_up_proj"
     assert any(k.endswith(marker) for k in stored)
     config = serq_ao.SERQConfig(rank=32)
-    reference = copy.deepcopy(model)
-    serq_ao.quantize_(reference, config, CALIBRATION)
-    reference.save_pretrained(tmp_path / "memory")
+    reference = in_memory(model, config, CALIBRATION, tmp_path / "memory")
     quantize_checkpoint(tmp_path / "source", config, CALIBRATION, tmp_path / "streamed",
                         tokenizer=make_byte_tokenizer())
     assert_same_tensors(tmp_path / "memory", tmp_path / "streamed")

@@ -15,7 +15,7 @@ from serq_ao.quant.lm_head import HeadError
 from serq_ao.streaming import quantize_checkpoint
 from tests.conftest import make_byte_tokenizer, make_tiny_llama
 from tests.quant.test_experts import tiny_mixtral
-from tests.test_streaming import assert_same_tensors
+from tests.test_streaming import assert_same_tensors, in_memory
 
 CALIBRATION = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(2))
 IDS = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -95,9 +95,7 @@ def test_an_untied_head_of_a_moe_model_streams_too(tmp_path):
     model = tiny_mixtral()
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     model.save_pretrained(tmp_path / "source")
-    reference = copy.deepcopy(model)
-    serq_ao.quantize_(reference, CONFIG, CALIBRATION)
-    reference.save_pretrained(tmp_path / "memory")
+    in_memory(model, CONFIG, CALIBRATION, tmp_path / "memory")
     quantize_checkpoint(tmp_path / "source", CONFIG, CALIBRATION, tmp_path / "streamed",
                         tokenizer=make_byte_tokenizer())
     assert_same_tensors(tmp_path / "memory", tmp_path / "streamed")
