@@ -34,6 +34,11 @@ def main() -> None:
         for x_dtype in (torch.bfloat16, torch.float32):
             spec = triton_quantize.compile_spec(config, x_dtype, "floor", has_scale=True, perm_dtype=torch.int16)
             rows.append(compile_for_gpu(spec, "quantize_activation_mxfp4", f"{tuple(config)} x={x_dtype}, pre-op"))
+            for rotation in (32, 128):
+                spec = triton_quantize.compile_spec(config, x_dtype, "floor", has_scale=True, perm_dtype=torch.int16,
+                                                    rotation=rotation)
+                rows.append(compile_for_gpu(spec, "quantize_activation_mxfp4",
+                                            f"{tuple(config)} x={x_dtype}, pre-op, rotation {rotation}"))
     for config in triton_gemm.CONFIGS:
         for out_dtype in (torch.bfloat16, torch.float32):
             spec = triton_gemm.compile_spec(config, has_bias=True, out_dtype=out_dtype)
@@ -46,11 +51,11 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title="Triton kernels compiled for sm_90a (H100)")
-    for column in ("kernel", "configuration", "warps", "registers", "spills (B)", "shared (KiB)", "wgmma"):
+    for column in ("kernel", "configuration", "warps", "registers", "spills (B)", "shared (KiB)", "wgmma", "FFMA"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(r.kernel, r.variant, str(r.num_warps), str(r.registers), str(r.spill_stores + r.spill_loads),
-                      f"{r.shared_bytes / 1024:.1f}", "yes" if r.uses_wgmma else "no")
+                      f"{r.shared_bytes / 1024:.1f}", "yes" if r.uses_wgmma else "no", str(r.fused_multiply_adds))
     Console(width=200).print(table)
     print(f"wrote {OUT}")
 

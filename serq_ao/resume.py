@@ -123,7 +123,7 @@ def _plan_from_dict(name: str, data: dict, tables: dict[str, torch.Tensor], conf
     perm = tables[f"plan.{name}.input_perm"] if data["perm"] else None
     fold = None if data["fold"] is None else FoldRecord(data["fold"]["scale"], data["fold"]["order"], scale_inv, perm)
     return LinearPlan(name, group_from_dict(data["group"]), fold, scale_inv, perm, int(data["rank"]),
-                      config.quant_format)
+                      config.quant_format, config.rotation)
 
 
 # ---- the partial run ------------------------------------------------------------------------

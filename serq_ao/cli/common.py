@@ -99,11 +99,16 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
         "residual_order": any(s.input_transform is TransformKind.FLATTEN for s in specs),
         "scale_mode": args.format == FormatName.MXFP4,
         "weight_scales": args.format == FormatName.MXFP4,
+        "rotation": any(s.correction is not CorrectionKind.LOWRANK for s in specs),
+        "gptq_order": args.gptq,
     }
     for option, used in uses.items():
         if getattr(args, option) is not None and not used:
             mxfp4 = option in ("scale_mode", "weight_scales")
-            whose = "the MXFP4 format" if mxfp4 else "method serq"
+            if option == "gptq_order":
+                raise UsageError("--gptq-order applies with --gptq only")
+            whose = ("the MXFP4 format" if mxfp4 else "methods rtn, smoothquant and serq" if option == "rotation"
+                     else "method serq")
             raise UsageError(f"--{option.replace('_', '-')} applies to {whose} only; "
                              f"{'--format ' + args.format if mxfp4 else '--method ' + ','.join(chosen)} "
                              "does not use it")

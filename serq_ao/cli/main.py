@@ -27,6 +27,8 @@ from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
 from serq_ao.cli.export import cmd_export  # noqa: E402
 from serq_ao.cli.inspect import DEFAULT_SWEEP, cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
+from serq_ao.formats.hadamard import ROTATION_SIZES  # noqa: E402
+from serq_ao.quant.gptq import GPTQ_ORDERS  # noqa: E402
 from serq_ao.quant.config import DEFAULT_RANK, DEFAULT_RESIDUAL_ORDER, FORMATS, METHODS, RESIDUAL_ORDERS  # noqa: E402
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
@@ -115,7 +117,13 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-scales", choices=WEIGHT_SCALES, default=None,
                         help="MXFP4 weight block scales: rule (--scale-mode's, as for activations) or search (per "
                              "block, FLOOR's exponent or one above by reconstruction error); default rule")
+    parser.add_argument("--rotation", type=int, choices=ROTATION_SIZES, default=None,
+                        help="block size of a Hadamard rotation of every quantized linear's input: weights rotated "
+                             "offline, activations inside their quantization (default 0: none; not for lqer/l2qer)")
     parser.add_argument("--gptq", action="store_true", help="GPTQ for the main weights, layer by layer")
+    parser.add_argument("--gptq-order", choices=GPTQ_ORDERS, default=None,
+                        help="GPTQ's column order: columns (left to right; SERQ's salient columns first; default) or "
+                             "hessian (MR-GPTQ's static activation order, scales fixed before the sweep); with --gptq")
     parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                         help="leave the linears this matches in floating point (repeatable): a module name, a glob "
                              "such as '*.down_proj', or 're:' and a regular expression of the whole name")

@@ -139,8 +139,10 @@ class QuantFormat(abc.ABC):
         input_scale_inv: Tensor | None,
         input_perm: Tensor | None,
         dtype: torch.dtype,
+        rotation: int = 0,
     ) -> Tensor:
-        """The packed weight tensor (a torchao tensor subclass) of these records and pre-op."""
+        """The packed weight tensor (a torchao tensor subclass) of these records and pre-op
+        (``rotation``: the block size of its Hadamard rotation, 0 for none)."""
 
     def to_dict(self) -> dict:
         return {"format": self.name.value}

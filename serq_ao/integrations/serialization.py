@@ -34,6 +34,7 @@ from transformers import TorchAoConfig
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from serq_ao.formats import get_format
+from serq_ao.formats.hadamard import check_rotation
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.experts import unfuse_experts
 from serq_ao.files import Output, claim_output, strict_json
@@ -93,6 +94,7 @@ def _structure(model: nn.Module) -> dict[str, dict]:
                 "scale_mode": str(getattr(module.quant_format, "scale_mode", "floor")),
                 "buffers": [b for b in ("bias", "input_scale_inv", "input_perm") if getattr(module, b) is not None],
                 "lowrank": 0 if module.lowrank_b is None else module.lowrank_b.shape[0],
+                "rotation": module.rotation,
             }
         elif isinstance(module, OutputGather):
             structure[name] = {"kind": "output_gather", **module.spec()}
@@ -156,6 +158,7 @@ def _placeholder(spec: dict, parent: nn.Module | None) -> nn.Module:
             spec["in_features"], spec["out_features"], spec["rank"], get_format(spec["format"], spec["scale_mode"]),
             bias="bias" in buffers, pre_op=("input_scale_inv" in buffers, "input_perm" in buffers),
             lowrank=spec.get("lowrank", 0),
+            rotation=check_rotation(spec.get("rotation", 0), f"{QUANTIZATION_FILE}'s rotation"),
         )
     if spec["kind"] == "output_gather":
         return OutputGather.from_spec(parent, spec)

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from serq_ao.formats.hadamard import ROTATION_SIZES
 from serq_ao.files import MANIFEST, folder_files, read_manifest, sha256_of
 
 TENSOR_MANIFEST_KEY = "serq_tensors"
@@ -226,6 +227,8 @@ def check_packed(name: str, weight) -> None:
     from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
     rows, d_in = weight.shape
+    if weight.rotation not in ROTATION_SIZES or isinstance(weight.rotation, bool):
+        fail_checkpoint(name, f"rotation {weight.rotation!r} is not one of {ROTATION_SIZES}")
     if isinstance(weight, SERQMXFP4Tensor):
         if not isinstance(weight.rank, int) or weight.rank < 0 or weight.rank % 32:
             fail_checkpoint(name, f"rank {weight.rank!r} is not a multiple of 32")
@@ -274,3 +277,5 @@ def check_config_agrees(name: str, weight, config) -> None:
         fail_checkpoint(name, f"is packed as {fmt}, the checkpoint's config says format {config.format}")
     if weight.rank != config.correction_rank:
         fail_checkpoint(name, f"has rank {weight.rank}, the checkpoint's config says {config.correction_rank}")
+    if weight.rotation != config.rotation:
+        fail_checkpoint(name, f"has rotation {weight.rotation}, the checkpoint's config says {config.rotation}")

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 H100 = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+CUOBJDUMP = PTXAS.with_name("cuobjdump")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,9 @@ class KernelResources:
     shared_bytes: int  # dynamic shared memory triton asks for
     num_warps: int
     uses_wgmma: bool  # Hopper's warpgroup MMA (what tl.dot on bf16 should become)
+    # float32 fused multiply-adds in the machine code (cuobjdump -sass): a kernel that must
+    # round like a plain-PyTorch reference needs none
+    fused_multiply_adds: int
 
 
 def compile_for_gpu(spec, kernel_name: str, variant: str, target: GPUTarget = H100) -> KernelResources:
@@ -45,8 +49,11 @@ def compile_for_gpu(spec, kernel_name: str, variant: str, target: GPUTarget = H1
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.ptx"
         path.write_text(ptx)
-        done = subprocess.run([str(PTXAS), "-v", "--gpu-name", arch, str(path), "-o", str(Path(folder) / "kernel.cubin")],
+        cubin = Path(folder) / "kernel.cubin"
+        done = subprocess.run([str(PTXAS), "-v", "--gpu-name", arch, str(path), "-o", str(cubin)],
                               capture_output=True, text=True)
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True).stdout \
+            if done.returncode == 0 else ""
     report = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed for {kernel_name} [{variant}]:\n{report}")
@@ -63,4 +70,5 @@ def compile_for_gpu(spec, kernel_name: str, variant: str, target: GPUTarget = H1
         shared_bytes=int(compiled.metadata.shared),
         num_warps=int(compiled.metadata.num_warps),
         uses_wgmma="wgmma" in ptx,
+        fused_multiply_adds=len(re.findall(r"\bFFMA\b", sass)),
     )

@@ -1,7 +1,9 @@
 """SERQ's linear as one custom op per format, so that compile and export keep it one node.
 
-``Y = Q_a(X^) W^q^T + Q_a(X^)[..., :r] R^T (+ bias)`` with ``X^ = (X * input_scale_inv)[..., perm]``
-when the group kept a pre-op (either part may be absent).
+``Y = Q_a(X^) W^q^T + Q_a(X^)[..., :r] R^T (+ bias)`` with ``X^ = (X * input_scale_inv)[..., perm] H``
+(:func:`serq_ao.kernels.reference.apply_pre_op`; each part may be absent: the scale and order
+where the group's transform was folded into its producer, H, the block Hadamard rotation of
+``rotation`` columns, where ``rotation`` is 0).
 
 - ``serq::linear_mxfp4``: the weight is ``[W^q | R]`` packed as MXFP4: ``qdata`` (N, K'/2)
   uint8 codes and ``scale`` (N, K'/32) uint8 E8M0 with ``K' = Kp + r``, Kp being d_in padded
@@ -79,7 +81,8 @@ _GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def triton_quantize_activation_mxfp4(
-    x: Tensor, scale_mode: str, input_scale_inv: Tensor | None, input_perm: Tensor | None, launcher=None
+    x: Tensor, scale_mode: str, input_scale_inv: Tensor | None, input_perm: Tensor | None, launcher=None,
+    rotation: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The Triton path of ``serq::quantize_activation_mxfp4``: x (..., K) -> codes, scales."""
     _require_triton()
@@ -93,7 +96,7 @@ def triton_quantize_activation_mxfp4(
     scales = x.new_empty((x2d.shape[0], kp // BLOCK_SIZE), dtype=torch.uint8)
     if x2d.shape[0]:
         launch_quantize_activation(x2d, input_scale_inv, input_perm, codes, scales, rceil=scale_mode == "rceil",
-                                   launcher=launcher)
+                                   launcher=launcher, rotation=rotation)
     return codes.view(*x.shape[:-1], -1), scales.view(*x.shape[:-1], -1)
 
 
@@ -116,21 +119,23 @@ def triton_mxfp4_gemm(
 
 
 def triton_linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv=None, input_perm=None,
-                        bias=None, launcher=None) -> Tensor:
+                        bias=None, launcher=None, rotation=0) -> Tensor:
     """The Triton path of ``serq::linear_mxfp4``: quantize the activations, then one GEMM over
     Kp + r. Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (how it is tested here)."""
-    codes, scales = triton_quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, launcher)
+    codes, scales = triton_quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, launcher, rotation)
     return triton_mxfp4_gemm(codes, scales, qdata, scale, padded_in_features(in_features), rank, bias, x.dtype, launcher)
 
 
 @torch.library.triton_op("serq::quantize_activation_mxfp4", mutates_args=())
 def serq_quantize_activation_mxfp4(
-    x: Tensor, scale_mode: str, input_scale_inv: Tensor | None = None, input_perm: Tensor | None = None
+    x: Tensor, scale_mode: str, input_scale_inv: Tensor | None = None, input_perm: Tensor | None = None,
+    rotation: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Pre-op (optional), then MXFP4 codes (..., Kp/2) and E8M0 scales (..., Kp/32), uint8."""
     if x.device.type != "cuda":
-        return quantize_mxfp4(apply_pre_op(x, input_scale_inv, input_perm), scale_mode)
-    return triton_quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, torch.library.wrap_triton)
+        return quantize_mxfp4(apply_pre_op(x, input_scale_inv, input_perm, rotation), scale_mode)
+    return triton_quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, torch.library.wrap_triton,
+                                            rotation)
 
 
 @torch.library.triton_op("serq::mxfp4_gemm", mutates_args=())
@@ -158,11 +163,12 @@ def serq_linear_mxfp4(
     input_scale_inv: Tensor | None = None,
     input_perm: Tensor | None = None,
     bias: Tensor | None = None,
+    rotation: int = 0,
 ) -> Tensor:
     if x.device.type == "cuda":
         return triton_linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv, input_perm, bias,
-                                   torch.library.wrap_triton)
-    x_q = fake_quantize_mxfp4(apply_pre_op(x, input_scale_inv, input_perm), scale_mode)  # (..., d_in) float32
+                                   torch.library.wrap_triton, rotation)
+    x_q = fake_quantize_mxfp4(apply_pre_op(x, input_scale_inv, input_perm, rotation), scale_mode)  # (..., d_in) float32
     weights = mxfp4_row_weights(qdata, scale, in_features, rank)
     return linear_on_weights(x_q, qdata.shape[0], in_features + rank, weights, bias).to(x.dtype)
 
@@ -180,8 +186,9 @@ def serq_linear_int(
     input_scale_inv: Tensor | None = None,
     input_perm: Tensor | None = None,
     bias: Tensor | None = None,
+    rotation: int = 0,
 ) -> Tensor:
-    x_q = fake_quantize_int(apply_pre_op(x, input_scale_inv, input_perm), activation_bits, symmetric=False,
+    x_q = fake_quantize_int(apply_pre_op(x, input_scale_inv, input_perm, rotation), activation_bits, symmetric=False,
                             granularity=group_size)
     rank = 0 if correction_qdata is None else 2 * correction_qdata.shape[1]
     weights = int_row_weights(qdata, scale, in_features, correction_qdata, correction_scale)
@@ -190,5 +197,5 @@ def serq_linear_int(
 
 @serq_linear_int.register_fake
 def _(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata=None, correction_scale=None,
-      input_scale_inv=None, input_perm=None, bias=None):
+      input_scale_inv=None, input_perm=None, bias=None, rotation=0):
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))

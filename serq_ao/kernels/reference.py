@@ -5,8 +5,9 @@ the custom ops (:mod:`serq_ao.kernels.ops`), the transformed float model
 (:class:`serq_ao.passes.PreOpLinear`) and GPTQ's Hessians all call these functions, so they
 compute the same numbers bit for bit in every model dtype:
 
-- :func:`apply_pre_op`: ``X^ = (X * input_scale_inv)[..., perm]`` in float32 whatever X's
-  dtype. Flattening maps each channel's calibration maximum to just above 1.0, where the
+- :func:`apply_pre_op`: ``X^ = (X * input_scale_inv)[..., perm] H`` in float32 whatever X's
+  dtype, H the block Hadamard rotation of ``rotation`` columns (:mod:`serq_ao.formats.hadamard`;
+  0: none). Flattening maps each channel's calibration maximum to just above 1.0, where the
   MXFP4 FLOOR block scale jumps by 2; a bf16 or fp16 product would land on either side.
 - :func:`linear_on_weights`: ``Y = X_q W^q^T (+ b) + X_q[..., :r] R^T`` in float32, over row
   chunks of the weight so that a caller that dequantizes per call allocates ~4 MB at a time.
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from serq_ao.formats.hadamard import block_hadamard
+
 # The CPU reference dequantizes the weight on every call. A whole large weight in fp32 (69 MB
 # for 4096 x 4224) is a fresh allocation each time, paid in page faults; slices of ~4 MB are
 # reused from cache: 3-5x faster on a 4096-wide decode, same numbers.
@@ -31,14 +34,14 @@ DEQUANTIZE_CHUNK_ELEMENTS = 1 << 20
 RowWeights = Callable[[int, int], tuple[Tensor, Tensor | None]]
 
 
-def apply_pre_op(x: Tensor, input_scale_inv: Tensor | None, input_perm: Tensor | None) -> Tensor:
-    """The pre-op of a linear's input, in float32 (see the module doc); either part may be None."""
+def apply_pre_op(x: Tensor, input_scale_inv: Tensor | None, input_perm: Tensor | None, rotation: int = 0) -> Tensor:
+    """The pre-op of a linear's input, in float32 (see the module doc); each part may be absent."""
     x = x.float()
     if input_scale_inv is not None:
         x = x * input_scale_inv.float()
     if input_perm is not None:
         x = x.index_select(-1, input_perm.to(torch.int32))  # stored as int16 where it fits
-    return x
+    return block_hadamard(x, rotation)
 
 
 def chunk_rows(rows: int, columns: int) -> int:

@@ -1,9 +1,10 @@
 """Triton kernel: SERQ's activation pre-op and MXFP4 quantization in one pass.
 
-``x_hat = (x * input_scale_inv)[..., perm]`` in float32, then :func:`quantize_mxfp4` of
+``x_hat = (x * input_scale_inv)[..., perm] H`` in float32, then :func:`quantize_mxfp4` of
 ``x_hat`` along the last dimension, bit for bit (see ``serq_ao.formats.mxfp4`` for the layout,
-the FLOOR / RCEIL scale rules and the special values; ``kernels.ops._apply_pre_op`` for the
-pre-op). Either part of the pre-op may be absent.
+the FLOOR / RCEIL scale rules and the special values; ``kernels.reference.apply_pre_op`` for
+the pre-op; ``serq_ao.formats.hadamard`` for H, the block Hadamard rotation). Each part of the
+pre-op may be absent.
 
 Layout, for x viewed as (M, K) with the last dimension contiguous and Kp = K rounded up to 32:
 
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from serq_ao.formats.hadamard import check_rotation, inverse_sqrt_table
 from serq_ao.formats.mxfp4 import BLOCK_SIZE, SCALE_MODES, _check_scale_mode
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,10 +38,33 @@ _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat
 
 
 @triton.jit
+def _block_hadamard(x, cols, K, inverse_sqrt_ptr, LOG_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """x (BLOCK_M, BLOCK_K) times the block Hadamard of 2**LOG_SIZE columns, as
+    ``serq_ao.formats.hadamard.block_hadamard`` computes it (tile starts are multiples of
+    BLOCK_K, itself a multiple of the size, so no block straddles two tiles)."""
+    # each column's block size (a power of two; 1 leaves it alone, as for padding columns)
+    full = K - K % (1 << LOG_SIZE)
+    tail_bits = (K - full) ^ (cols - full)  # (BLOCK_K,), meaningful for full <= cols < K
+    tail_log = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for i in tl.static_range(1, LOG_SIZE):
+        tail_log = tl.where(tail_bits >= (1 << i), i, tail_log)  # highest set bit
+    log = tl.where(cols < full, LOG_SIZE, tl.where(cols < K, tail_log, 0))
+    for i in tl.static_range(0, LOG_SIZE):
+        # stage h = 2**i: groups of 2h columns, as (2, h) to pair column c with c + h
+        pairs = tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K >> (i + 1), 2, 1 << i)), (0, 1, 3, 2))
+        first, second = tl.split(pairs)  # (BLOCK_M, BLOCK_K / 2h, h): columns c and c + h
+        stage = tl.reshape(tl.permute(tl.join(first + second, first - second), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
+        x = tl.where((log > i)[None, :], stage, x)  # stage h applies to blocks of 2h or more
+    inverse_sqrt = tl.load(inverse_sqrt_ptr + log)  # (BLOCK_K,) 1/sqrt(block size), float32
+    return x * inverse_sqrt[None, :]
+
+
+@triton.jit
 def _quantize_activation_mxfp4_kernel(
-    x_ptr, scale_inv_ptr, perm_ptr, codes_ptr, scales_ptr,
+    x_ptr, scale_inv_ptr, perm_ptr, inverse_sqrt_ptr, codes_ptr, scales_ptr,
     M, K, stride_x_m, stride_codes_m, stride_scales_m,
-    HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, RCEIL: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, RCEIL: tl.constexpr, ROTATION_LOG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     N_BLOCKS: tl.constexpr = BLOCK_K // 32
@@ -72,7 +97,14 @@ def _quantize_activation_mxfp4_kernel(
     if HAS_SCALE:
         # scale_inv is indexed by the source channel: product first, gather second
         scale_inv = tl.load(scale_inv_ptr + source_cols, mask=source_in, other=0.0)  # (BLOCK_K,)
-        x = x * scale_inv[None, :]  # (BLOCK_M, BLOCK_K)
+        if ROTATION_LOG:
+            # the select keeps the product from fusing with the butterfly's first add into
+            # an FMA, which the float32 reference does not do (masked lanes are 0 either way)
+            x = tl.where(mask, x * scale_inv[None, :], 0.0)  # (BLOCK_M, BLOCK_K)
+        else:
+            x = x * scale_inv[None, :]  # (BLOCK_M, BLOCK_K)
+    if ROTATION_LOG:  # the block Hadamard rotation of 2**ROTATION_LOG columns
+        x = _block_hadamard(x, cols, K, inverse_sqrt_ptr, ROTATION_LOG, BLOCK_M, BLOCK_K)
 
     blocks = tl.reshape(x, (BLOCK_M, N_BLOCKS, 32))
     magnitude = tl.abs(blocks)
@@ -146,6 +178,7 @@ def launch_quantize_activation(
     rceil: bool,
     config: QuantizeConfig | None = None,
     launcher: Callable | None = None,
+    rotation: int = 0,
 ) -> None:
     """Quantize x2d (M, K) into preallocated ``codes`` (M, Kp/2) and ``scales`` (M, Kp/32).
 
@@ -157,10 +190,12 @@ def launch_quantize_activation(
     kernel = _quantize_activation_mxfp4_kernel if launcher is None else launcher(_quantize_activation_mxfp4_kernel)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k))
     # Absent parts of the pre-op get x as a placeholder pointer, never read (HAS_* False).
+    inverse_sqrt = inverse_sqrt_table(torch.float32, x2d.device) if rotation else x2d
     kernel[grid](
-        x2d, x2d if scale_inv is None else scale_inv, x2d if perm is None else perm, codes, scales,
+        x2d, x2d if scale_inv is None else scale_inv, x2d if perm is None else perm, inverse_sqrt, codes, scales,
         m, k, x2d.stride(0), codes.stride(0), scales.stride(0),
         HAS_SCALE=scale_inv is not None, HAS_PERM=perm is not None, RCEIL=rceil,
+        ROTATION_LOG=rotation.bit_length() - 1 if rotation else 0,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )
 
@@ -173,10 +208,13 @@ def quantize_activation_mxfp4(
     block_m: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
+    rotation: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """``quantize_mxfp4((x.float() * input_scale_inv)[..., input_perm], scale_mode)`` in one
-    kernel: codes (..., Kp/2) and scales (..., Kp/32), uint8. Tile sizes default by M."""
+    """``quantize_mxfp4(block_hadamard((x.float() * input_scale_inv)[..., input_perm], rotation),
+    scale_mode)`` in one kernel: codes (..., Kp/2) and scales (..., Kp/32), uint8. Tile sizes
+    default by M."""
     _check_scale_mode(scale_mode)
+    check_rotation(rotation)
     if x.dtype not in _X_DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -198,6 +236,8 @@ def quantize_activation_mxfp4(
         input_perm = input_perm.contiguous()
     if block_k is not None and (block_k <= 0 or block_k % BLOCK_SIZE or block_k & (block_k - 1)):
         raise ValueError(f"block_k must be a power of two multiple of {BLOCK_SIZE}, got {block_k}")
+    if block_k is not None and block_k < rotation:
+        raise ValueError(f"block_k must be at least the rotation's block ({rotation}), got {block_k}")
     if block_m is not None and (block_m <= 0 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
 
@@ -213,7 +253,7 @@ def quantize_activation_mxfp4(
     scales = torch.empty((m, n_blocks), dtype=torch.uint8, device=x.device)
     if m:
         launch_quantize_activation(x2d, input_scale_inv, input_perm, codes, scales,
-                                   rceil=scale_mode == "rceil", config=config)
+                                   rceil=scale_mode == "rceil", config=config, rotation=rotation)
     lead = x.shape[:-1]
     return codes.view(*lead, -1), scales.view(*lead, -1)
 
@@ -235,6 +275,7 @@ def compile_spec(
     scale_mode: str,
     has_scale: bool,
     perm_dtype: torch.dtype | None,
+    rotation: int = 0,
 ) -> CompileSpec:
     """What ``triton.compile`` needs to build the kernel for one variant without a device.
 
@@ -251,15 +292,17 @@ def compile_spec(
         "x_ptr": x_type,
         "scale_inv_ptr": "*fp32" if has_scale else x_type,
         "perm_ptr": "*" + _TRITON_TYPE_NAMES[perm_dtype] if perm_dtype is not None else x_type,
+        "inverse_sqrt_ptr": "*fp32" if rotation else x_type,
         "codes_ptr": "*u8",
         "scales_ptr": "*u8",
         "M": "i32", "K": "i32", "stride_x_m": "i32", "stride_codes_m": "i32", "stride_scales_m": "i32",
         # constexprs appear in the signature too, typed "constexpr"
-        "HAS_SCALE": "constexpr", "HAS_PERM": "constexpr", "RCEIL": "constexpr",
+        "HAS_SCALE": "constexpr", "HAS_PERM": "constexpr", "RCEIL": "constexpr", "ROTATION_LOG": "constexpr",
         "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
     }
     constexprs = {
         "HAS_SCALE": has_scale, "HAS_PERM": perm_dtype is not None, "RCEIL": scale_mode == "rceil",
+        "ROTATION_LOG": check_rotation(rotation).bit_length() - 1 if rotation else 0,
         "BLOCK_M": config.block_m, "BLOCK_K": config.block_k,
     }
     return CompileSpec(_quantize_activation_mxfp4_kernel, signature, constexprs, {},

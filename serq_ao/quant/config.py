@@ -8,6 +8,8 @@ import json
 import re
 
 from serq_ao.formats import FORMATS, FormatName, QuantFormat, ScaleMode, WeightScales, enum_value, get_format
+from serq_ao.formats.hadamard import check_rotation
+from serq_ao.quant.gptq import GPTQOrder
 from serq_ao.quant.methods import METHODS, CorrectionKind, Method, MethodSpec, ResidualOrder, TransformKind, method_spec
 
 RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
@@ -51,8 +53,15 @@ class SERQConfig:
       ``scale_mode`` rule, as for activations; the SERQ reference) or ``"search"`` (per
       block, FLOOR's exponent or one above, whichever reconstructs the block better; still
       OCP MXFP4). Activations always use ``scale_mode``.
+    - ``rotation``: block size of a Hadamard rotation of every quantized linear's input, 32,
+      64 or 128 (0: none, the default): the weights are rotated offline, after the method's
+      transform and order and before quantization (GPTQ's Hessians with them), and the
+      activations online inside their quantization (:mod:`serq_ao.formats.hadamard`).
     - ``gptq``: quantize main weights with GPTQ, layer by layer, each layer calibrated on the
       outputs of the already quantized layers before it (any method).
+    - ``gptq_order``: GPTQ's column order, ``"columns"`` (left to right; for SERQ the salient
+      columns first) or ``"hessian"`` (MR-GPTQ's static activation order: decreasing Hessian
+      diagonal, scales fixed before the sweep); see :mod:`serq_ao.quant.gptq`. GPTQ only.
     - ``fold_into_linears``: fold 1/s into producing linears (up rows, ReLU inputs, MHA value
       rows), whose quantized weights then include it; False keeps those scales as run-time
       pre-ops, so that no quantized weight absorbs them. Norms are folded either way.
@@ -84,9 +93,11 @@ class SERQConfig:
     rank: int = DEFAULT_RANK
     scale_mode: ScaleMode = ScaleMode.FLOOR
     weight_scales: WeightScales = WeightScales.RULE
+    rotation: int = 0
     smoothquant_alpha: float = 0.5
     lowrank_rank: int = 32
     gptq: bool = False
+    gptq_order: GPTQOrder = GPTQOrder.COLUMNS
     fold_into_linears: bool = True
     residual_order: ResidualOrder = DEFAULT_RESIDUAL_ORDER
     ignore: tuple[str, ...] = ()
@@ -101,12 +112,21 @@ class SERQConfig:
         if self.weight_scales is not WeightScales.RULE and fmt is not FormatName.MXFP4:
             raise ValueError(f"weight_scales={self.weight_scales.value!r} applies to format 'mxfp4' only, "
                              f"got format {fmt.value!r}")
+        check_rotation(self.rotation)
+        if self.rotation and self.spec.correction is CorrectionKind.LOWRANK:
+            # their error factors would be fitted, and L2QER's scaled, in the rotated basis
+            allowed = tuple(m.value for m in Method if method_spec(m).correction is not CorrectionKind.LOWRANK)
+            raise ValueError(f"rotation applies to methods {allowed}, got method {self.method.value!r} "
+                             f"with rotation={self.rotation}")
         if not isinstance(self.lowrank_rank, int) or isinstance(self.lowrank_rank, bool) or self.lowrank_rank < 1:
             raise ValueError(f"lowrank_rank must be a positive integer, got {self.lowrank_rank!r}")
         if not isinstance(self.fold_into_linears, bool):
             raise ValueError(f"fold_into_linears must be True or False, got {self.fold_into_linears!r}")
         if not isinstance(self.gptq, bool):
             raise ValueError(f"gptq must be True or False, got {self.gptq!r}")
+        object.__setattr__(self, "gptq_order", enum_value(GPTQOrder, self.gptq_order, "gptq_order"))
+        if self.gptq_order is not GPTQOrder.COLUMNS and not self.gptq:
+            raise ValueError(f"gptq_order={self.gptq_order.value!r} applies with gptq=True only")
         if not isinstance(self.quantize_lm_head, bool):
             raise ValueError(f"quantize_lm_head must be True or False, got {self.quantize_lm_head!r}")
         object.__setattr__(self, "residual_order", enum_value(ResidualOrder, self.residual_order, "residual_order"))

@@ -1,10 +1,10 @@
 """The evaluation mode: weights held dequantized, activations fake-quantized on the fly.
 
 A :class:`FakeQuantLinear` computes what the packed op computes,
-``Y = Q_a(X^) W^q^T (+ b) + Q_a(X^)[:, :r] R^T`` with ``X^ = (X * s^-1)[..., pi]`` where the
-group kept a pre-op, through the same functions (:mod:`serq_ao.kernels.reference`: pre-op
-in float32, the same matmuls over the same row chunks), so the two agree bit for bit in
-every model dtype. The difference is speed: the weights are dequantized once, not per call.
+``Y = Q_a(X^) W^q^T (+ b) + Q_a(X^)[:, :r] R^T`` with ``X^ = (X * s^-1)[..., pi] H`` (the
+scale and order where the group kept a pre-op, H where the weights were rotated), through
+the same functions (:mod:`serq_ao.kernels.reference`: pre-op in float32, the same matmuls
+over the same row chunks), so the two agree bit for bit in every model dtype. The difference is speed: the weights are dequantized once, not per call.
 
 It keeps the records it was built from (``quantized``: codes and scales of W^q and R), so
 that packing (:mod:`serq_ao.quant.packing`) stores those codes and re-quantizes nothing.
@@ -29,6 +29,8 @@ class FakeQuantLinear(nn.Module):
     and ``input_perm``, the group's pre-op, or None where the transform was folded into the
     producer; ``lowrank_a`` (d_out, k) and ``lowrank_b`` (k, d_in), the LQER/L2QER factors,
     or None. ``model_dtype``: the dtype of the linear it replaced (its packed weight's dtype).
+    ``rotation``: the block size of the Hadamard rotation W^q and R were quantized under (0:
+    none), applied to the input last.
     """
 
     def __init__(
@@ -43,8 +45,10 @@ class FakeQuantLinear(nn.Module):
         input_perm: torch.Tensor | None = None,
         lowrank_a: torch.Tensor | None = None,
         lowrank_b: torch.Tensor | None = None,
+        rotation: int = 0,
     ):
         super().__init__()
+        self.rotation = rotation
         self.out_features, self.in_features = main.rows, main.columns
         self.rank = 0 if correction is None else correction.columns
         self.quant_format = quant_format
@@ -64,7 +68,7 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def placeholder(cls, in_features: int, out_features: int, rank: int, quant_format: QuantFormat, *,
-                    bias: bool, pre_op: tuple[bool, bool], lowrank: int = 0) -> "FakeQuantLinear":
+                    bias: bool, pre_op: tuple[bool, bool], lowrank: int = 0, rotation: int = 0) -> "FakeQuantLinear":
         """An instance with empty buffers of the right shapes, to load a saved state into
         (it has no records: a reloaded evaluation-mode model cannot be packed)."""
         main = quant_format.quantize_weight(torch.zeros(out_features, in_features))
@@ -75,12 +79,14 @@ class FakeQuantLinear(nn.Module):
             input_perm=torch.empty(in_features, dtype=torch.long) if pre_op[1] else None,
             lowrank_a=torch.empty(out_features, lowrank) if lowrank else None,
             lowrank_b=torch.empty(lowrank, in_features) if lowrank else None,
+            rotation=rotation,
         )
         module.quantized = None
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = self.quant_format.fake_quantize_activation(apply_pre_op(x, self.input_scale_inv, self.input_perm))
+        x_hat = apply_pre_op(x, self.input_scale_inv, self.input_perm, self.rotation)
+        x_q = self.quant_format.fake_quantize_activation(x_hat)
         correction = None if self.correction is None else self.correction.float()
         weights = rows_of(self.weight.float(), correction)
         y = linear_on_weights(x_q, self.out_features, self.in_features + self.rank, weights, self.bias)
@@ -94,5 +100,5 @@ class FakeQuantLinear(nn.Module):
         lowrank = 0 if self.lowrank_b is None else self.lowrank_b.shape[0]
         return (
             f"in={self.in_features}, out={self.out_features}, format={self.quant_format.to_dict()}, "
-            f"rank={self.rank}, lowrank={lowrank}, pre-op={preop or None}"
+            f"rank={self.rank}, lowrank={lowrank}, pre-op={preop or None}, rotation={self.rotation}"
         )

@@ -10,21 +10,40 @@ frozen from the whole weight before the sweep (MXFP4's blocks) or taken per grou
 current, already error-updated weights when the sweep reaches the group's first column
 (INT4, as in the reference implementation); each column is then rounded to codes with its
 scales. The result is the record of those codes and scales: nothing is re-quantized later.
+
+The sweep order (:class:`GPTQOrder`): ``"columns"``, left to right (for SERQ, the salient
+columns first, as its order puts them); or ``"hessian"``, the static activation order of
+MR-GPTQ (Egiazarian et al. 2025): columns by decreasing H_jj, the input energy they carry,
+so that the columns whose error costs most are rounded while the most columns are left to
+absorb it. Scales stay those of the columns' own groups in the stored layout, fixed before
+the sweep ("static groups"; INT4's taken from the weight as it is then), so the record and
+the kernels do not change.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 
 import torch
 
-from serq_ao.formats import Quantized, QuantFormat
+from serq_ao.formats import Quantized, QuantFormat, enum_value
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DAMPING = 0.01
 MAX_DAMPING = 10.0
 SWEEP_BLOCK = 128  # columns updated lazily together; a multiple of every format's group
+
+
+class GPTQOrder(enum.StrEnum):
+    """The order GPTQ rounds the columns in (module doc)."""
+
+    COLUMNS = "columns"  # left to right: the stored (for SERQ, saliency) order
+    HESSIAN = "hessian"  # decreasing Hessian diagonal, scales fixed before the sweep
+
+
+GPTQ_ORDERS = tuple(o.value for o in GPTQOrder)
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -52,9 +71,11 @@ def gptq_quantize(
     fmt: QuantFormat,
     *,
     damping: float = DEFAULT_DAMPING,
+    order: GPTQOrder | str = GPTQOrder.COLUMNS,
 ) -> Quantized:
-    """Quantize ``weight`` (d_out, K) with GPTQ against ``hessian`` (K, K) on ``fmt``'s grid;
-    returns the record of the codes and scales."""
+    """Quantize ``weight`` (d_out, K) with GPTQ against ``hessian`` (K, K) on ``fmt``'s grid,
+    sweeping the columns in ``order``; returns the record of the codes and scales."""
+    order = enum_value(GPTQOrder, order, "gptq_order")
     group = fmt.weight_group_size
     if SWEEP_BLOCK % group:
         raise ValueError(f"GPTQ sweeps {SWEEP_BLOCK} columns at a time: the format's group ({group}) must divide it")
@@ -63,11 +84,19 @@ def gptq_quantize(
     dead = torch.diagonal(h) == 0  # channels never active: nothing to preserve there
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hinv = _inverse_hessian_cholesky(h, damping)
 
     d_out, k = w.shape
     frozen = fmt.gptq_frozen_scales(w)  # (d_out, n_groups) or None
+    sweep = torch.arange(k, device=w.device)  # sweep position -> stored column
+    if order is GPTQOrder.HESSIAN:
+        if frozen is None:  # static groups: every group's scale from the weight before the sweep
+            frozen = torch.stack([fmt.gptq_group_scale(w[:, g:g + group]) for g in range(0, k, group)], dim=1)
+        sweep = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, sweep], h[sweep][:, sweep]
+    hinv = _inverse_hessian_cholesky(h, damping)
     scales = frozen if frozen is not None else torch.empty(d_out, -(-k // group), dtype=torch.float32, device=w.device)
+    group_of = (sweep // group).tolist()  # the stored group of each swept column
+    stored = sweep.tolist()
     codes = torch.zeros(d_out, k, dtype=torch.int16, device=w.device)
     for start in range(0, k, SWEEP_BLOCK):
         stop = min(start + SWEEP_BLOCK, k)
@@ -78,7 +107,7 @@ def gptq_quantize(
             if frozen is None and column % group == 0:  # the group's scale, from now
                 scales[:, column // group] = fmt.gptq_group_scale(block[:, j : j + group])
             values = block[:, j]
-            codes[:, column], q = fmt.gptq_round(values, scales[:, column // group])
+            codes[:, stored[column]], q = fmt.gptq_round(values, scales[:, group_of[column]])
             error = (values - q) / hinv[column, column]
             block[:, j:] -= error[:, None] * hinv[column, column : stop][None, :]
             errors[:, j] = error

@@ -25,6 +25,7 @@ class LinearPlan:
     - ``input_scale_inv`` / ``input_perm``: the pre-op that stays at run time (each or both
       None), applied by :func:`serq_ao.kernels.reference.apply_pre_op` on every path.
     - ``rank``: the correction's rank r (0: none); ``quant_format``: the format object.
+    - ``rotation``: the block size of the Hadamard rotation that follows the pre-op (0: none).
     """
 
     name: str
@@ -34,13 +35,15 @@ class LinearPlan:
     input_perm: torch.Tensor | None
     rank: int
     quant_format: QuantFormat
+    rotation: int = 0
 
     @property
     def has_pre_op(self) -> bool:
         return self.input_scale_inv is not None or self.input_perm is not None
 
 
-def linear_plans(groups, folds: dict[str, FoldRecord], rank: int, quant_format: QuantFormat) -> dict[str, LinearPlan]:
+def linear_plans(groups, folds: dict[str, FoldRecord], rank: int, quant_format: QuantFormat,
+                 rotation: int = 0) -> dict[str, LinearPlan]:
     """The plans of every linear of ``groups`` (model order), given the fold records of
     :func:`serq_ao.passes.apply_input_transforms` (groups without a transform have none)."""
     plans = {}
@@ -49,5 +52,5 @@ def linear_plans(groups, folds: dict[str, FoldRecord], rank: int, quant_format: 
         scale_inv = None if fold is None else fold.input_scale_inv
         perm = None if fold is None else fold.input_perm
         for name in group.linears:
-            plans[name] = LinearPlan(name, group, fold, scale_inv, perm, rank, quant_format)
+            plans[name] = LinearPlan(name, group, fold, scale_inv, perm, rank, quant_format, rotation)
     return plans

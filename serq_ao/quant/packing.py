@@ -48,6 +48,7 @@ def pack_linear(module: FakeQuantLinear) -> nn.Linear:
     device = module.weight.device
     weight = module.quant_format.pack(
         main, correction, input_scale_inv=module.input_scale_inv, input_perm=module.input_perm, dtype=module.model_dtype,
+        rotation=module.rotation,
     )
     bias = None if module.bias is None else module.bias.to(module.model_dtype)
     return packed_linear(weight.to(device), bias)

@@ -42,6 +42,7 @@ from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.quant.linear_plan import LinearPlan, linear_plans
 from serq_ao.quant.methods import CorrectionKind, ResidualOrder, TransformKind
 from serq_ao.quant.packing import is_packed_linear, pack_model
+from serq_ao.formats.hadamard import rotate_hessian, rotate_weight
 from serq_ao.quant.reconstruct import (
     flattening_scales,
     lowrank_bits,
@@ -196,12 +197,14 @@ def _quantize_linear(
     """Replace the linear of ``linear_plan`` (already transformed) by its FakeQuantLinear."""
     name, fmt, rank = linear_plan.name, linear_plan.quant_format, linear_plan.rank
     linear = model.get_submodule(name)
-    weight = linear.weight.data.float()  # quantization math in fp32 (GPTQ: fp64) whatever the model's dtype
+    # quantization math in fp32 (GPTQ: fp64) whatever the model's dtype; the rotation in fp64
+    weight = rotate_weight(linear.weight.data.float(), linear_plan.rotation)
     if hessian is None:
         main, correction = serq_reconstruct(weight, rank, fmt)
     else:  # GPTQ replaces round-to-nearest for the main weight; R is taken out first
         correction = salient_correction(weight, rank, fmt) if rank else None
-        main = gptq_quantize(residual_after(weight, correction), hessian, fmt)
+        main = gptq_quantize(residual_after(weight, correction), rotate_hessian(hessian, linear_plan.rotation), fmt,
+                             order=config.gptq_order)
     lowrank_a = lowrank_b = None
     bits = fmt.effective_bits(linear.in_features, rank)
     if config.spec.correction is CorrectionKind.LOWRANK:
@@ -218,6 +221,7 @@ def _quantize_linear(
         input_perm=linear_plan.input_perm,
         lowrank_a=lowrank_a,
         lowrank_b=lowrank_b,
+        rotation=linear_plan.rotation,
     )
     replace_module(model, name, replacement.to(linear.weight.device))
     return LinearReport(name, linear.in_features, linear.out_features, rank, bits, linear_plan.has_pre_op)
@@ -372,7 +376,7 @@ def run_quantization(
             transforms = _transforms(model, layer_plan, config, layer_stats, in_stream_order)
             folds = apply_input_transforms(model, layer_plan, transforms,
                                            fold=True if config.fold_into_linears else ("norm",))
-        return linear_plans(layer_plan.groups, folds, config.correction_rank, config.quant_format)
+        return linear_plans(layer_plan.groups, folds, config.correction_rank, config.quant_format, config.rotation)
 
     def quantize_linear(linear_plan: LinearPlan, hessian, layer_stats) -> LinearReport | None:
         if transform_only:

@@ -18,6 +18,11 @@ def field_names(cls) -> list[str]:
     return list(cls.tensor_data_names) + list(cls.optional_tensor_data_names)
 
 
+def attribute_names(cls) -> list[str]:
+    """Every non-tensor attribute of a packed weight class, required first."""
+    return list(cls.tensor_attribute_names) + list(getattr(cls, "optional_tensor_attribute_names", []))
+
+
 def stored_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor occupies: for a packed weight, all its present fields (codes, scales,
     pre-op vectors); for any other tensor, its elements."""
@@ -37,7 +42,7 @@ def rebuild(tensor, *, shape=None, dtype=None, **fields):
     replaced; everything else as it is."""
     cls = type(tensor)
     values = {name: fields.get(name, getattr(tensor, name)) for name in field_names(cls)}
-    attributes = {name: getattr(tensor, name) for name in cls.tensor_attribute_names}
+    attributes = {name: getattr(tensor, name) for name in attribute_names(cls)}
     if shape is not None:
         attributes["shape"] = torch.Size(shape)
     if dtype is not None:

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from serq_ao.tensor_subclass.common import field_names
+from serq_ao.tensor_subclass.common import attribute_names, field_names
 from serq_ao.tensor_subclass.serq_int_tensor import SERQIntTensor
 from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
@@ -23,7 +23,7 @@ METADATA_MARK = "serq_packed"
 
 def _attributes(tensor) -> dict:
     attributes = {}
-    for name in tensor.tensor_attribute_names:
+    for name in attribute_names(type(tensor)):
         value = getattr(tensor, name)
         if name == "shape":
             value = list(value)

@@ -25,6 +25,10 @@ class SERQIntTensor(TorchAOBaseTensor):
         input_scale_inv (optional): (d_in,) float32, the 1/s of the pre-op.
         input_perm (optional): (d_in,) int16 (int32 past 32768 channels), the pre-op's gather.
 
+    Optional non-tensor attributes:
+        rotation: the block size of the Hadamard rotation that ends the pre-op (0: none; see
+            :mod:`serq_ao.formats.hadamard`). Weights saved before it existed read 0.
+
     Non-tensor attributes:
         group_size: weight and activation group along d_in (128).
         activation_bits: 8 (W4A8) or 4 (W4A4), asymmetric per token and group.
@@ -35,14 +39,16 @@ class SERQIntTensor(TorchAOBaseTensor):
     tensor_data_names = ["qdata", "scale"]
     optional_tensor_data_names = ["correction_qdata", "correction_scale", "input_scale_inv", "input_perm"]
     tensor_attribute_names = ["group_size", "activation_bits", "shape", "dtype"]
+    optional_tensor_attribute_names = ["rotation"]
 
     def __new__(cls, qdata, scale, group_size, activation_bits, shape, dtype, correction_qdata=None,
-                correction_scale=None, input_scale_inv=None, input_perm=None):
+                correction_scale=None, input_scale_inv=None, input_perm=None, rotation=0):
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
 
     def __init__(self, qdata, scale, group_size, activation_bits, shape, dtype, correction_qdata=None,
-                 correction_scale=None, input_scale_inv=None, input_perm=None):
+                 correction_scale=None, input_scale_inv=None, input_perm=None, rotation=0):
         super().__init__()
+        self.rotation = 0 if rotation is None else rotation
         self.qdata, self.scale = qdata, scale
         self.group_size, self.activation_bits = group_size, activation_bits
         self.correction_qdata, self.correction_scale = correction_qdata, correction_scale
@@ -62,6 +68,7 @@ class SERQIntTensor(TorchAOBaseTensor):
         input_scale_inv: torch.Tensor | None = None,
         input_perm: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
+        rotation: int = 0,
     ) -> "SERQIntTensor":
         """Pack the INT4 records of W^q (N, d_in, groups along d_in) and R (N, r, one scale
         per row): their codes and scales are stored as they are."""
@@ -77,13 +84,14 @@ class SERQIntTensor(TorchAOBaseTensor):
             correction_qdata, correction_scale = correction.qdata.contiguous(), correction.scale.contiguous()
         return cls(main.qdata.contiguous(), main.scale.contiguous(), main.group_size, activation_bits,
                    torch.Size((main.rows, main.columns)), dtype, correction_qdata, correction_scale,
-                   None if input_scale_inv is None else input_scale_inv.float().contiguous(), compact_perm(input_perm))
+                   None if input_scale_inv is None else input_scale_inv.float().contiguous(), compact_perm(input_perm),
+                   rotation)
 
     def _stable_hash_for_caching(self) -> str:
         """What compiled code depends on: layout and attributes, not the weight values."""
         optional = tuple(getattr(self, n) is not None for n in self.optional_tensor_data_names)
         return (f"SERQIntTensor:{tuple(self.shape)}:{tuple(self.qdata.shape)}:{self.rank}:{self.group_size}:"
-                f"{self.activation_bits}:{self.dtype}:{optional}")
+                f"{self.activation_bits}:{self.dtype}:{optional}:{self.rotation}")
 
     def dequantize(self) -> torch.Tensor:
         """W^q (N, d_in), float32 (R is not part of the logical weight)."""
@@ -123,7 +131,7 @@ class SERQIntTensor(TorchAOBaseTensor):
         scale_inv = None if self.input_scale_inv is None else self.input_scale_inv[start:end].contiguous()
         qdata = self.qdata[:, start // 2 : stop // 2].contiguous()
         return SERQIntTensor(qdata, self.scale[:, start // g : stop // g].contiguous(), g, self.activation_bits, torch.Size((self.shape[0], end - start)), self.dtype,
-                             correction_qdata, correction_scale, scale_inv, None)
+                             correction_qdata, correction_scale, scale_inv, None, self.rotation)
 
 
 implements = SERQIntTensor.implements
@@ -141,4 +149,5 @@ def _(func, types, args, kwargs):
     return serq_linear_int(
         x, weight.qdata, weight.scale, weight.shape[1], weight.group_size, weight.activation_bits,
         weight.correction_qdata, weight.correction_scale, weight.input_scale_inv, weight.input_perm, bias,
+        rotation=weight.rotation,
     ).to(weight.dtype)

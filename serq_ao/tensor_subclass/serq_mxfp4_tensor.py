@@ -25,6 +25,10 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
         input_perm (optional): (d_in,) int16 (int32 past 32768 channels), the gather of the
             pre-op; None if folded away.
 
+    Optional non-tensor attributes:
+        rotation: the block size of the Hadamard rotation that ends the pre-op (0: none; see
+            :mod:`serq_ao.formats.hadamard`). Weights saved before it existed read 0.
+
     Non-tensor attributes:
         rank: r, a multiple of 32 (0: no correction).
         scale_mode: "floor" or "rceil", the activation block-scale rule.
@@ -35,15 +39,17 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
     tensor_data_names = ["qdata", "scale"]
     optional_tensor_data_names = ["input_scale_inv", "input_perm"]
     tensor_attribute_names = ["rank", "scale_mode", "shape", "dtype"]
+    optional_tensor_attribute_names = ["rotation"]
 
-    def __new__(cls, qdata, scale, rank, scale_mode, shape, dtype, input_scale_inv=None, input_perm=None):
+    def __new__(cls, qdata, scale, rank, scale_mode, shape, dtype, input_scale_inv=None, input_perm=None, rotation=0):
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
 
-    def __init__(self, qdata, scale, rank, scale_mode, shape, dtype, input_scale_inv=None, input_perm=None):
+    def __init__(self, qdata, scale, rank, scale_mode, shape, dtype, input_scale_inv=None, input_perm=None, rotation=0):
         super().__init__()
         self.qdata, self.scale = qdata, scale
         self.rank, self.scale_mode = rank, scale_mode
         self.input_scale_inv, self.input_perm = input_scale_inv, input_perm
+        self.rotation = 0 if rotation is None else rotation
 
     @classmethod
     def from_quantized(
@@ -55,6 +61,7 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
         input_scale_inv: torch.Tensor | None = None,
         input_perm: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
+        rotation: int = 0,
     ) -> "SERQMXFP4Tensor":
         """Pack the MXFP4 records of W^q (N, d_in) and R (N, r): their codes and scales are
         stored as they are, ``[W^q | R]`` side by side (Kp + r columns)."""
@@ -71,12 +78,13 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
             rank = correction.columns
         return cls(qdata.contiguous(), scale.contiguous(), rank, scale_mode, torch.Size((main.rows, main.columns)),
                    dtype, None if input_scale_inv is None else input_scale_inv.float().contiguous(),
-                   compact_perm(input_perm))
+                   compact_perm(input_perm), rotation)
 
     def _stable_hash_for_caching(self) -> str:
         """What compiled code depends on: layout and attributes, not the weight values."""
         optional = tuple(t is not None for t in (self.input_scale_inv, self.input_perm))
-        return f"SERQMXFP4Tensor:{tuple(self.shape)}:{tuple(self.qdata.shape)}:{self.rank}:{self.scale_mode}:{self.dtype}:{optional}"
+        return (f"SERQMXFP4Tensor:{tuple(self.shape)}:{tuple(self.qdata.shape)}:{self.rank}:{self.scale_mode}:"
+                f"{self.dtype}:{optional}:{self.rotation}")
 
     def dequantize(self) -> torch.Tensor:
         """W^q (N, d_in), float32 (R is not part of the logical weight)."""
@@ -112,7 +120,7 @@ class SERQMXFP4Tensor(TorchAOBaseTensor):
                  self.scale[:, r_start // BLOCK_SIZE : r_stop // BLOCK_SIZE]]
         scale_inv = None if self.input_scale_inv is None else self.input_scale_inv[start:end].contiguous()
         return SERQMXFP4Tensor(torch.cat(qdata, dim=1), torch.cat(scale, dim=1), rank, self.scale_mode,
-                               torch.Size((self.shape[0], end - start)), self.dtype, scale_inv, None)
+                               torch.Size((self.shape[0], end - start)), self.dtype, scale_inv, None, self.rotation)
 
 
 implements = SERQMXFP4Tensor.implements
@@ -129,5 +137,5 @@ def _(func, types, args, kwargs):
     # the linear returns the weight's logical dtype (the model's), as F.linear would
     return serq_linear_mxfp4(
         x, weight.qdata, weight.scale, weight.shape[1], weight.rank, weight.scale_mode,
-        weight.input_scale_inv, weight.input_perm, bias,
+        weight.input_scale_inv, weight.input_perm, bias, rotation=weight.rotation,
     ).to(weight.dtype)

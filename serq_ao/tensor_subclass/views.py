@@ -30,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import fill_defaults
 
-from serq_ao.tensor_subclass.common import field_names, rebuild
+from serq_ao.tensor_subclass.common import attribute_names, field_names, rebuild
 
 aten = torch.ops.aten
 
@@ -84,7 +84,7 @@ def register_views(cls, row_fields: tuple[str, ...]) -> None:
         for other in tensors[1:]:
             if type(other) is not type(first):
                 raise TypeError(f"cannot concatenate a {name} with a {type(other).__name__}")
-            for attribute in cls.tensor_attribute_names:
+            for attribute in attribute_names(cls):
                 mine, theirs = getattr(first, attribute), getattr(other, attribute)
                 if attribute == "shape":
                     mine, theirs = mine[1], theirs[1]
@@ -137,10 +137,12 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def check_column_range(tensor, start: int, end: int, multiple: int, unit: str) -> None:
-    """The column shard [start, end) must be whole ``unit``s of ``multiple`` columns (``end``
-    may be d_in) and the input must not be gathered."""
+    """The column shard [start, end) must be whole ``unit``s of ``multiple`` columns, and whole
+    blocks of the input's rotation (``end`` may be d_in), and the input must not be gathered."""
     d_in = tensor.shape[1]
     name = type(tensor).__name__
+    if tensor.rotation:
+        multiple, unit = math.lcm(multiple, tensor.rotation), f"{unit} and rotation block"
     if end <= start:
         raise ValueError(f"{name}: an empty column slice [{start}, {end}) has no packed form")
     if start % multiple or (end % multiple and end != d_in):

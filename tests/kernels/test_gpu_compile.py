@@ -26,6 +26,21 @@ def test_activation_quantization_compiles_for_h100_without_spills(config, x_dtyp
     assert resources.registers <= 255
 
 
+@pytest.mark.parametrize("config", triton_quantize.CONFIGS, ids=str)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rotation", [32, 64, 128])
+@pytest.mark.parametrize("has_scale", [False, True])
+def test_rotated_activation_quantization_compiles_for_h100_without_spills(config, x_dtype, rotation, has_scale):
+    spec = triton_quantize.compile_spec(config, x_dtype, "floor", has_scale=has_scale,
+                                        perm_dtype=torch.int16 if has_scale else None, rotation=rotation)
+    resources = compile_for_gpu(spec, "quantize_activation_mxfp4", f"{config} rotation {rotation}")
+    assert resources.spill_stores == 0 and resources.spill_loads == 0, resources
+    assert resources.registers <= 255
+    # the butterfly's adds (and the pre-op's products before them) round as the float32
+    # reference does only if ptxas fuses none of them into an FMA
+    assert resources.fused_multiply_adds == 0, resources
+
+
 @pytest.mark.parametrize("config", triton_gemm.CONFIGS, ids=str)
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -31,12 +31,13 @@ from serq_ao.tensor_subclass import serq_mxfp4_tensor  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 
 
-def packed(d_in, d_out, rank, preop, seed=0):
+def packed(d_in, d_out, rank, preop, seed=0, rotation=0):
     g = torch.Generator().manual_seed(seed)
     main, correction = serq_reconstruct(torch.randn(d_out, d_in, generator=g) * 0.1, rank, MXFP4Format())
     scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
     perm = torch.randperm(d_in, generator=g) if preop else None
-    return MXFP4Format().pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32)
+    return MXFP4Format().pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32,
+                              rotation=rotation)
 
 
 @pytest.mark.parametrize("shape", [(1, 96), (3, 7, 96), (70, 200)])
@@ -56,6 +57,21 @@ def test_triton_linear_matches_the_reference_op(shape, rank, preop, scale_mode):
     assert (got - expected).abs().max().item() <= 1e-6 * scale
 
 
+@pytest.mark.parametrize("shape", [(1, 576), (70, 200)])
+@pytest.mark.parametrize("rotation", [32, 128])
+def test_rotated_triton_linear_matches_the_reference_op(shape, rotation):
+    d_in = shape[-1]
+    weight = packed(d_in, 48, 64, True, rotation=rotation)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    args = (x, weight.qdata, weight.scale, d_in, 64, "floor", weight.input_scale_inv, weight.input_perm, None)
+    expected = torch.ops.serq.linear_mxfp4(*args, rotation=rotation)  # CPU: the reference
+    got = ops.triton_linear_mxfp4(*map(on_device, args), rotation=rotation).cpu()
+    scale = (x.abs().amax() * weight.dequantize().abs().amax() * (d_in + 64)).item()
+    assert (got - expected).abs().max().item() <= 1e-6 * scale
+    unrotated = torch.ops.serq.linear_mxfp4(*args)
+    assert (unrotated - expected).abs().max().item() > 1e-3 * scale  # the rotation is not a no-op
+
+
 def test_standalone_ops_triton_paths_match_their_references():
     weight = packed(200, 40, 32, preop=True)
     x = torch.randn(5, 200, generator=torch.Generator().manual_seed(2))
@@ -70,9 +86,11 @@ def test_standalone_ops_triton_paths_match_their_references():
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_tiny_model_end_to_end_through_the_kernels(monkeypatch):
+@pytest.mark.parametrize("rotation", [0, 32])
+def test_tiny_model_end_to_end_through_the_kernels(monkeypatch, rotation):
     model = make_tiny_llama()
-    serq_ao.quantize_(model, SERQConfig(rank=32), torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0)))
+    serq_ao.quantize_(model, SERQConfig(rank=32, rotation=rotation),
+                      torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0)))
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits  # on the CPU: the ops' reference path

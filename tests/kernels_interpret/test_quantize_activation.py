@@ -19,6 +19,7 @@ skip_unless_runnable()
 
 import torch  # noqa: E402
 
+from serq_ao.formats.hadamard import block_hadamard  # noqa: E402
 from serq_ao.formats.mxfp4 import quantize_mxfp4  # noqa: E402
 from serq_ao.kernels.triton_quantize import (  # noqa: E402
     CONFIGS,
@@ -31,13 +32,13 @@ POISON = 0xAB
 SMALL_CONFIG = QuantizeConfig(block_m=2, block_k=64, num_warps=1)  # several tiles per row and column
 
 
-def reference(x, scale_mode, scale_inv=None, perm=None):
+def reference(x, scale_mode, scale_inv=None, perm=None, rotation=0):
     x_hat = x.float()
     if scale_inv is not None:
         x_hat = x_hat * scale_inv
     if perm is not None:
         x_hat = x_hat[..., perm.long()]
-    return quantize_mxfp4(x_hat, scale_mode)
+    return quantize_mxfp4(block_hadamard(x_hat, rotation), scale_mode)
 
 
 def random_input(m, k, dtype, seed):
@@ -56,7 +57,7 @@ def random_pre_op(k, with_scale, perm_dtype, seed):
     return scale_inv, perm
 
 
-def quantize_poisoned(x2d, scale_mode, scale_inv=None, perm=None, config=SMALL_CONFIG):
+def quantize_poisoned(x2d, scale_mode, scale_inv=None, perm=None, config=SMALL_CONFIG, rotation=0):
     """The kernel on DEVICE (the inputs moved there, if not there already), into outputs
     filled with POISON; (codes, scales) back on the CPU."""
     m, k = x2d.shape
@@ -64,7 +65,7 @@ def quantize_poisoned(x2d, scale_mode, scale_inv=None, perm=None, config=SMALL_C
     codes = torch.full((m, n_blocks * 16), POISON, dtype=torch.uint8, device=DEVICE)
     scales = torch.full((m, n_blocks), POISON, dtype=torch.uint8, device=DEVICE)
     launch_quantize_activation(on_device(x2d), on_device(scale_inv), on_device(perm), codes, scales,
-                               rceil=scale_mode == "rceil", config=config)
+                               rceil=scale_mode == "rceil", config=config, rotation=rotation)
     return codes.cpu(), scales.cpu()
 
 
@@ -87,6 +88,31 @@ def test_random_matches_reference(scale_mode, dtype, m, k, with_scale, perm_dtyp
     scale_inv, perm = random_pre_op(k, with_scale, perm_dtype, seed)
     assert_bit_exact(quantize_poisoned(x, scale_mode, scale_inv, perm),
                      reference(x, scale_mode, scale_inv, perm))
+
+
+@pytest.mark.parametrize("rotation", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 100), (17, 200), (2, 7)])
+@pytest.mark.parametrize("pre_op", [False, True])
+def test_rotated_matches_reference(rotation, dtype, m, k, pre_op):
+    """The block Hadamard inside the kernel: full blocks, binary tail blocks (576 = 4 x 128 +
+    64; 100 = 3 x 32 + 4; 7 = 4 + 2 + 1), padding columns; tiles of 128 and 64 columns."""
+    seed = hash((m, k, rotation, str(dtype))) % 2**31
+    x = random_input(m, k, dtype, seed)
+    scale_inv, perm = random_pre_op(k, pre_op, torch.int16 if pre_op else None, seed)
+    expected = reference(x, "floor", scale_inv, perm, rotation)
+    for config in (*CONFIGS, QuantizeConfig(block_m=2, block_k=max(64, rotation), num_warps=1)):
+        assert_bit_exact(quantize_poisoned(x, "floor", scale_inv, perm, config=config, rotation=rotation), expected)
+
+
+def test_rotated_special_values():
+    """inf and NaN spread over their whole rotation block (which then reads NaN: scale 0xFF);
+    RCEIL and FLOOR alike."""
+    x = special_rows()
+    for mode in ("floor", "rceil"):
+        for rotation in (32, 64):
+            assert_bit_exact(quantize_poisoned(x, mode, rotation=rotation, config=CONFIGS[1]),
+                             reference(x, mode, rotation=rotation))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -183,6 +209,10 @@ def test_validation():
         quantize_activation_mxfp4(x, "floor", input_perm=torch.arange(64, device=DEVICE))  # int64
     with pytest.raises(ValueError, match="block_k"):
         quantize_activation_mxfp4(x, "floor", block_k=48)
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        quantize_activation_mxfp4(x, "floor", rotation=16)
+    with pytest.raises(ValueError, match="block_k must be at least the rotation"):
+        quantize_activation_mxfp4(x, "floor", block_k=64, rotation=128)
 
 
 @pytest.mark.parametrize("perm_dtype", [torch.int16, torch.int32])
