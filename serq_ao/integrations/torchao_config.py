@@ -16,7 +16,8 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from serq_ao.formats import get_format
+from serq_ao.formats import WeightScales, enum_value, get_format
+from serq_ao.formats.hadamard import check_rotation, rotate_weight
 from serq_ao.quant.config import DEFAULT_RANK, check_format_rank_scale_mode
 from serq_ao.quant.calibration import NonFiniteError
 from serq_ao.quant.reconstruct import flattening_scales, saliency_order, serq_reconstruct
@@ -33,16 +34,23 @@ class SERQLinearConfig(AOBaseConfig):
       config is JSON, as torchao's ``config_to_dict`` and transformers' config.json need.
     - ``rank``: r, a multiple of 32 (0: flattening only).
     - ``format``: "mxfp4", "w4a8" or "w4a4"; ``scale_mode``: "floor" or "rceil" (MXFP4).
+    - ``weight_scales``: "rule" or "search" (MXFP4), as :class:`~serq_ao.quant.config.SERQConfig`'s.
+    - ``rotation``: 0, 32, 64 or 128, the block Hadamard rotation, as ``SERQConfig``'s.
     """
 
     input_amax: list[float] | None = None
     rank: int = DEFAULT_RANK
     format: str = "mxfp4"
     scale_mode: str = "floor"
+    weight_scales: str = "rule"
+    rotation: int = 0
 
     def __post_init__(self):
         fmt, scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
         self.format, self.scale_mode = str(fmt), str(scale_mode)  # plain strings: JSON as they are
+        get_format(fmt, scale_mode, self.weight_scales)  # weight_scales: a known value, and MXFP4's only
+        self.weight_scales = str(enum_value(WeightScales, self.weight_scales, "weight_scales"))
+        self.rotation = check_rotation(self.rotation)
         if self.input_amax is None:
             if self.rank:
                 raise ValueError("rank > 0 needs input_amax (the saliency order comes from it); pass rank=0 for plain RTN")
@@ -63,7 +71,7 @@ class SERQLinearConfig(AOBaseConfig):
 
     def to_dict(self) -> dict:
         return {"input_amax": self.input_amax, "rank": self.rank, "format": str(self.format),
-                "scale_mode": str(self.scale_mode)}
+                "scale_mode": str(self.scale_mode), "weight_scales": self.weight_scales, "rotation": self.rotation}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SERQLinearConfig":
@@ -90,8 +98,10 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
         perm = saliency_order(scales)
         weight = (weight * scales).index_select(1, perm)  # W~[:, pi]
         scale_inv = 1.0 / scales
-    fmt = get_format(config.format, config.scale_mode)
+    weight = rotate_weight(weight, config.rotation)  # W~[:, pi] H
+    fmt = get_format(config.format, config.scale_mode, config.weight_scales)
     main, correction = serq_reconstruct(weight, config.rank, fmt)
-    packed = fmt.pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=module.weight.dtype)
+    packed = fmt.pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=module.weight.dtype,
+                      rotation=config.rotation)
     module.weight = nn.Parameter(packed, requires_grad=False)
     return module

@@ -61,6 +61,34 @@ def test_each_linear_gets_its_own_statistics_through_fqn_to_config():
         assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt, weight_scales, rotation", [("mxfp4", "search", 32), ("w4a8", "rule", 128)])
+def test_lone_linear_with_rotation_and_weight_scales_matches_the_method_written_out(fmt, weight_scales, rotation):
+    from serq_ao.formats.hadamard import block_hadamard
+
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(160, 48)
+    x = torch.randn(64, 160, generator=g) * torch.logspace(-1, 1, 160)
+    amax = x.abs().amax(dim=0)
+    scales = flattening_scales(amax)
+    perm = saliency_order(scales)
+    quant_format = get_format(fmt, "floor", weight_scales)
+    rotated = block_hadamard(((linear.weight.detach() * scales)[:, perm]).double(), rotation).float()  # W~[:, pi] H
+    main, correction = serq_reconstruct(rotated, 32, quant_format)
+    x_q = quant_format.fake_quantize_activation(block_hadamard((x * (1 / scales))[..., perm], rotation))
+    expected = x_q @ main.dequantize().T + linear.bias.detach() + x_q[..., :32] @ correction.dequantize().T
+    model = nn.Sequential(linear)
+    quantize_(model, SERQLinearConfig(input_amax=amax, rank=32, format=fmt, weight_scales=weight_scales,
+                                      rotation=rotation))
+    assert model[0].weight.rotation == rotation
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+    from serq_ao.integrations.torchao_route import model_config_of
+
+    config = model_config_of([SERQLinearConfig(input_amax=amax, rank=32, format=fmt, weight_scales=weight_scales,
+                                               rotation=rotation)])
+    assert (config.rotation, str(config.weight_scales)) == (rotation, weight_scales)
+
+
 def test_config_serializes_to_json():
     config = SERQLinearConfig(input_amax=torch.rand(40), rank=32, format="w4a8")
     back = SERQLinearConfig.from_dict(json.loads(json.dumps(config.to_dict())))
@@ -78,6 +106,9 @@ def test_config_serializes_to_json():
     (dict(input_amax=torch.rand(8), scale_mode="even"), "scale_mode must be one of"),
     (dict(input_amax=torch.rand(2, 8)), "1-D"),
     (dict(input_amax=torch.tensor([1.0, float("nan")])), "finite"),
+    (dict(input_amax=torch.rand(8), rotation=16), "rotation must be one of"),
+    (dict(input_amax=torch.rand(8), format="w4a8", weight_scales="search"), "applies to format 'mxfp4' only"),
+    (dict(input_amax=torch.rand(8), weight_scales="best"), "weight_scales must be one of"),
 ])
 def test_bad_configs_are_refused_when_made(kwargs, match):
     with pytest.raises(ValueError, match=match):
