@@ -227,7 +227,7 @@ def check_packed(name: str, weight) -> None:
     from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
     rows, d_in = weight.shape
-    if weight.rotation not in ROTATION_SIZES or isinstance(weight.rotation, bool):
+    if type(weight.rotation) is not int or weight.rotation not in ROTATION_SIZES:  # 32.0 or "32" too
         fail_checkpoint(name, f"rotation {weight.rotation!r} is not one of {ROTATION_SIZES}")
     if isinstance(weight, SERQMXFP4Tensor):
         if not isinstance(weight.rank, int) or weight.rank < 0 or weight.rank % 32:

@@ -179,7 +179,8 @@ def test_packed_rotated_model_saves_and_reloads_bitwise(tmp_path, dtype, fmt, ro
         assert torch.equal(back(IDS).logits, logits)
 
 
-def test_rotation_changes_the_result_and_a_folder_that_lies_about_it_is_refused(tmp_path):
+@pytest.mark.parametrize("value", [48, 32.0, "32"])
+def test_rotation_changes_the_result_and_a_folder_that_lies_about_it_is_refused(tmp_path, value):
     import json
 
     from safetensors import safe_open
@@ -201,7 +202,7 @@ def test_rotation_changes_the_result_and_a_folder_that_lies_about_it_is_refused(
         metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
     key = next(k for k, v in metadata.items() if "serq_packed" in v)
     edited = json.loads(metadata[key])
-    edited["serq_packed"]["attributes"]["rotation"] = 48
+    edited["serq_packed"]["attributes"]["rotation"] = value
     save_file(tensors, str(path), metadata={**metadata, key: json.dumps(edited)})
     manifest = tmp_path / "q" / "serq_manifest.json"
     if manifest.exists():  # the integrity manifest would refuse the edit first; drop it to reach the check
