@@ -59,15 +59,23 @@ def inverse_sqrt_table(dtype: torch.dtype, device=None) -> Tensor:
 
 
 def _butterfly(x: Tensor, size: int) -> Tensor:
-    """Unnormalized Hadamard of every ``size`` columns of x (..., n * size), stage by stage."""
+    """Unnormalized Hadamard of every ``size`` columns of x (..., n * size), stage by stage,
+    between two buffers (x itself is never written)."""
     lead = x.shape[:-1]
+
+    def buffer():  # contiguous, whatever x's layout, so that views of it pair the columns
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    source, target = x, buffer()
     h = 1
     while h < size:
-        pairs = x.reshape(*lead, -1, 2, h)  # (..., groups of 2h, 2, h)
-        first, second = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((first + second, first - second), dim=-2).reshape(*lead, -1)
+        pairs = source.reshape(*lead, -1, 2, h)  # (..., groups of 2h, 2, h): columns c and c + h
+        out = target.view(*lead, -1, 2, h)
+        torch.add(pairs[..., 0, :], pairs[..., 1, :], out=out[..., 0, :])
+        torch.sub(pairs[..., 0, :], pairs[..., 1, :], out=out[..., 1, :])
+        source, target = target, (source if source is not x else buffer())
         h *= 2
-    return x
+    return source
 
 
 def block_hadamard(x: Tensor, size: int) -> Tensor:
