@@ -161,6 +161,8 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
         if storage.linears:
             record.update(model_bytes=storage.model_bytes, unquantized_bytes=storage.unquantized_bytes)
         title = "Quantized linears" + (f": {config.method}, {config.format}" if config is not None else "")
+        if config is not None and config.rotation:
+            title += f", Hadamard rotation {config.rotation}"
         if storage.linears:
             title += f", {storage.model_bytes / 2**20:.1f} MiB in all"
         if diagnostics is None:
@@ -176,6 +178,8 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
             rows = _linear_rows(report.to_dict(), None, diagnostics)
             record["config"] = config.to_dict()
             title = f"Linears if quantized: {config.method}, {config.format}, rank {config.correction_rank}"
+            if config.rotation:
+                title += f", Hadamard rotation {config.rotation}"
     if rows is not None:
         record["linears"] = rows
         tables.append(_linears_table(rows, title, layer_limit))
