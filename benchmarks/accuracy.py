@@ -42,7 +42,7 @@ ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq", "serq+gptq"]
 def cell_key(cell: dict) -> tuple:
     return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"], cell.get("folds", "all"),
             cell.get("residual_order", "per_group"), cell.get("weight_scales", "rule"), cell.get("rotation", 0),
-            cell.get("gptq_order", "columns"))
+            cell.get("gptq_order", "columns"), cell.get("rank_allocation", "uniform"))
 
 
 def load_cells(path: Path) -> list[dict]:
@@ -73,7 +73,7 @@ def statistics(corpus: str, windows: int, cache: Path) -> CalibrationStats:
 
 def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, calib_windows: int,
                     folds: str, cache: Path, residual_order: str = "per_group", weight_scales: str = "rule",
-                    rotation: int = 0, gptq_order: str = "columns"):
+                    rotation: int = 0, gptq_order: str = "columns", rank_allocation: str = "uniform"):
     """A fresh copy of the model quantized for one cell: (model, tokenizer, bits, quantize seconds)."""
     model, tokenizer = load_model(MODEL)
     if method == "fp":
@@ -82,9 +82,9 @@ def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: s
     config = SERQConfig(
         method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=folds == "all",
         residual_order=residual_order if base == "serq" else "per_group", weight_scales=weight_scales,
-        rotation=rotation, gptq_order=gptq_order,
+        rotation=rotation, gptq_order=gptq_order, rank_allocation=rank_allocation,
     )
-    if gptq:  # GPTQ calibrates inside, on the layers' own inputs
+    if config.needs_input_ids:  # GPTQ and the rank allocation calibrate inside, on the layers' own inputs
         calibration = calibration_batches(tokenizer, corpus, calib_windows)
     else:
         calibration = statistics(corpus, calib_windows, cache) if base != "rtn" else None
@@ -100,6 +100,7 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
         method, fmt, rank, corpus, scale_mode, args.calib_windows, args.folds, cache, args.residual_order,
         args.weight_scales if fmt == "mxfp4" else "rule", args.rotation if method != "fp" else 0,
         args.gptq_order if method.endswith("+gptq") else "columns",
+        args.rank_allocation if method.startswith("serq") else "uniform",
     )
     windows = evaluation_windows(tokenizer, "wiki", n_windows=args.windows)
     result = perplexity(model, windows)
@@ -114,6 +115,7 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
         "weight_scales": args.weight_scales if fmt == "mxfp4" else "rule",
         "rotation": args.rotation if method != "fp" else 0,
         "gptq_order": args.gptq_order if method.endswith("+gptq") else "columns",
+        "rank_allocation": args.rank_allocation if method.startswith("serq") else "uniform",
         "ppl": result.ppl,
         "windows": result.windows,
         "tokens": result.tokens,
@@ -140,7 +142,8 @@ def tables(cells: list[dict]) -> str:
         for fmt in FORMATS:
             rank = 64 if method.startswith("serq") else 0
             fmt_key = "fp" if method == "fp" else fmt
-            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all", "per_group", "rule", 0, "columns"))
+            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all", "per_group", "rule", 0, "columns",
+                               "uniform"))
             if cell is None:
                 row.append("—")
             elif method == "fp":
@@ -152,7 +155,8 @@ def tables(cells: list[dict]) -> str:
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and c.get("folds", "all") == "all"
                and c.get("residual_order", "per_group") == "per_group" and c.get("weight_scales", "rule") == "rule"
-               and c.get("rotation", 0) == 0 and c.get("gptq_order", "columns") == "columns"]
+               and c.get("rotation", 0) == 0 and c.get("gptq_order", "columns") == "columns"
+               and c.get("rank_allocation", "uniform") == "uniform"]
     sweep = sorted((c for c in default if c["method"] == "serq" and c["format"] == "mxfp4"), key=lambda c: c["rank"])
     if sweep:
         lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]
@@ -164,7 +168,9 @@ def tables(cells: list[dict]) -> str:
                   "| residual order | perplexity | bits | seconds |",
                   "|---|---|---:|---|---|---|---:|---|---|---:|---:|---:|"]
         lines += [
-            f"| {c['method']}{' (hessian order)' if c.get('gptq_order', 'columns') == 'hessian' else ''} | {c['format']} | {c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | "
+            f"| {c['method']}{' (hessian order)' if c.get('gptq_order', 'columns') == 'hessian' else ''}"
+            f"{' (ranks by error)' if c.get('rank_allocation', 'uniform') != 'uniform' else ''} | {c['format']} | "
+            f"{c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | "
             f"{c.get('weight_scales', 'rule')} | {c.get('rotation', 0) or 'none'} | "
             f"{'norms and linears' if c.get('folds', 'all') == 'all' else 'norms only'} | "
             f"{c.get('residual_order', 'per_group').replace('_', ' ')} | {c['ppl']:.2f} | {c['bits']:.2f} | "
@@ -192,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="block Hadamard rotation of every quantized linear's input (SERQConfig.rotation)")
     parser.add_argument("--gptq-order", choices=("columns", "hessian"), default="columns",
                         help="GPTQ's column order for the +gptq methods (SERQConfig.gptq_order)")
+    parser.add_argument("--rank-allocation", choices=("uniform", "error"), default="uniform",
+                        help="SERQ's rank per linear (SERQConfig.rank_allocation): --ranks is then the budget")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="forget earlier cells")
     args = parser.parse_args(argv)
@@ -218,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     for index, cell_args in enumerate(plan, 1):
         key = (*cell_args, args.folds, args.residual_order if cell_args[0].startswith("serq") else "per_group",
                args.weight_scales if cell_args[1] == "mxfp4" else "rule", args.rotation if cell_args[0] != "fp" else 0,
-               args.gptq_order if cell_args[0].endswith("+gptq") else "columns")
+               args.gptq_order if cell_args[0].endswith("+gptq") else "columns",
+               args.rank_allocation if cell_args[0].startswith("serq") else "uniform")
         if key in done:
             continue
         print(f"[{index}/{len(plan)}] {key}", file=sys.stderr, flush=True)

@@ -4,6 +4,8 @@
   linear group kind (mean over layers, min-max band), against the uniform share k / d_in.
 - ``layer_error.png``: each linear's relative output error, by layer, one line per kind.
 - ``rank_sweep.png``: perplexity against the SERQ rank, from the accuracy benchmark's results.
+- ``rank_allocation.png``: each linear's correction rank by layer, one line per kind, where
+  the ranks differ (``rank_allocation="error"``).
 
 Every file is written under the rules of :mod:`serq_ao.files`: to a temporary name, renamed
 into place, an existing figure replaced only with ``overwrite``, so an interrupted run leaves
@@ -21,7 +23,7 @@ from serq_ao.quant.diagnostics import Diagnostics
 from serq_ao.extras import require
 from serq_ao.files import Output, atomic_path, claim_output
 
-FIGURES = ("saliency.png", "layer_error.png", "rank_sweep.png")
+FIGURES = ("saliency.png", "layer_error.png", "rank_sweep.png", "rank_allocation.png")
 
 
 def require_matplotlib():
@@ -97,10 +99,37 @@ def plot_layer_error(diagnostics: Diagnostics, path: Path | Output, title: str =
         plt.close(figure)
 
 
+def plot_rank_allocation(diagnostics: Diagnostics, path: Path | Output, title: str = "") -> Path | None:
+    """None when every linear has the same rank."""
+    rows = [d for d in diagnostics.linears if d.layer is not None]
+    if len({d.rank for d in rows}) < 2:
+        return None
+    plt = _pyplot()
+    by_kind = defaultdict(list)
+    for d in rows:
+        by_kind[d.kind].append((d.layer, d.rank))
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for kind, points in sorted(by_kind.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=kind)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("correction rank r")
+    axes.set_title(title or "Correction rank per linear")
+    axes.legend(fontsize=7, ncol=2)
+    axes.grid(alpha=0.3)
+    try:
+        return _save(figure, path)
+    finally:
+        plt.close(figure)
+
+
 def rank_sweep(cells: list[dict], fmt: str = "mxfp4") -> dict:
-    """From benchmarks/accuracy.py cells: {"serq": [(rank, ppl)], "rtn": ppl or None, "fp": ppl or None}."""
+    """From benchmarks/accuracy.py cells: {"serq": [(rank, ppl)], "rtn": ppl or None, "fp": ppl or None}, of
+    the default settings only (one cell per rank)."""
     default = [c for c in cells if c.get("calib_corpus") == "wiki" and c.get("scale_mode") == "floor"
-               and c.get("folds", "all") == "all" and c.get("residual_order", "per_group") == "per_group"]
+               and c.get("folds", "all") == "all" and c.get("residual_order", "per_group") == "per_group"
+               and c.get("weight_scales", "rule") == "rule" and c.get("rotation", 0) == 0
+               and c.get("rank_allocation", "uniform") == "uniform"]
     sweep = sorted((c["rank"], c["ppl"]) for c in default if c["method"] == "serq" and c["format"] == fmt)
     rtn = [c["ppl"] for c in default if c["method"] == "rtn" and c["format"] == fmt]
     fp = [c["ppl"] for c in default if c["method"] == "fp"]
@@ -135,21 +164,20 @@ def plot_diagnostics(diagnostics: Diagnostics, folder: str | os.PathLike, *, swe
     """Write the figures into ``folder`` (made if needed); returns the files written. A figure
     that exists is replaced only with ``overwrite``; other files in ``folder`` are never touched."""
     folder = Path(folder)
-    names = FIGURES if sweep_cells else FIGURES[:2]
+    names = [name for name in FIGURES if sweep_cells or name != "rank_sweep.png"]
     with contextlib.ExitStack() as claims:
-        saliency, layer_error, *sweep = [
-            claims.enter_context(claim_output(folder / name, option="--plot", folder=False, overwrite=overwrite))
-            for name in names
-        ]
+        outputs = {name: claims.enter_context(claim_output(folder / name, option="--plot", folder=False,
+                                                           overwrite=overwrite))
+                   for name in names}
         prefix = f"{title}: " if title else ""
-        written = [plot_saliency(diagnostics, saliency, prefix + "saliency concentration (dotted: uniform)")]
-        error = plot_layer_error(diagnostics, layer_error,
-                                 prefix + f"per-layer output error, {diagnostics.error_tokens} calibration tokens")
-        if error is not None:
-            written.append(error)
-        if sweep:
-            figure = plot_rank_sweep(sweep_cells, sweep[0],
-                                     title=prefix + "perplexity against the SERQ rank, MXFP4 (accuracy benchmark)")
-            if figure is not None:
-                written.append(figure)
-    return written
+        figures = [
+            plot_saliency(diagnostics, outputs["saliency.png"], prefix + "saliency concentration (dotted: uniform)"),
+            plot_layer_error(diagnostics, outputs["layer_error.png"],
+                             prefix + f"per-layer output error, {diagnostics.error_tokens} calibration tokens"),
+            plot_rank_allocation(diagnostics, outputs["rank_allocation.png"],
+                                 prefix + "correction rank per linear (rank allocation)"),
+        ]
+        if sweep_cells:
+            title = prefix + "perplexity against the SERQ rank, MXFP4 (accuracy benchmark)"
+            figures.append(plot_rank_sweep(sweep_cells, outputs["rank_sweep.png"], title=title))
+    return [figure for figure in figures if figure is not None]

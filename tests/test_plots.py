@@ -29,3 +29,20 @@ def test_without_output_errors_or_sweep_only_the_saliency_figure(tmp_path):
     written = plot_diagnostics(diagnostics, tmp_path / "new" / "folder", sweep_cells=[cell("serq", "mxfp4", 64, 37.5)])
     assert [p.name for p in written] == ["saliency.png"]  # one rank is no sweep
     assert sorted(p.name for p in (tmp_path / "new" / "folder").iterdir()) == ["saliency.png"]
+
+
+def test_allocated_ranks_get_their_figure(tmp_path):
+    calibration = [torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    _, diagnostics = quantize_with_diagnostics(make_tiny_llama(), SERQConfig(rank=32, rank_allocation="error"),
+                                               calibration, error_windows=1)
+    assert len({d.rank for d in diagnostics.linears}) > 1
+    written = plot_diagnostics(diagnostics, tmp_path)
+    assert sorted(p.name for p in written) == ["layer_error.png", "rank_allocation.png", "saliency.png"]
+    assert (tmp_path / "rank_allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sweep_leaves_out_cells_of_other_options():
+    cells = [cell("serq", "mxfp4", 64, 37.5), cell("serq", "mxfp4", 64, 49.1, rotation=32),
+             cell("serq", "mxfp4", 64, 36.7, weight_scales="search"), cell("serq", "mxfp4", 64, 35.0,
+                                                                           rank_allocation="error")]
+    assert rank_sweep(cells)["serq"] == [(64, 37.5)]

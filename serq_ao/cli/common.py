@@ -80,9 +80,9 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
     """The SERQConfig of the quantization options (``method`` overrides ``--method``).
 
     An option given on the command line that none of ``methods`` (default: the one method)
-    with this format uses is a usage error, not something silently ignored: ``--rank`` and
-    ``--residual-order`` are SERQ's, ``--scale-mode`` and ``--weight-scales`` are MXFP4's. Options left out take the
-    SERQConfig defaults."""
+    with this format uses is a usage error, not something silently ignored: ``--rank``,
+    ``--rank-allocation`` and ``--residual-order`` are SERQ's, ``--scale-mode`` and
+    ``--weight-scales`` are MXFP4's. Options left out take the SERQConfig defaults."""
     from serq_ao.formats import FormatName
     from serq_ao.quant.config import SERQConfig
     from serq_ao.quant.methods import CorrectionKind, TransformKind, method_spec
@@ -96,6 +96,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
         raise UsageError(str(e)) from e
     uses = {
         "rank": any(s.correction is CorrectionKind.SALIENT for s in specs),
+        "rank_allocation": any(s.correction is CorrectionKind.SALIENT for s in specs),
         "residual_order": any(s.input_transform is TransformKind.FLATTEN for s in specs),
         "scale_mode": args.format == FormatName.MXFP4,
         "weight_scales": args.format == FormatName.MXFP4,
@@ -115,6 +116,8 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
     fields = {option: getattr(args, option) for option in uses if getattr(args, option) is not None}
     if method_spec(method).input_transform is not TransformKind.FLATTEN:
         fields.pop("residual_order", None)  # serq compare: the order is SERQ's, the other methods have none
+    if method_spec(method).correction is not CorrectionKind.SALIENT:
+        fields.pop("rank_allocation", None)  # likewise the rank it shares out
     try:
         return SERQConfig(method=method, format=args.format, gptq=args.gptq, ignore=tuple(args.ignore),
                           quantize_lm_head=args.quantize_lm_head, **fields)

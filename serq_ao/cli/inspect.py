@@ -3,13 +3,16 @@
 Per quantized linear: rank, bits per weight, the spread of the flattening scales, the share
 of saliency in the top-r channels and the relative output error on calibration data
 (:mod:`serq_ao.quant.diagnostics`). A quantized folder carries these from ``serq quantize``; for a
-float model ``--stats`` (or ``--plot``) quantizes a copy in memory to measure them.
+float model ``--stats`` (or ``--plot``) quantizes a copy in memory to measure them. Where the
+ranks differ per linear (``--rank-allocation error``), a table gives each layer's rank per
+linear kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,6 +98,37 @@ def _kinds_table(rows: list[dict]) -> Table | None:
     return table
 
 
+def _ranks_table(rows: list[dict], layer_limit: int | None) -> Table | None:
+    """The correction rank of each linear kind (columns) in each layer (rows), where the ranks
+    differ (``--rank-allocation error``); None otherwise."""
+    if len({r["rank"] for r in rows}) < 2:
+        return None
+    by_layer: dict[int | None, dict[str, int]] = defaultdict(dict)
+    kinds: list[str] = []
+    for r in rows:
+        layer, kind = r.get("layer"), r.get("kind")
+        if kind is None:  # a folder without diagnostics: the layer index and kind from the name
+            found = re.search(r"\.(\d+)\.(.+)$", r["name"])
+            layer, kind = (int(found[1]), found[2]) if found else (None, r["name"])
+        if kind not in kinds:
+            kinds.append(kind)
+        by_layer[layer][kind] = r["rank"]
+    table = Table(title="Correction rank by layer and linear kind", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("layer", justify="right")
+    short = [kind.rsplit(".", 1)[-1] for kind in kinds]  # q_proj, not self_attn.q_proj, where unambiguous
+    for header in short if len(set(short)) == len(short) else kinds:
+        table.add_column(header, justify="right")
+    shown = [layer for layer in by_layer if layer_limit is None or layer is None or layer < layer_limit]
+    for layer in shown:
+        table.add_row(_fmt(layer, "d"), *(_fmt(by_layer[layer].get(kind), "d") for kind in kinds))
+    means = [[ranks[kind] for ranks in by_layer.values() if kind in ranks] for kind in kinds]
+    table.add_row("mean", *(f"{sum(m) / len(m):.1f}" for m in means), style="bold")
+    if len(shown) < len(by_layer):
+        table.caption = f"{len(by_layer) - len(shown)} more layers: --layers 0 lists all"
+    return table
+
+
 def _sweep_cells(args: argparse.Namespace, source: str) -> list[dict] | None:
     path = Path(args.sweep) if args.sweep else DEFAULT_SWEEP
     if args.sweep and not path.is_file():
@@ -163,6 +197,8 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
         title = "Quantized linears" + (f": {config.method}, {config.format}" if config is not None else "")
         if config is not None and config.rotation:
             title += f", Hadamard rotation {config.rotation}"
+        if config is not None and config.correction_rank and config.rank_allocation != "uniform":
+            title += f", ranks allocated by {config.rank_allocation} (budget rank {config.rank})"
         if storage.linears:
             title += f", {storage.model_bytes / 2**20:.1f} MiB in all"
         if diagnostics is None:
@@ -178,6 +214,8 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
             rows = _linear_rows(report.to_dict(), None, diagnostics)
             record["config"] = config.to_dict()
             title = f"Linears if quantized: {config.method}, {config.format}, rank {config.correction_rank}"
+            if config.correction_rank and config.rank_allocation != "uniform":
+                title += f" (allocated by {config.rank_allocation})"
             if config.rotation:
                 title += f", Hadamard rotation {config.rotation}"
     if rows is not None:
@@ -186,6 +224,9 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
         kinds = _kinds_table(rows)
         if kinds is not None:
             tables.append(kinds)
+        ranks = _ranks_table(rows, layer_limit)
+        if ranks is not None:
+            tables.append(ranks)
     if diagnostics is not None:
         record["saliency_curves"] = diagnostics.to_dict()["curves"]
         record["error_tokens"] = diagnostics.error_tokens

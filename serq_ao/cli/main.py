@@ -29,7 +29,14 @@ from serq_ao.cli.inspect import DEFAULT_SWEEP, cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
 from serq_ao.formats.hadamard import ROTATION_SIZES  # noqa: E402
 from serq_ao.quant.gptq import GPTQ_ORDERS  # noqa: E402
-from serq_ao.quant.config import DEFAULT_RANK, DEFAULT_RESIDUAL_ORDER, FORMATS, METHODS, RESIDUAL_ORDERS  # noqa: E402
+from serq_ao.quant.config import (  # noqa: E402
+    DEFAULT_RANK,
+    DEFAULT_RESIDUAL_ORDER,
+    FORMATS,
+    METHODS,
+    RANK_ALLOCATIONS,
+    RESIDUAL_ORDERS,
+)
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
 from serq_ao.extras import MissingExtraError  # noqa: E402
@@ -112,6 +119,10 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     # left out (None): SERQConfig's default; given to a method or format that does not use it: an error
     parser.add_argument("--rank", type=non_negative_int, default=None,
                         help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK}; method serq only)")
+    parser.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default=None,
+                        help="uniform (every linear gets --rank; default) or error (each linear 0 to 4x --rank, "
+                             "by its measured output error, within the storage of --rank everywhere; loads the "
+                             "whole model); method serq only")
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default=None,
                         help="MXFP4 block scale rule (default floor; format mxfp4 only)")
     parser.add_argument("--weight-scales", choices=WEIGHT_SCALES, default=None,
@@ -210,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--stats", action="store_true",
                          help="float model: quantize a copy in memory (options below) and show its per-linear statistics")
     inspect.add_argument("--plot", metavar="DIR", default=None,
-                         help="write PNG figures into DIR: saliency curves, per-layer error, perplexity against rank")
+                         help="write PNG figures into DIR: saliency curves, per-layer error, perplexity against rank, "
+                              "and each linear's rank where --rank-allocation error chose them")
     inspect.add_argument("--overwrite", action="store_true", help="with --plot: replace figures that exist")
     inspect.add_argument("--sweep", metavar="FILE", default=None,
                          help=f"benchmarks/accuracy.py results to plot the rank sweep from (default: {DEFAULT_SWEEP} "

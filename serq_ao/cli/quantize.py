@@ -50,7 +50,8 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
     streamed = _streams(folder, config, args)
     if args.resume and not streamed:
         raise UsageError("--resume continues a streamed run; this one loads the whole model (--in-memory, a method "
-                         "without a packed format, or residual order global), which has nothing to resume")
+                         "without a packed format, residual order global or rank allocation error), which has nothing "
+                         "to resume")
     if streamed:
         report, storage, extra = _quantize_streamed(folder, output, config, args, err)
     else:
@@ -77,7 +78,10 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
     table.add_column("stored as")
     table.add_column("seconds", justify="right")
     stored = f"packed, {storage.model_bytes / 2**20:.1f} MiB" if storage.linears else "evaluation mode"
-    table.add_row(config.method, config.format, str(config.correction_rank), f"{report.effective_bits:.2f}",
+    rank = str(config.correction_rank)
+    if config.correction_rank and config.rank_allocation != "uniform":
+        rank = f"{min(r.rank for r in report.linears)}-{max(r.rank for r in report.linears)} (budget {rank})"
+    table.add_row(config.method, config.format, rank, f"{report.effective_bits:.2f}",
                   str(len(report.linears)), stored, f"{report.seconds['total']:.1f}")
     Console().print(table)
     return 0
@@ -87,7 +91,7 @@ def _streams(folder, config, args: argparse.Namespace) -> bool:
     """Quantize layer by layer straight from the checkpoint's shards? Where the output is
     packed, the order is per group and the weights are safetensors; else load it whole."""
     from serq_ao.integrations.serialization import is_quantized_folder
-    from serq_ao.quant.methods import ResidualOrder
+    from serq_ao.quant.methods import RankAllocation, ResidualOrder
     from serq_ao.streaming import INDEX_FILE, SINGLE_FILE
 
     if args.in_memory or is_quantized_folder(folder):  # the in-memory path refuses a quantized one
@@ -97,6 +101,10 @@ def _streams(folder, config, args: argparse.Namespace) -> bool:
         return False
     if config.spec.input_transform is TransformKind.FLATTEN and config.residual_order is ResidualOrder.GLOBAL:
         logger.info("residual order global permutes every layer at once: loading the whole model")
+        return False
+    if config.rank_allocation is not RankAllocation.UNIFORM:
+        logger.info("rank allocation %s measures every layer before quantizing any: loading the whole model",
+                    config.rank_allocation)
         return False
     return (folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()
 

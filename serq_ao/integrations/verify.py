@@ -268,14 +268,22 @@ def check_output_gather(name: str, module) -> None:
 
 
 def check_config_agrees(name: str, weight, config) -> None:
-    """Format and rank of a packed weight against the checkpoint's SERQConfig."""
+    """Format, rank and rotation of a packed weight against the checkpoint's SERQConfig."""
     from serq_ao.formats import FormatName
+    from serq_ao.quant.methods import RankAllocation
+    from serq_ao.quant.rank_allocation import candidate_ranks
     from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
     fmt = FormatName.MXFP4 if isinstance(weight, SERQMXFP4Tensor) else {8: FormatName.W4A8, 4: FormatName.W4A4}[weight.activation_bits]
     if fmt != config.format:
         fail_checkpoint(name, f"is packed as {fmt}, the checkpoint's config says format {config.format}")
-    if weight.rank != config.correction_rank:
-        fail_checkpoint(name, f"has rank {weight.rank}, the checkpoint's config says {config.correction_rank}")
+    if config.rank_allocation is RankAllocation.UNIFORM:
+        if weight.rank != config.correction_rank:
+            fail_checkpoint(name, f"has rank {weight.rank}, the checkpoint's config says {config.correction_rank}")
+    elif weight.rank not in candidate_ranks(weight.shape[1], config.rank):
+        allowed = candidate_ranks(weight.shape[1], config.rank)
+        fail_checkpoint(name, f"has rank {weight.rank}; the checkpoint's config (rank_allocation "
+                              f"{config.rank_allocation.value!r}, rank {config.rank}) allows "
+                              f"{allowed[0]}..{allowed[-1]} in steps of 32")
     if weight.rotation != config.rotation:
         fail_checkpoint(name, f"has rotation {weight.rotation}, the checkpoint's config says {config.rotation}")

@@ -10,7 +10,16 @@ import re
 from serq_ao.formats import FORMATS, FormatName, QuantFormat, ScaleMode, WeightScales, enum_value, get_format
 from serq_ao.formats.hadamard import check_rotation
 from serq_ao.quant.gptq import GPTQOrder
-from serq_ao.quant.methods import METHODS, CorrectionKind, Method, MethodSpec, ResidualOrder, TransformKind, method_spec
+from serq_ao.quant.methods import (
+    METHODS,
+    CorrectionKind,
+    Method,
+    MethodSpec,
+    RankAllocation,
+    ResidualOrder,
+    TransformKind,
+    method_spec,
+)
 
 RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 # The paper uses r = 128 for 4k-wide models (3% of d_in). For small models a smaller rank
@@ -19,9 +28,11 @@ RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 # is the knee, at 4.72 effective bits.
 DEFAULT_RANK = 64
 RESIDUAL_ORDERS = tuple(o.value for o in ResidualOrder)
+RANK_ALLOCATIONS = tuple(a.value for a in RankAllocation)
 DEFAULT_RESIDUAL_ORDER = ResidualOrder.PER_GROUP
 
-__all__ = ["DEFAULT_RANK", "DEFAULT_RESIDUAL_ORDER", "FORMATS", "METHODS", "RANK_MULTIPLE", "SERQConfig", "check_format_rank_scale_mode"]
+__all__ = ["DEFAULT_RANK", "DEFAULT_RESIDUAL_ORDER", "FORMATS", "METHODS", "RANK_ALLOCATIONS", "RANK_MULTIPLE",
+           "SERQConfig", "check_format_rank_scale_mode"]
 
 
 def check_format_rank_scale_mode(fmt, rank: int, scale_mode) -> tuple[FormatName, ScaleMode]:
@@ -47,6 +58,13 @@ class SERQConfig:
     - ``format``: ``"mxfp4"`` (MXFP4 weights and activations), ``"w4a8"`` / ``"w4a4"`` (INT4
       weights in groups of 128, INT8 / INT4 asymmetric per-token activations in groups of 128).
     - ``rank``: multiple of 32, 0 allowed (plain flattening); used by ``serq`` only.
+    - ``rank_allocation``: ``"uniform"`` (every linear gets ``rank``, the paper) or
+      ``"error"`` (each linear its own rank, a multiple of 32 from 0 to 4 x ``rank``, chosen
+      by its measured output error on the calibration data within the storage that ``rank``
+      everywhere would take; :mod:`serq_ao.quant.rank_allocation`). ``"error"`` needs method
+      ``serq``, ``rank`` > 0, calibration input ids and the whole model in memory (every
+      linear's curve is measured before any is quantized), and does not share out to a
+      quantized output head (``quantize_lm_head``).
     - ``scale_mode``: MXFP4 block scale rule, ``"floor"`` (OCP spec, SERQ reference) or
       ``"rceil"`` (torchao's default).
     - ``weight_scales``: how MXFP4 weight and R block scales are chosen: ``"rule"`` (the
@@ -82,7 +100,7 @@ class SERQConfig:
       decoder layers (:mod:`serq_ao.quant.lm_head`); a head tied to the embeddings is untied
       first (the embeddings stay in floating point). Off by default, as in the paper.
 
-    ``method``, ``format``, ``scale_mode`` and ``weight_scales`` accept strings or the enums
+    ``method``, ``format``, ``scale_mode``, ``weight_scales`` and ``rank_allocation`` accept strings or the enums
     (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
     :class:`~serq_ao.formats.ScaleMode`, :class:`~serq_ao.formats.WeightScales`) and are
     stored as the enums (which are ``str``).
@@ -91,6 +109,7 @@ class SERQConfig:
     method: Method = Method.SERQ
     format: FormatName = FormatName.MXFP4
     rank: int = DEFAULT_RANK
+    rank_allocation: RankAllocation = RankAllocation.UNIFORM
     scale_mode: ScaleMode = ScaleMode.FLOOR
     weight_scales: WeightScales = WeightScales.RULE
     rotation: int = 0
@@ -112,6 +131,11 @@ class SERQConfig:
         if self.weight_scales is not WeightScales.RULE and fmt is not FormatName.MXFP4:
             raise ValueError(f"weight_scales={self.weight_scales.value!r} applies to format 'mxfp4' only, "
                              f"got format {fmt.value!r}")
+        object.__setattr__(self, "rank_allocation", enum_value(RankAllocation, self.rank_allocation, "rank_allocation"))
+        if self.rank_allocation is not RankAllocation.UNIFORM and (
+                self.spec.correction is not CorrectionKind.SALIENT or not self.rank):
+            raise ValueError(f"rank_allocation={self.rank_allocation.value!r} applies to method 'serq' with rank > 0 "
+                             f"(the rank it shares out), got method {self.method.value!r} with rank {self.rank}")
         check_rotation(self.rotation)
         if self.rotation and self.spec.correction is CorrectionKind.LOWRANK:
             # their error factors would be fitted, and L2QER's scaled, in the rotated basis
@@ -129,6 +153,9 @@ class SERQConfig:
             raise ValueError(f"gptq_order={self.gptq_order.value!r} applies with gptq=True only")
         if not isinstance(self.quantize_lm_head, bool):
             raise ValueError(f"quantize_lm_head must be True or False, got {self.quantize_lm_head!r}")
+        if self.quantize_lm_head and self.rank_allocation is not RankAllocation.UNIFORM:
+            raise ValueError(f"rank_allocation={self.rank_allocation.value!r} shares ranks among the decoder layers' "
+                             "linears only: use it with quantize_lm_head=False, or rank_allocation='uniform'")
         object.__setattr__(self, "residual_order", enum_value(ResidualOrder, self.residual_order, "residual_order"))
         if self.residual_order is ResidualOrder.GLOBAL and self.spec.input_transform is not TransformKind.FLATTEN:
             raise ValueError(f"residual_order='global' applies to method 'serq' only (its saliency order), "
@@ -160,8 +187,9 @@ class SERQConfig:
 
     @property
     def needs_input_ids(self) -> bool:
-        """GPTQ runs the layers on calibration input ids; statistics are not enough."""
-        return self.gptq
+        """GPTQ and the rank allocation run the layers on calibration input ids; statistics
+        are not enough."""
+        return self.gptq or self.rank_allocation is not RankAllocation.UNIFORM
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, str) else list(v) if isinstance(v, tuple) else v)

@@ -211,7 +211,8 @@ def _kwargs_on(kwargs: dict, device: torch.device) -> dict:
     return {k: move(v) for k, v in kwargs.items()}
 
 
-def _run_stream(layer, stream, calls, device, cache: ActivationCache | None, limit: int | None = None) -> ActivationStream | None:
+def run_stream(layer, stream, calls, device, cache: ActivationCache | None,
+               limit: int | None = None) -> ActivationStream | None:
     """Run ``layer`` on each window of ``stream`` (the first ``limit``); the outputs as a new
     stream in ``cache`` (None: outputs dropped, for hooks only)."""
     out = None if cache is None else cache.stream()
@@ -319,11 +320,11 @@ def quantize_layerwise(
             last = index == len(layers) - 1
             clock = time.perf_counter()
             # (c) float outputs: the analysis window, and the calibration windows with observers
-            next_analysis = None if last else _run_stream(layer, state.analysis, window_calls[:1], device, cache)
+            next_analysis = None if last else run_stream(layer, state.analysis, window_calls[:1], device, cache)
             observer = state.observer
             handles = observer.attach(model, ModelPlan(layers_name, groups)) if observer is not None else []
             try:
-                next_floats = _run_stream(layer, state.floats, window_calls[1:], device,
+                next_floats = run_stream(layer, state.floats, window_calls[1:], device,
                                           None if last and final_stage is None else cache)
             finally:
                 for handle in handles:
@@ -344,7 +345,7 @@ def quantize_layerwise(
                         # no Hessian: an expert no token reached (experts.py): round-to-nearest
                         state.linears.append(quantize_linear(layer_plans[name], hessians.get(group.name), layer_stats))
                 next_quantized = (None if last and final_stage is None
-                                  else _run_stream(layer, state.quantized, window_calls[1:], device, cache))
+                                  else run_stream(layer, state.quantized, window_calls[1:], device, cache))
             else:
                 for name in layer_plans:
                     state.linears.append(quantize_linear(layer_plans[name], None, layer_stats))
@@ -399,7 +400,7 @@ def _hessians(model, layer, groups, layer_plans, stream, calls, device) -> dict[
     handles = [model.get_submodule(g.linears[0]).register_forward_pre_hook(accumulate(layer_plans[g.linears[0]]))
                for g in groups]
     try:
-        _run_stream(layer, stream, calls, device, None)
+        run_stream(layer, stream, calls, device, None)
     finally:
         for handle in handles:
             handle.remove()
@@ -432,7 +433,7 @@ def _accumulate_errors(reference, layer, prefix, layer_plans, floats, calls, dev
     names = [n.removeprefix(prefix) for n in layer_plans]
     handles = [reference.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
-        _run_stream(reference, floats, calls, device, None, limit)
+        run_stream(reference, floats, calls, device, None, limit)
     finally:
         for handle in handles:
             handle.remove()

@@ -9,6 +9,7 @@ module's attributes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
@@ -42,15 +43,18 @@ class LinearPlan:
         return self.input_scale_inv is not None or self.input_perm is not None
 
 
-def linear_plans(groups, folds: dict[str, FoldRecord], rank: int, quant_format: QuantFormat,
+def linear_plans(groups, folds: dict[str, FoldRecord], rank: int | Mapping[str, int], quant_format: QuantFormat,
                  rotation: int = 0) -> dict[str, LinearPlan]:
     """The plans of every linear of ``groups`` (model order), given the fold records of
-    :func:`serq_ao.passes.apply_input_transforms` (groups without a transform have none)."""
+    :func:`serq_ao.passes.apply_input_transforms` (groups without a transform have none).
+    ``rank``: one for all, or each linear's by name (a linear it does not name gets 0: left
+    in floating point, or not measured)."""
     plans = {}
     for group in groups:
         fold = folds.get(group.name)
         scale_inv = None if fold is None else fold.input_scale_inv
         perm = None if fold is None else fold.input_perm
         for name in group.linears:
-            plans[name] = LinearPlan(name, group, fold, scale_inv, perm, rank, quant_format, rotation)
+            linear_rank = rank if isinstance(rank, int) else rank.get(name, 0)
+            plans[name] = LinearPlan(name, group, fold, scale_inv, perm, linear_rank, quant_format, rotation)
     return plans

@@ -42,6 +42,13 @@ class ResidualOrder(enum.StrEnum):
     AUTO = "auto"  # GLOBAL where the passes prove it exact, PER_GROUP elsewhere (logged)
 
 
+class RankAllocation(enum.StrEnum):
+    """How SERQ's correction rank is set per linear (:mod:`serq_ao.quant.rank_allocation`)."""
+
+    UNIFORM = "uniform"  # every linear gets SERQConfig.rank
+    ERROR = "error"  # per linear, by measured output error, within the storage of the uniform rank
+
+
 class CorrectionKind(enum.StrEnum):
     NONE = "none"
     SALIENT = "salient"  # SERQ's R on the r most salient columns, rank SERQConfig.rank

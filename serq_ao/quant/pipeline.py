@@ -40,8 +40,9 @@ from serq_ao.quant.lm_head import prepare_head, quantize_head
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.quant.linear_plan import LinearPlan, linear_plans
-from serq_ao.quant.methods import CorrectionKind, ResidualOrder, TransformKind
+from serq_ao.quant.methods import CorrectionKind, RankAllocation, ResidualOrder, TransformKind
 from serq_ao.quant.packing import is_packed_linear, pack_model
+from serq_ao.quant.rank_allocation import allocate_ranks, measure_rank_curves
 from serq_ao.formats.hadamard import rotate_hessian, rotate_weight
 from serq_ao.quant.reconstruct import (
     flattening_scales,
@@ -187,6 +188,17 @@ def _apply_global_residual_order(model: nn.Module, plan: ModelPlan, stats: Calib
     return stats.permuted(names, order), names, order
 
 
+def _whole_model_statistics(model: nn.Module, plan: ModelPlan, head, ids, report: Progress) -> CalibrationStats:
+    """Calibration statistics of every group (and the head's, if it is quantized) from whole
+    forwards of the float model: what the global order and the rank allocation need before
+    the first layer is quantized. Bitwise those the layerwise pass would collect."""
+    total = len(ids)
+    counter = iter(range(1, total + 1))
+    groups = plan.groups + (() if head is None else (head.group(model),))
+    return collect_model_statistics(model, ModelPlan(plan.layers, groups), ids,
+                                    on_batch=lambda k: report("calibrate", next(counter), total))
+
+
 def _quantize_linear(
     model: nn.Module,
     linear_plan: LinearPlan,
@@ -310,11 +322,24 @@ def run_quantization(
     resume=None,
     on_checkpoint=None,
     transform_only: bool = False,
+    planned: dict[str, LinearPlan] | None = None,
+    planned_statistics: CalibrationStats | None = None,
 ) -> QuantizationReport:
     """:func:`quantize_model` without its checks of the whole model, for callers whose layers
     are not all in memory: ``weights`` brings each layer in for its turn (and checks it),
     ``on_layer_done(index, layer, plans)`` takes it once quantized (:mod:`serq_ao.streaming`);
-    ``resume`` / ``on_checkpoint`` as in :func:`~serq_ao.quant.layerwise.quantize_layerwise`."""
+    ``resume`` / ``on_checkpoint`` as in :func:`~serq_ao.quant.layerwise.quantize_layerwise`.
+    ``planned`` / ``planned_statistics``: a model :func:`transform_model` transformed already,
+    its linears' plans (with their ranks) and statistics; only quantization is left to do."""
+    if config.rank_allocation is not RankAllocation.UNIFORM and not transform_only and planned is None:
+        if weights is not None or is_dispatched(model):
+            raise ValueError(f"rank_allocation={config.rank_allocation.value!r} measures every linear before any is "
+                             "quantized, so it needs the whole model in memory; use rank_allocation='uniform' when "
+                             "streaming layers (serq quantize --in-memory loads the whole model) or with an "
+                             "accelerate device map")
+        return _quantize_with_allocated_ranks(model, config, calibration, plan=plan, progress=progress, device=device,
+                                              activations=activations, error_windows=error_windows,
+                                              collect_statistics=collect_statistics)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     report = progress or (lambda stage, done, total: None)
@@ -325,7 +350,8 @@ def run_quantization(
     if (spec.needs_statistics or config.needs_input_ids) and calibration is None:
         raise ValueError(f"method {config.method!r}{' with GPTQ' if config.gptq else ''} needs calibration data")
     if config.needs_input_ids and ids is None:
-        raise ValueError("GPTQ needs calibration input ids (it runs the layers), not statistics")
+        who = "GPTQ" if config.gptq else f"rank_allocation={config.rank_allocation.value!r}"
+        raise ValueError(f"{who} needs calibration input ids (it runs the layers), not statistics")
     if error_windows and (ids is None or not 0 <= error_windows <= len(ids)):
         raise ValueError(f"error_windows must be in [0, {0 if ids is None else len(ids)}] (the calibration "
                          f"windows, given as input ids), got {error_windows}")
@@ -347,7 +373,9 @@ def run_quantization(
                             dispatched=isinstance(weights, AcceleratedWeights))
     in_stream_order: set[str] = set()
     residual = None
-    if weights is None:
+    if planned is not None:  # transformed already (the rank allocation's first pass)
+        stats = planned_statistics
+    elif weights is None:
         plan_for_order = plan
         if spec.input_transform is TransformKind.FLATTEN and config.residual_order is not ResidualOrder.PER_GROUP:
             plan_for_order = plan if plan is not None else analyze(model)
@@ -355,11 +383,7 @@ def run_quantization(
             residual = _residual_plan(model, plan_for_order, config)
         if residual is not None:  # one order for the whole stream needs every statistic first
             if stats is None:
-                total = len(ids)
-                counter = iter(range(1, total + 1))
-                groups = plan_for_order.groups + (() if head is None else (head.group(model),))
-                stats = collect_model_statistics(model, ModelPlan(plan_for_order.layers, groups), ids,
-                                                 on_batch=lambda k: report("calibrate", next(counter), total))
+                stats = _whole_model_statistics(model, plan_for_order, head, ids, report)
             seconds["calibration"] = stats.seconds
             stats, in_stream_order, order = _apply_global_residual_order(model, plan_for_order, stats, residual)
             if head is not None:  # the head reads the final norm, in the stream's new order too
@@ -372,10 +396,12 @@ def run_quantization(
 
     def transform_layer(layer_plan: ModelPlan, layer_stats: CalibrationStats | None) -> dict[str, LinearPlan]:
         folds = {}
-        if spec.transforms_input:
+        if spec.transforms_input and planned is None:
             transforms = _transforms(model, layer_plan, config, layer_stats, in_stream_order)
             folds = apply_input_transforms(model, layer_plan, transforms,
                                            fold=True if config.fold_into_linears else ("norm",))
+        if planned is not None:
+            return {name: planned[name] for group in layer_plan.groups for name in group.linears}
         return linear_plans(layer_plan.groups, folds, config.correction_rank, config.quant_format, config.rotation)
 
     def quantize_linear(linear_plan: LinearPlan, hessian, layer_stats) -> LinearReport | None:
@@ -412,7 +438,7 @@ def run_quantization(
                                                                   or collect_statistics),
         transform_layer=transform_layer,
         quantize_linear=quantize_linear,
-        gptq=config.needs_input_ids and not transform_only,
+        gptq=config.gptq and not transform_only,
         check_groups=check_groups,
         weights=weights,
         device=device,
@@ -450,6 +476,42 @@ def run_quantization(
                        next(iter(result.plans), "none"))
     return QuantizationReport(config, linears, stats.tokens if stats is not None else 0, seconds, used_order,
                               plans, stats, errors, error_tokens, unquantized)
+
+
+def _quantize_with_allocated_ranks(model: nn.Module, config: SERQConfig, calibration, *, plan, progress, device,
+                                   activations, error_windows, collect_statistics) -> QuantizationReport:
+    """``rank_allocation="error"`` (:mod:`serq_ao.quant.rank_allocation`) in three steps: the
+    exact transforms of the whole model (statistics and, if asked, the global order included);
+    every linear's error curve on the transformed model; quantization with the allocated ranks."""
+    ids = as_windows(calibration)
+    if ids is None or isinstance(ids, CalibrationStats):
+        raise ValueError(f"rank_allocation={config.rank_allocation.value!r} needs calibration input ids (it runs the "
+                         "layers), not statistics")
+    started = time.perf_counter()
+    transformed = run_quantization(model, config, ids, plan=plan, progress=progress, device=device,
+                                   activations=activations, transform_only=True)
+    clock = time.perf_counter()
+    curves = measure_rank_curves(model, transformed.plans, ids, rank=config.rank,
+                                 quantized=lambda name: not config.ignores(name), cache=activations, progress=progress)
+    ranks = allocate_ranks(curves, config.quant_format, config.rank)
+    by_kind: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    logger.info("rank allocation (mean rank by linear kind): %s",
+                ", ".join(f"{kind} {sum(r) / len(r):.0f}" for kind, r in by_kind.items()))
+    allocation_seconds = time.perf_counter() - clock
+    plans = {name: dataclasses.replace(p, rank=ranks.get(name, 0)) for name, p in transformed.plans.items()}
+    layers_name = find_decoder_layers(model)[0]
+    groups = tuple({id(p.group): p.group for p in plans.values()}.values())
+    report = run_quantization(model, config, ids, plan=ModelPlan(layers_name, groups), progress=progress,
+                              device=device, activations=activations, error_windows=error_windows,
+                              collect_statistics=collect_statistics, planned=plans,
+                              planned_statistics=transformed.statistics)
+    seconds = {stage: transformed.seconds.get(stage, 0.0) + report.seconds.get(stage, 0.0)
+               for stage in {*transformed.seconds, *report.seconds}}
+    seconds["rank_allocation"] = allocation_seconds
+    seconds["total"] = time.perf_counter() - started
+    return dataclasses.replace(report, seconds=seconds, residual_order=transformed.residual_order)
 
 
 @torch.no_grad()
