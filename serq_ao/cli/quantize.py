@@ -224,7 +224,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
             if method != "fp":
                 config = configs[method]
                 plan = checked_plan(model, config)
-                if config.gptq:  # GPTQ runs the layers on the ids itself
+                if config.needs_input_ids:  # GPTQ and the rank allocation run the layers on the ids
                     calibration = calibration_from_args(tokenizer, args, model)
                 elif config.needs_statistics:
                     if stats is None:
@@ -245,6 +245,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
         "model": str(args.model),
         "format": args.format,
         "rank": configs["serq"].rank if "serq" in configs else None,
+        "rank_allocation": str(configs["serq"].rank_allocation) if "serq" in configs else None,
         "scale_mode": None if first is None or args.format != "mxfp4" else str(first.scale_mode),
         "gptq": args.gptq,
         "corpus": args.corpus,
@@ -260,7 +261,8 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     for column in ("method", "bits/weight", "perplexity", "quantize s (calibration apart)"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        name = f"serq (r={record['rank']})" if row["method"] == "serq" else row["method"]
+        allocated = ", ranks by error" if record["rank_allocation"] == "error" else ""
+        name = f"serq (r={record['rank']}{allocated})" if row["method"] == "serq" else row["method"]
         table.add_row(name, f"{row['bits']:.2f}", f"{row['ppl']:.2f}", f"{row['quantize_seconds']:.1f}")
     Console().print(table)
     return 0

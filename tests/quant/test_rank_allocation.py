@@ -273,3 +273,13 @@ def test_cli_quantize_and_inspect(tiny_model_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_model_dir), "-o", str(tmp_path / "r"), "--method", "rtn",
                  "--rank-allocation", "error", "--quiet"]) == 2
     assert "--rank-allocation applies to method serq only" in capsys.readouterr().err
+
+
+def test_cli_compare_calibrates_the_allocation_on_input_ids(tiny_model_dir, capsys):
+    from serq_ao.cli.main import main
+
+    argv = ["compare", str(tiny_model_dir), "--methods", "rtn,serq", "--rank", "32", "--rank-allocation", "error",
+            "--calib-windows", "2", "--calib-seqlen", "32", "--windows", "2", "--seqlen", "32", "--quiet", "--json"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["rank_allocation"] == "error" and [r["method"] for r in record["results"]] == ["rtn", "serq"]
