@@ -84,6 +84,12 @@ def test_global_residual_order_refused_with_a_device_map(checkpoint, ids, tmp_pa
         serq_ao.quantize_model(model, serq_ao.SERQConfig(rank=32, residual_order="global"), ids)
 
 
+def test_rank_allocation_refused_with_a_device_map(checkpoint, ids, tmp_path):
+    model = _load(checkpoint, torch.float32, LAYER_ON_DISK, tmp_path)
+    with pytest.raises(ValueError, match="rank_allocation='error' .* needs the whole model in memory"):
+        serq_ao.quantize_model(model, serq_ao.SERQConfig(rank=32, rank_allocation="error"), ids)
+
+
 def test_offloaded_non_finite_weight_is_named(checkpoint, ids, tmp_path):
     """A NaN in an offloaded layer is found when the layer is read, and named."""
     broken = tmp_path / "broken"
