@@ -137,6 +137,7 @@ def tables(cells: list[dict]) -> str:
     ]
     lines += ["| method | " + " | ".join(f.upper() if f != "mxfp4" else "MXFP4 W4A4" for f in FORMATS) + " |"]
     lines += ["|---|" + "---:|" * len(FORMATS)]
+    shown = []  # the cells the tables above "Other settings" show
     for method in ROW_ORDER:
         row = []
         for fmt in FORMATS:
@@ -144,6 +145,8 @@ def tables(cells: list[dict]) -> str:
             fmt_key = "fp" if method == "fp" else fmt
             cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all", "per_group", "rule", 0, "columns",
                                "uniform"))
+            if cell is not None:
+                shown.append(cell)
             if cell is None:
                 row.append("—")
             elif method == "fp":
@@ -161,7 +164,8 @@ def tables(cells: list[dict]) -> str:
     if sweep:
         lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]
         lines += [f"| {c['rank']} | {c['bits']:.2f} | {c['ppl']:.2f} |" for c in sweep]
-    other = [c for c in cells if c not in default]
+    shown += sweep
+    other = [c for c in cells if c not in shown]
     if other:
         lines += ["", "## Other settings", "",
                   "| method | format | rank | calibration | scale rule | weight scales | rotation | folds into "
