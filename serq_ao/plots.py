@@ -75,28 +75,35 @@ def plot_saliency(diagnostics: Diagnostics, path: Path | Output, title: str = ""
         plt.close(figure)
 
 
-def plot_layer_error(diagnostics: Diagnostics, path: Path | Output, title: str = "") -> Path | None:
-    """None when no output error was measured."""
-    rows = [d for d in diagnostics.linears if d.output_error is not None and d.layer is not None]
-    if not rows:
-        return None
+def _plot_by_layer(points: list[tuple[str, int, float]], path: Path | Output, ylabel: str, title: str) -> Path:
+    """One line per linear kind of (kind, layer, value) points against the decoder layer."""
     plt = _pyplot()
     by_kind = defaultdict(list)
-    for d in rows:
-        by_kind[d.kind].append((d.layer, d.output_error))
+    for kind, layer, value in points:
+        by_kind[kind].append((layer, value))
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for kind, points in sorted(by_kind.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=kind)
+    for kind, line in sorted(by_kind.items()):
+        line.sort()
+        axes.plot([p[0] for p in line], [p[1] for p in line], marker=".", label=kind)
     axes.set_xlabel("decoder layer")
-    axes.set_ylabel("relative output error ||Y_q - Y|| / ||Y||")
-    axes.set_title(title or f"Per-layer error on {diagnostics.error_tokens} calibration tokens")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.legend(fontsize=7, ncol=2)
     axes.grid(alpha=0.3)
     try:
         return _save(figure, path)
     finally:
         plt.close(figure)
+
+
+def plot_layer_error(diagnostics: Diagnostics, path: Path | Output, title: str = "") -> Path | None:
+    """None when no output error was measured."""
+    rows = [d for d in diagnostics.linears if d.output_error is not None and d.layer is not None]
+    if not rows:
+        return None
+    return _plot_by_layer([(d.kind, d.layer, d.output_error) for d in rows], path,
+                          "relative output error ||Y_q - Y|| / ||Y||",
+                          title or f"Per-layer error on {diagnostics.error_tokens} calibration tokens")
 
 
 def plot_rank_allocation(diagnostics: Diagnostics, path: Path | Output, title: str = "") -> Path | None:
@@ -104,23 +111,8 @@ def plot_rank_allocation(diagnostics: Diagnostics, path: Path | Output, title: s
     rows = [d for d in diagnostics.linears if d.layer is not None]
     if len({d.rank for d in rows}) < 2:
         return None
-    plt = _pyplot()
-    by_kind = defaultdict(list)
-    for d in rows:
-        by_kind[d.kind].append((d.layer, d.rank))
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for kind, points in sorted(by_kind.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=kind)
-    axes.set_xlabel("decoder layer")
-    axes.set_ylabel("correction rank r")
-    axes.set_title(title or "Correction rank per linear")
-    axes.legend(fontsize=7, ncol=2)
-    axes.grid(alpha=0.3)
-    try:
-        return _save(figure, path)
-    finally:
-        plt.close(figure)
+    return _plot_by_layer([(d.kind, d.layer, d.rank) for d in rows], path, "correction rank r",
+                          title or "Correction rank per linear")
 
 
 def rank_sweep(cells: list[dict], fmt: str = "mxfp4") -> dict:
