@@ -39,10 +39,57 @@ MODEL = "smollm2-135m"
 ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq", "serq+gptq"]
 
 
+# A cell's settings beyond (method, format, rank, corpus, scale rule), with the value of a
+# cell recorded before the setting existed (SERQConfig's default).
+SETTINGS = {"folds": "all", "residual_order": "per_group", "weight_scales": "rule", "rotation": 0,
+            "gptq_order": "columns", "rank_allocation": "uniform", "flattening_strength": 1.0,
+            "saliency_unit": "channel"}
+
+
+def cell_settings(method: str, fmt: str, args) -> dict:
+    """The settings a cell of ``method`` at ``fmt`` runs with: the command line's where they
+    apply, the default where they do not (so one key names one quantization)."""
+    serq, gptq = method.startswith("serq"), method.endswith("+gptq")
+    return {
+        "folds": args.folds,
+        "residual_order": args.residual_order if serq else "per_group",
+        "weight_scales": args.weight_scales if fmt == "mxfp4" else "rule",
+        "rotation": args.rotation if method != "fp" else 0,
+        "gptq_order": args.gptq_order if gptq else "columns",
+        "rank_allocation": args.rank_allocation if serq else "uniform",
+        "flattening_strength": args.flattening_strength if serq else 1.0,
+        "saliency_unit": args.saliency_unit if serq else "channel",
+    }
+
+
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of :data:`SETTINGS` (defaults: SETTINGS')."""
+    parser.add_argument("--folds", choices=("all", "norms"), default="all",
+                        help="norms: keep 1/s of linear-produced inputs a run-time pre-op (no quantized weight absorbs it)")
+    parser.add_argument("--residual-order", choices=("per_group", "global"), default="per_group",
+                        help="SERQ's order for norm-fed linears (SERQConfig.residual_order); other methods have none")
+    parser.add_argument("--weight-scales", choices=("rule", "search"), default="rule",
+                        help="MXFP4 weight block scales (SERQConfig.weight_scales); other formats use their own")
+    parser.add_argument("--rotation", type=int, choices=(0, 32, 64, 128), default=0,
+                        help="block Hadamard rotation of every quantized linear's input (SERQConfig.rotation)")
+    parser.add_argument("--gptq-order", choices=("columns", "hessian"), default="columns",
+                        help="GPTQ's column order for the +gptq methods (SERQConfig.gptq_order)")
+    parser.add_argument("--rank-allocation", choices=("uniform", "error"), default="uniform",
+                        help="SERQ's rank per linear (SERQConfig.rank_allocation): --ranks is then the budget")
+    parser.add_argument("--flattening-strength", type=float, default=1.0,
+                        help="SERQ's s = max|x| ** strength (SERQConfig.flattening_strength); 1: the paper")
+    parser.add_argument("--saliency-unit", choices=("channel", "block"), default="channel",
+                        help="what SERQ's order moves (SERQConfig.saliency_unit): block needs --rotation")
+
+
+def is_default(cell: dict) -> bool:
+    """Whether a cell used the default of every setting (the main table's cells)."""
+    return all(cell.get(name, value) == value for name, value in SETTINGS.items())
+
+
 def cell_key(cell: dict) -> tuple:
-    return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"], cell.get("folds", "all"),
-            cell.get("residual_order", "per_group"), cell.get("weight_scales", "rule"), cell.get("rotation", 0),
-            cell.get("gptq_order", "columns"), cell.get("rank_allocation", "uniform"))
+    return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"],
+            *(cell.get(name, value) for name, value in SETTINGS.items()))
 
 
 def load_cells(path: Path) -> list[dict]:
@@ -73,7 +120,8 @@ def statistics(corpus: str, windows: int, cache: Path) -> CalibrationStats:
 
 def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, calib_windows: int,
                     folds: str, cache: Path, residual_order: str = "per_group", weight_scales: str = "rule",
-                    rotation: int = 0, gptq_order: str = "columns", rank_allocation: str = "uniform"):
+                    rotation: int = 0, gptq_order: str = "columns", rank_allocation: str = "uniform",
+                    flattening_strength: float = 1.0, saliency_unit: str = "channel"):
     """A fresh copy of the model quantized for one cell: (model, tokenizer, bits, quantize seconds)."""
     model, tokenizer = load_model(MODEL)
     if method == "fp":
@@ -83,6 +131,7 @@ def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: s
         method=base, format=fmt, rank=rank, scale_mode=scale_mode, gptq=gptq, fold_into_linears=folds == "all",
         residual_order=residual_order if base == "serq" else "per_group", weight_scales=weight_scales,
         rotation=rotation, gptq_order=gptq_order, rank_allocation=rank_allocation,
+        flattening_strength=flattening_strength, saliency_unit=saliency_unit,
     )
     if config.needs_input_ids:  # GPTQ and the rank allocation calibrate inside, on the layers' own inputs
         calibration = calibration_batches(tokenizer, corpus, calib_windows)
@@ -96,12 +145,9 @@ def quantized_model(method: str, fmt: str, rank: int, corpus: str, scale_mode: s
 
 
 def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, args, cache: Path) -> dict:
-    model, tokenizer, bits, seconds = quantized_model(
-        method, fmt, rank, corpus, scale_mode, args.calib_windows, args.folds, cache, args.residual_order,
-        args.weight_scales if fmt == "mxfp4" else "rule", args.rotation if method != "fp" else 0,
-        args.gptq_order if method.endswith("+gptq") else "columns",
-        args.rank_allocation if method.startswith("serq") else "uniform",
-    )
+    settings = cell_settings(method, fmt, args)
+    model, tokenizer, bits, seconds = quantized_model(method, fmt, rank, corpus, scale_mode, args.calib_windows,
+                                                      cache=cache, **settings)
     windows = evaluation_windows(tokenizer, "wiki", n_windows=args.windows)
     result = perplexity(model, windows)
     return {
@@ -110,12 +156,7 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
         "rank": rank,
         "calib_corpus": corpus,
         "scale_mode": scale_mode,
-        "folds": args.folds,
-        "residual_order": args.residual_order if method.startswith("serq") else "per_group",
-        "weight_scales": args.weight_scales if fmt == "mxfp4" else "rule",
-        "rotation": args.rotation if method != "fp" else 0,
-        "gptq_order": args.gptq_order if method.endswith("+gptq") else "columns",
-        "rank_allocation": args.rank_allocation if method.startswith("serq") else "uniform",
+        **settings,
         "ppl": result.ppl,
         "windows": result.windows,
         "tokens": result.tokens,
@@ -123,6 +164,10 @@ def run_cell(method: str, fmt: str, rank: int, corpus: str, scale_mode: str, arg
         "quantize_seconds": seconds,
         "eval_seconds": result.seconds,
     }
+
+
+def flattening_label(strength: float) -> str:
+    return "" if strength == 1.0 else " (no flattening)" if strength == 0.0 else f" (flattening {strength:g})"
 
 
 def tables(cells: list[dict]) -> str:
@@ -156,10 +201,7 @@ def tables(cells: list[dict]) -> str:
         names = {"fp": "FP32", "smoothquant": "SmoothQuant", "serq": "SERQ (r = 64)", "serq+gptq": "SERQ + GPTQ (r = 64)"}
         name = names.get(method, method.upper())
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and c.get("folds", "all") == "all"
-               and c.get("residual_order", "per_group") == "per_group" and c.get("weight_scales", "rule") == "rule"
-               and c.get("rotation", 0) == 0 and c.get("gptq_order", "columns") == "columns"
-               and c.get("rank_allocation", "uniform") == "uniform"]
+    default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and is_default(c)]
     sweep = sorted((c for c in default if c["method"] == "serq" and c["format"] == "mxfp4"), key=lambda c: c["rank"])
     if sweep:
         lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]
@@ -173,7 +215,9 @@ def tables(cells: list[dict]) -> str:
                   "|---|---|---:|---|---|---|---:|---|---|---:|---:|---:|"]
         lines += [
             f"| {c['method']}{' (hessian order)' if c.get('gptq_order', 'columns') == 'hessian' else ''}"
-            f"{' (ranks by error)' if c.get('rank_allocation', 'uniform') != 'uniform' else ''} | {c['format']} | "
+            f"{' (ranks by error)' if c.get('rank_allocation', 'uniform') != 'uniform' else ''}"
+            f"{flattening_label(c.get('flattening_strength', 1.0))}"
+            f"{' (block order)' if c.get('saliency_unit', 'channel') == 'block' else ''} | {c['format']} | "
             f"{c['rank']} | {c['calib_corpus']} | {c['scale_mode']} | "
             f"{c.get('weight_scales', 'rule')} | {c.get('rotation', 0) or 'none'} | "
             f"{'norms and linears' if c.get('folds', 'all') == 'all' else 'norms only'} | "
@@ -193,17 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-modes", default="floor")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=32)
-    parser.add_argument("--folds", choices=("all", "norms"), default="all", help="norms: keep 1/s of linear-produced inputs a run-time pre-op (no quantized weight absorbs it)")
-    parser.add_argument("--residual-order", choices=("per_group", "global"), default="per_group",
-                        help="SERQ's order for norm-fed linears (SERQConfig.residual_order); other methods have none")
-    parser.add_argument("--weight-scales", choices=("rule", "search"), default="rule",
-                        help="MXFP4 weight block scales (SERQConfig.weight_scales); other formats use their own")
-    parser.add_argument("--rotation", type=int, choices=(0, 32, 64, 128), default=0,
-                        help="block Hadamard rotation of every quantized linear's input (SERQConfig.rotation)")
-    parser.add_argument("--gptq-order", choices=("columns", "hessian"), default="columns",
-                        help="GPTQ's column order for the +gptq methods (SERQConfig.gptq_order)")
-    parser.add_argument("--rank-allocation", choices=("uniform", "error"), default="uniform",
-                        help="SERQ's rank per linear (SERQConfig.rank_allocation): --ranks is then the budget")
+    add_settings_options(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="forget earlier cells")
     args = parser.parse_args(argv)
@@ -228,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     for mode in (["floor"] if fmt != "mxfp4" else args.scale_modes.split(",")):
                         plan.append((method, fmt, rank, corpus, mode))
     for index, cell_args in enumerate(plan, 1):
-        key = (*cell_args, args.folds, args.residual_order if cell_args[0].startswith("serq") else "per_group",
-               args.weight_scales if cell_args[1] == "mxfp4" else "rule", args.rotation if cell_args[0] != "fp" else 0,
-               args.gptq_order if cell_args[0].endswith("+gptq") else "columns",
-               args.rank_allocation if cell_args[0].startswith("serq") else "uniform")
+        key = (*cell_args, *cell_settings(cell_args[0], cell_args[1], args).values())
         if key in done:
             continue
         print(f"[{index}/{len(plan)}] {key}", file=sys.stderr, flush=True)

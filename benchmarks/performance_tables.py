@@ -64,24 +64,59 @@ ZERO_SHOT_ROWS = (("rtn", "RTN"), ("smoothquant", "SmoothQuant"), ("l2qer", "L2Q
                   ("serq+gptq", "SERQ + GPTQ (r = 64)"))
 
 
+ZERO_SHOT_DEFAULTS = {"folds": "all", "residual_order": "per_group", "weight_scales": "rule", "rotation": 0,
+                      "gptq_order": "columns", "rank_allocation": "uniform", "flattening_strength": 1.0,
+                      "saliency_unit": "channel"}
+
+
+def _settings_label(cell: dict) -> str:
+    """What a cell changed from the defaults, in words (empty for a default cell)."""
+    changed = {k: cell.get(k, v) for k, v in ZERO_SHOT_DEFAULTS.items() if cell.get(k, v) != v}
+    words = []
+    if "flattening_strength" in changed:
+        strength = changed.pop("flattening_strength")
+        words.append("no flattening" if strength == 0 else f"flattening {strength:g}")
+    if "rotation" in changed:
+        words.append(f"Hadamard-{changed.pop('rotation')}")
+    if changed.pop("gptq_order", None) == "hessian":
+        words.append("static order")
+    if changed.pop("saliency_unit", None) == "block":
+        words.append("block saliency order")
+    words += [f"{k.replace('_', ' ')} {v}" for k, v in changed.items()]
+    return ", ".join(words)
+
+
+def _zero_shot_name(cell: dict) -> str:
+    names = dict(ZERO_SHOT_ROWS) | {"fp": "FP32", "rtn+gptq": "GPTQ"}
+    label = _settings_label(cell)
+    if cell["method"] == "rtn+gptq" and label == "Hadamard-32, static order":
+        return "MR-GPTQ (GPTQ, Hadamard-32, static order)"
+    name = names[cell["method"]]
+    return f"{name}, {label}" if label else name
+
+
 def zero_shot_smollm2(record: dict) -> str:
-    cells = {(c["method"], c["format"]): c for c in record["cells"]}
+    default = {(c["method"], c["format"]): c for c in record["cells"] if not _settings_label(c)}
+    extra = [c for c in record["cells"] if _settings_label(c)]
     limits = sorted({c["limit"] for c in record["cells"]})
     samples = {t: max(c["tasks"][t]["samples"] for c in record["cells"] if t in c["tasks"]) for t in ZERO_SHOT_TASKS}
     lines = [f"Accuracy (lm-eval `acc`, %), zero-shot; first {', '.join(map(str, limits))} documents per task "
              "(" + ", ".join(f"{t} {n}" for t, n in samples.items()) + ")"
-             + ("; — : not run yet." if len(cells) < 1 + 2 * len(ZERO_SHOT_ROWS) else "."), "",
+             + ("; — : not run yet." if len(default) < 1 + 2 * len(ZERO_SHOT_ROWS) else "."), "",
              "| method | format | bits | " + " | ".join(ZERO_SHOT_TASKS) + " | mean |",
              "|---|---|---:|" + "---:|" * (len(ZERO_SHOT_TASKS) + 1)]
     rows = [("fp", "fp", "FP32")] + [(m, f, name) for f in ("mxfp4", "w4a8") for m, name in ZERO_SHOT_ROWS]
-    for method, fmt, name in rows:
-        cell = cells.get((method, fmt))
+    rows = [(default.get((m, f)), f, name) for m, f, name in rows]
+    for fmt in ("mxfp4", "w4a8"):  # cells with other settings after the format's default rows
+        at = max(i for i, (_, f, _) in enumerate(rows) if f == fmt) + 1
+        rows[at:at] = [(c, fmt, _zero_shot_name(c)) for c in extra if c["format"] == fmt]
+    for cell, fmt, name in rows:
         label = {"fp": "—", "mxfp4": "MXFP4 W4A4", "w4a8": "W4A8"}[fmt]
         if cell is None:
             lines.append(f"| {name} | {label} | — | " + " | ".join("—" for _ in ZERO_SHOT_TASKS) + " | — |")
             continue
         accs = [cell["tasks"][t]["acc"] * 100 for t in ZERO_SHOT_TASKS]
-        bits = "32" if method == "fp" else f"{cell['bits']:.2f}"
+        bits = "32" if fmt == "fp" else f"{cell['bits']:.2f}"
         lines.append(f"| {name} | {label} | {bits} | " + " | ".join(f"{a:.1f}" for a in accs)
                      + f" | {sum(accs) / len(accs):.1f} |")
     return "\n".join(lines)

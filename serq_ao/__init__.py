@@ -15,6 +15,7 @@ from serq_ao.formats import FormatName, ScaleMode  # noqa: E402
 from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
 from serq_ao.quant.methods import Method  # noqa: E402
 from serq_ao.quant.config import SERQConfig  # noqa: E402
+from serq_ao.quant.recipes import recipe_config  # noqa: E402
 from serq_ao.integrations import checkpoint_config as _checkpoint_config  # noqa: E402
 from serq_ao.integrations import hf_quantizer as _hf_quantizer  # noqa: E402
 from serq_ao.integrations import torchao_route as _torchao_route  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "pack_model",
     "quantize_",
     "quantize_model",
+    "recipe_config",
     "transform_model",
     "storage_report",
 ]

@@ -44,6 +44,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
 def progress_bar(console: Console, quiet: bool) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -79,13 +89,16 @@ class StageProgress:
 def config_from_args(args: argparse.Namespace, method: str | None = None, methods: list[str] | None = None):
     """The SERQConfig of the quantization options (``method`` overrides ``--method``).
 
-    An option given on the command line that none of ``methods`` (default: the one method)
-    with this format uses is a usage error, not something silently ignored: ``--rank``,
-    ``--rank-allocation`` and ``--residual-order`` are SERQ's, ``--scale-mode`` and
-    ``--weight-scales`` are MXFP4's. Options left out take the SERQConfig defaults."""
+    Method serq starts from ``--recipe`` (default :data:`~serq_ao.quant.recipes.DEFAULT_RECIPE`),
+    the other methods from SERQConfig's defaults; the options given on the command line
+    override either. An option given that none of ``methods`` (default: the one method) with
+    this format uses is a usage error, not something silently ignored: ``--recipe``,
+    ``--rank``, ``--rank-allocation``, ``--flattening-strength``, ``--saliency-unit`` and
+    ``--residual-order`` are SERQ's, ``--scale-mode`` and ``--weight-scales`` are MXFP4's."""
     from serq_ao.formats import FormatName
     from serq_ao.quant.config import SERQConfig
     from serq_ao.quant.methods import CorrectionKind, TransformKind, method_spec
+    from serq_ao.quant.recipes import DEFAULT_RECIPE, recipe_options, with_recipe
 
     check_calibration_args(args)  # the calibration options too: before any work
     method = method or args.method
@@ -94,35 +107,58 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
         specs = [method_spec(m) for m in chosen]
     except ValueError as e:
         raise UsageError(str(e)) from e
+    serq = [s.correction is CorrectionKind.SALIENT for s in specs]
+    recipe = recipe_options(args.recipe or DEFAULT_RECIPE, args.format) if any(serq) else {}
     uses = {
-        "rank": any(s.correction is CorrectionKind.SALIENT for s in specs),
-        "rank_allocation": any(s.correction is CorrectionKind.SALIENT for s in specs),
+        "recipe": any(serq),
+        "rank": any(serq),
+        "rank_allocation": any(serq),
+        "flattening_strength": any(s.input_transform is TransformKind.FLATTEN for s in specs),
+        "saliency_unit": any(s.input_transform is TransformKind.FLATTEN for s in specs),
         "residual_order": any(s.input_transform is TransformKind.FLATTEN for s in specs),
         "scale_mode": args.format == FormatName.MXFP4,
         "weight_scales": args.format == FormatName.MXFP4,
         "rotation": any(s.correction is not CorrectionKind.LOWRANK for s in specs),
-        "gptq_order": args.gptq,
+        # with GPTQ given, or by serq's recipe
+        "gptq_order": bool(args.gptq) or (args.gptq is None and recipe.get("gptq", False)),
     }
     for option, used in uses.items():
         if getattr(args, option) is not None and not used:
             mxfp4 = option in ("scale_mode", "weight_scales")
             if option == "gptq_order":
-                raise UsageError("--gptq-order applies with --gptq only")
+                raise UsageError("--gptq-order applies with GPTQ only (--gptq, or serq's --recipe rotated-gptq)")
             whose = ("the MXFP4 format" if mxfp4 else "methods rtn, smoothquant and serq" if option == "rotation"
                      else "method serq")
             raise UsageError(f"--{option.replace('_', '-')} applies to {whose} only; "
                              f"{'--format ' + args.format if mxfp4 else '--method ' + ','.join(chosen)} "
                              "does not use it")
-    fields = {option: getattr(args, option) for option in uses if getattr(args, option) is not None}
+    given = {option: getattr(args, option) for option in (*uses, "gptq") if getattr(args, option) is not None}
+    given.pop("recipe", None)
+    salient = method_spec(method).correction is CorrectionKind.SALIENT
+    fields = with_recipe(args.recipe or DEFAULT_RECIPE, {"format": args.format, **given}) if salient else given
+    fields.pop("format", None)
     if method_spec(method).input_transform is not TransformKind.FLATTEN:
-        fields.pop("residual_order", None)  # serq compare: the order is SERQ's, the other methods have none
+        # serq compare: the order and the flattening are SERQ's, the other methods have neither
+        fields.pop("residual_order", None)
+        fields.pop("flattening_strength", None)
+        fields.pop("saliency_unit", None)
     if method_spec(method).correction is not CorrectionKind.SALIENT:
         fields.pop("rank_allocation", None)  # likewise the rank it shares out
+        if not fields.get("gptq"):
+            fields.pop("gptq_order", None)  # serq's GPTQ order, where serq's recipe gave the GPTQ
     try:
-        return SERQConfig(method=method, format=args.format, gptq=args.gptq, ignore=tuple(args.ignore),
+        return SERQConfig(method=method, format=args.format, ignore=tuple(args.ignore),
                           quantize_lm_head=args.quantize_lm_head, **fields)
     except ValueError as e:
         raise UsageError(str(e)) from e
+
+
+def recipe_name(args: argparse.Namespace, config) -> str | None:
+    """The recipe a config of method serq started from (None for the other methods)."""
+    from serq_ao.quant.methods import CorrectionKind
+    from serq_ao.quant.recipes import DEFAULT_RECIPE
+
+    return str(args.recipe or DEFAULT_RECIPE) if config.spec.correction is CorrectionKind.SALIENT else None
 
 
 def check_positions(model, option: str, positions: int) -> None:

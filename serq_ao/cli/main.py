@@ -21,7 +21,7 @@ from rich.markup import escape  # rich would take "[eval]" or "[1, 2]" in a mess
 tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 import serq_ao  # noqa: E402  (first: it silences torchao's CPU-only load messages)
-from serq_ao.cli.common import UsageError, non_negative_float, non_negative_int, positive_int  # noqa: E402
+from serq_ao.cli.common import UsageError, non_negative_float, non_negative_int, positive_int, unit_float  # noqa: E402
 from serq_ao.cli.bench import cmd_bench  # noqa: E402
 from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
 from serq_ao.cli.export import cmd_export  # noqa: E402
@@ -29,6 +29,7 @@ from serq_ao.cli.inspect import DEFAULT_SWEEP, cmd_inspect  # noqa: E402
 from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
 from serq_ao.formats.hadamard import ROTATION_SIZES  # noqa: E402
 from serq_ao.quant.gptq import GPTQ_ORDERS  # noqa: E402
+from serq_ao.quant.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
 from serq_ao.quant.config import (  # noqa: E402
     DEFAULT_RANK,
     DEFAULT_RESIDUAL_ORDER,
@@ -36,6 +37,7 @@ from serq_ao.quant.config import (  # noqa: E402
     METHODS,
     RANK_ALLOCATIONS,
     RESIDUAL_ORDERS,
+    SALIENCY_UNITS,
 )
 from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
 from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
@@ -116,13 +118,24 @@ def _loading_options(parser: argparse.ArgumentParser) -> None:
 
 def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="mxfp4", help="mxfp4 (W4A4 MXFP4), w4a8 or w4a4 (INT)")
-    # left out (None): SERQConfig's default; given to a method or format that does not use it: an error
+    parser.add_argument("--recipe", choices=RECIPES, default=None,
+                        help=f"method serq's options by name (default {DEFAULT_RECIPE}): rotated-gptq (no flattening, "
+                             "a Hadamard rotation of the format's weight group, GPTQ in static order: the best "
+                             "measured) or paper (SERQ as published); options given below override it")
+    # left out (None): the recipe's or SERQConfig's default; given to a method or format that does not use it: an error
     parser.add_argument("--rank", type=non_negative_int, default=None,
                         help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK}; method serq only)")
     parser.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default=None,
                         help="uniform (every linear gets --rank; default) or error (each linear 0 to 4x --rank, "
                              "by its measured output error, within the storage of --rank everywhere; loads the "
                              "whole model); method serq only")
+    parser.add_argument("--flattening-strength", type=unit_float, default=None, metavar="ALPHA",
+                        help="SERQ's flattening scales s = max|x| ** ALPHA, in [0, 1]: 1 moves each input channel's "
+                             "range into the weights (the paper), 0 leaves the weights as they are (the order and "
+                             "the correction still follow max|x|); method serq only")
+    parser.add_argument("--saliency-unit", choices=SALIENCY_UNITS, default=None,
+                        help="what SERQ's saliency order moves: channel (each by its max|x|, the paper) or block "
+                             "(whole blocks of --rotation channels, by their largest max|x|); method serq only")
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default=None,
                         help="MXFP4 block scale rule (default floor; format mxfp4 only)")
     parser.add_argument("--weight-scales", choices=WEIGHT_SCALES, default=None,
@@ -131,7 +144,9 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotation", type=int, choices=ROTATION_SIZES, default=None,
                         help="block size of a Hadamard rotation of every quantized linear's input: weights rotated "
                              "offline, activations inside their quantization (default 0: none; not for lqer/l2qer)")
-    parser.add_argument("--gptq", action="store_true", help="GPTQ for the main weights, layer by layer")
+    parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                        help="GPTQ for the main weights, layer by layer (default: serq's --recipe says; off for the "
+                             "other methods)")
     parser.add_argument("--gptq-order", choices=GPTQ_ORDERS, default=None,
                         help="GPTQ's column order: columns (left to right; SERQ's salient columns first; default) or "
                              "hessian (MR-GPTQ's static activation order, scales fixed before the sweep); with --gptq")

@@ -21,6 +21,7 @@ from serq_ao.cli.common import (
     checked_plan,
     config_from_args,
     progress_bar,
+    recipe_name,
     status,
 )
 from serq_ao.files import strict_json
@@ -58,6 +59,7 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
         report, storage, extra = _quantize_in_memory(output, config, args, err)
     summary = {
         "out": str(args.out),
+        "recipe": recipe_name(args, config),
         **config.to_dict(),
         "effective_bits": report.to_dict()["effective_bits"],
         "linears": len(report.linears),
@@ -81,7 +83,8 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
     rank = str(config.correction_rank)
     if config.correction_rank and config.rank_allocation != "uniform":
         rank = f"{min(r.rank for r in report.linears)}-{max(r.rank for r in report.linears)} (budget {rank})"
-    table.add_row(config.method, config.format, rank, f"{report.effective_bits:.2f}",
+    recipe = recipe_name(args, config)
+    table.add_row(f"{config.method} (recipe {recipe})" if recipe else config.method, config.format, rank, f"{report.effective_bits:.2f}",
                   str(len(report.linears)), stored, f"{report.seconds['total']:.1f}")
     Console().print(table)
     return 0
@@ -240,14 +243,16 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
                 bits, quant_seconds = report.to_dict()["effective_bits"], time.perf_counter() - started
             task = progress.add_task(f"{method}: perplexity", total=windows.shape[0])
             result = perplexity(model, windows, on_batch=lambda k: progress.advance(task, k))
-            rows.append({"method": method, "bits": bits, "ppl": result.ppl, "quantize_seconds": quant_seconds, "eval_seconds": result.seconds})
+            rows.append({"method": method, "recipe": recipe_name(args, configs[method]) if method != "fp" else None,
+                         "config": configs[method].to_dict() if method != "fp" else None, "bits": bits,
+                         "ppl": result.ppl, "quantize_seconds": quant_seconds, "eval_seconds": result.seconds})
     record = {
         "model": str(args.model),
         "format": args.format,
         "rank": configs["serq"].rank if "serq" in configs else None,
         "rank_allocation": str(configs["serq"].rank_allocation) if "serq" in configs else None,
         "scale_mode": None if first is None or args.format != "mxfp4" else str(first.scale_mode),
-        "gptq": args.gptq,
+        "gptq": {m: c.gptq for m, c in configs.items()},
         "corpus": args.corpus,
         "windows": int(windows.shape[0]),
         "calibration": calibration_record(args),
@@ -262,7 +267,8 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         allocated = ", ranks by error" if record["rank_allocation"] == "error" else ""
-        name = f"serq (r={record['rank']}{allocated})" if row["method"] == "serq" else row["method"]
+        name = (f"serq (r={record['rank']}{allocated}, recipe {row['recipe']})" if row["method"] == "serq"
+                else row["method"])
         table.add_row(name, f"{row['bits']:.2f}", f"{row['ppl']:.2f}", f"{row['quantize_seconds']:.1f}")
     Console().print(table)
     return 0

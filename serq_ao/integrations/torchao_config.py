@@ -18,7 +18,8 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from serq_ao.formats import WeightScales, enum_value, get_format
 from serq_ao.formats.hadamard import check_rotation, rotate_weight
-from serq_ao.quant.config import DEFAULT_RANK, check_format_rank_scale_mode
+from serq_ao.quant.config import DEFAULT_RANK, check_flattening_strength, check_format_rank_scale_mode
+from serq_ao.quant.methods import SaliencyUnit
 from serq_ao.quant.calibration import NonFiniteError
 from serq_ao.quant.reconstruct import flattening_scales, saliency_order, serq_reconstruct
 
@@ -36,6 +37,9 @@ class SERQLinearConfig(AOBaseConfig):
     - ``format``: "mxfp4", "w4a8" or "w4a4"; ``scale_mode``: "floor" or "rceil" (MXFP4).
     - ``weight_scales``: "rule" or "search" (MXFP4), as :class:`~serq_ao.quant.config.SERQConfig`'s.
     - ``rotation``: 0, 32, 64 or 128, the block Hadamard rotation, as ``SERQConfig``'s.
+    - ``flattening_strength``: in [0, 1], as ``SERQConfig``'s (s = max|x| ** strength; the
+      order by max|x| whatever it is).
+    - ``saliency_unit``: "channel" or "block" (needs a rotation), as ``SERQConfig``'s.
     """
 
     input_amax: list[float] | None = None
@@ -44,6 +48,8 @@ class SERQLinearConfig(AOBaseConfig):
     scale_mode: str = "floor"
     weight_scales: str = "rule"
     rotation: int = 0
+    flattening_strength: float = 1.0
+    saliency_unit: str = "channel"
 
     def __post_init__(self):
         fmt, scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
@@ -51,6 +57,10 @@ class SERQLinearConfig(AOBaseConfig):
         get_format(fmt, scale_mode, self.weight_scales)  # weight_scales: a known value, and MXFP4's only
         self.weight_scales = str(enum_value(WeightScales, self.weight_scales, "weight_scales"))
         self.rotation = check_rotation(self.rotation)
+        self.flattening_strength = check_flattening_strength(self.flattening_strength)
+        self.saliency_unit = str(enum_value(SaliencyUnit, self.saliency_unit, "saliency_unit"))
+        if self.saliency_unit == SaliencyUnit.BLOCK and not self.rotation:
+            raise ValueError("saliency_unit='block' moves the blocks of a rotation: it needs rotation 32, 64 or 128")
         if self.input_amax is None:
             if self.rank:
                 raise ValueError("rank > 0 needs input_amax (the saliency order comes from it); pass rank=0 for plain RTN")
@@ -71,7 +81,8 @@ class SERQLinearConfig(AOBaseConfig):
 
     def to_dict(self) -> dict:
         return {"input_amax": self.input_amax, "rank": self.rank, "format": str(self.format),
-                "scale_mode": str(self.scale_mode), "weight_scales": self.weight_scales, "rotation": self.rotation}
+                "scale_mode": str(self.scale_mode), "weight_scales": self.weight_scales, "rotation": self.rotation,
+                "flattening_strength": self.flattening_strength, "saliency_unit": self.saliency_unit}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SERQLinearConfig":
@@ -94,8 +105,10 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
     if config.input_amax is not None:
         if len(config.input_amax) != d_in:
             raise ValueError(f"input_amax must have shape ({d_in},) for this linear, got ({len(config.input_amax)},)")
-        scales = flattening_scales(config.amax_tensor().to(weight.device))
-        perm = saliency_order(scales)
+        amax = config.amax_tensor().to(weight.device)
+        scales = flattening_scales(amax, config.flattening_strength)
+        block = config.rotation if config.saliency_unit == SaliencyUnit.BLOCK else 0
+        perm = saliency_order(flattening_scales(amax), block)  # ranked by max |x| at any strength
         weight = (weight * scales).index_select(1, perm)  # W~[:, pi]
         scale_inv = 1.0 / scales
     weight = rotate_weight(weight, config.rotation)  # W~[:, pi] H

@@ -52,15 +52,17 @@ def serq_linear_configs(quant_type) -> list[SERQLinearConfig] | None:
 
 def model_config_of(configs: list[SERQLinearConfig]) -> SERQConfig:
     """The one :class:`SERQConfig` a packed folder records for linears quantized with ``configs``."""
-    kinds = {(str(c.format), c.rank, str(c.scale_mode), str(c.weight_scales), c.rotation) for c in configs}
+    kinds = {(str(c.format), c.rank, str(c.scale_mode), str(c.weight_scales), c.rotation, c.flattening_strength,
+              c.saliency_unit) for c in configs}
     if len(kinds) > 1:
         raise ValueError("the SERQLinearConfigs of one TorchAoConfig must agree on format, rank, scale_mode, "
-                         f"weight_scales and rotation (one packed folder records one of each), got {sorted(kinds)}")
-    fmt, rank, scale_mode, weight_scales, rotation = kinds.pop()
+                         f"weight_scales, rotation, flattening_strength and saliency_unit (one packed folder records one of each), got {sorted(kinds)}")
+    fmt, rank, scale_mode, weight_scales, rotation, strength, unit = kinds.pop()
     # without statistics a linear is plain round to nearest (rank 0 enforced by SERQLinearConfig)
     method = "serq" if any(c.input_amax is not None for c in configs) else "rtn"
     return SERQConfig(method=method, format=fmt, rank=rank, scale_mode=scale_mode, weight_scales=weight_scales,
-                      rotation=rotation)
+                      rotation=rotation, flattening_strength=strength if method == "serq" else 1.0,
+                      saliency_unit=unit if method == "serq" else "channel")
 
 
 class SERQOnLoadHfQuantizer(TorchAoHfQuantizer):

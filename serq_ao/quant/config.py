@@ -17,6 +17,7 @@ from serq_ao.quant.methods import (
     MethodSpec,
     RankAllocation,
     ResidualOrder,
+    SaliencyUnit,
     TransformKind,
     method_spec,
 )
@@ -29,6 +30,7 @@ RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 DEFAULT_RANK = 64
 RESIDUAL_ORDERS = tuple(o.value for o in ResidualOrder)
 RANK_ALLOCATIONS = tuple(a.value for a in RankAllocation)
+SALIENCY_UNITS = tuple(u.value for u in SaliencyUnit)
 DEFAULT_RESIDUAL_ORDER = ResidualOrder.PER_GROUP
 
 __all__ = ["DEFAULT_RANK", "DEFAULT_RESIDUAL_ORDER", "FORMATS", "METHODS", "RANK_ALLOCATIONS", "RANK_MULTIPLE",
@@ -49,6 +51,10 @@ class SERQConfig:
     """How to quantize every linear inside the decoder layers (and lm_head if asked; the
     embeddings stay in floating point).
 
+    The defaults are SERQ as published (recipe ``"paper"``); :func:`serq_ao.recipe_config`
+    builds the named recipes, among them the command line's default ``"rotated-gptq"``
+    (:mod:`serq_ao.quant.recipes`).
+
     - ``method``: ``"serq"`` (flattening + saliency order + one correction matrix of rank
       ``rank``), ``"rtn"`` (round to nearest, no transform), ``"smoothquant"`` (scales
       ``max|x|**alpha / max|w|**(1 - alpha)``, folded the same way, then RTN), ``"lqer"``
@@ -65,6 +71,18 @@ class SERQConfig:
       ``serq``, ``rank`` > 0, calibration input ids and the whole model in memory (every
       linear's curve is measured before any is quantized), and does not share out to a
       quantized output head (``quantize_lm_head``).
+    - ``flattening_strength``: SERQ's flattening scales are ``s = max|x| ** strength``: 1 (the
+      paper) moves each input channel's whole range into the weights, 0 keeps the weights as
+      they are (s = 1: the input stays unflattened, and a ``rotation`` or GPTQ is left to deal
+      with its outliers), values in between move part of it, as SmoothQuant's alpha. The
+      saliency order, and so which columns the correction matrix covers, is by max |x| at any
+      strength. ``serq`` only.
+    - ``saliency_unit``: what the saliency order moves: ``"channel"`` (each channel by its
+      max|x|, the paper) or ``"block"`` (whole blocks of ``rotation`` consecutive channels, by
+      their largest max|x|, each block's channels in their own order: the rotation then mixes
+      the model's own blocks, and R covers the most salient blocks;
+      :func:`~serq_ao.quant.reconstruct.block_saliency_order`). ``"block"`` needs method
+      ``serq``, a ``rotation`` and ``residual_order="per_group"``.
     - ``scale_mode``: MXFP4 block scale rule, ``"floor"`` (OCP spec, SERQ reference) or
       ``"rceil"`` (torchao's default).
     - ``weight_scales``: how MXFP4 weight and R block scales are chosen: ``"rule"`` (the
@@ -100,7 +118,7 @@ class SERQConfig:
       decoder layers (:mod:`serq_ao.quant.lm_head`); a head tied to the embeddings is untied
       first (the embeddings stay in floating point). Off by default, as in the paper.
 
-    ``method``, ``format``, ``scale_mode``, ``weight_scales`` and ``rank_allocation`` accept strings or the enums
+    ``method``, ``format``, ``scale_mode``, ``weight_scales``, ``rank_allocation`` and ``saliency_unit`` accept strings or the enums
     (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
     :class:`~serq_ao.formats.ScaleMode`, :class:`~serq_ao.formats.WeightScales`) and are
     stored as the enums (which are ``str``).
@@ -110,6 +128,8 @@ class SERQConfig:
     format: FormatName = FormatName.MXFP4
     rank: int = DEFAULT_RANK
     rank_allocation: RankAllocation = RankAllocation.UNIFORM
+    flattening_strength: float = 1.0
+    saliency_unit: SaliencyUnit = SaliencyUnit.CHANNEL
     scale_mode: ScaleMode = ScaleMode.FLOOR
     weight_scales: WeightScales = WeightScales.RULE
     rotation: int = 0
@@ -136,6 +156,10 @@ class SERQConfig:
                 self.spec.correction is not CorrectionKind.SALIENT or not self.rank):
             raise ValueError(f"rank_allocation={self.rank_allocation.value!r} applies to method 'serq' with rank > 0 "
                              f"(the rank it shares out), got method {self.method.value!r} with rank {self.rank}")
+        object.__setattr__(self, "flattening_strength", check_flattening_strength(self.flattening_strength))
+        if self.flattening_strength != 1.0 and self.spec.input_transform is not TransformKind.FLATTEN:
+            raise ValueError(f"flattening_strength={self.flattening_strength!r} applies to method 'serq' only "
+                             f"(its flattening), got method {self.method.value!r}")
         check_rotation(self.rotation)
         if self.rotation and self.spec.correction is CorrectionKind.LOWRANK:
             # their error factors would be fitted, and L2QER's scaled, in the rotated basis
@@ -157,6 +181,14 @@ class SERQConfig:
             raise ValueError(f"rank_allocation={self.rank_allocation.value!r} shares ranks among the decoder layers' "
                              "linears only: use it with quantize_lm_head=False, or rank_allocation='uniform'")
         object.__setattr__(self, "residual_order", enum_value(ResidualOrder, self.residual_order, "residual_order"))
+        object.__setattr__(self, "saliency_unit", enum_value(SaliencyUnit, self.saliency_unit, "saliency_unit"))
+        if self.saliency_unit is SaliencyUnit.BLOCK and (
+                self.spec.input_transform is not TransformKind.FLATTEN or not self.rotation
+                or self.residual_order is not ResidualOrder.PER_GROUP):
+            raise ValueError("saliency_unit='block' moves the blocks of a rotation: it needs method 'serq', a rotation "
+                             "and residual_order='per_group', got "
+                             f"method {self.method.value!r}, rotation={self.rotation}, "
+                             f"residual_order={self.residual_order.value!r}")
         if self.residual_order is ResidualOrder.GLOBAL and self.spec.input_transform is not TransformKind.FLATTEN:
             raise ValueError(f"residual_order='global' applies to method 'serq' only (its saliency order), "
                              f"got method {self.method.value!r}")
@@ -182,6 +214,11 @@ class SERQConfig:
         return self.rank if self.spec.correction is CorrectionKind.SALIENT else 0
 
     @property
+    def saliency_block(self) -> int:
+        """The block the saliency order moves: 0 for single channels, else the rotation's size."""
+        return self.rotation if self.saliency_unit is SaliencyUnit.BLOCK else 0
+
+    @property
     def needs_statistics(self) -> bool:
         return self.spec.needs_statistics
 
@@ -204,6 +241,14 @@ class SERQConfig:
         if unknown:
             raise ValueError(f"unknown SERQConfig fields: {sorted(unknown)}")
         return cls(**data)
+
+
+def check_flattening_strength(strength) -> float:
+    """A flattening strength: a number in [0, 1], returned as a float."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"flattening_strength must be a number in [0, 1] (1: the paper's flattening, 0: none), "
+                         f"got {strength!r}")
+    return float(strength)
 
 
 def _checked_patterns(patterns) -> tuple[str, ...]:

@@ -49,6 +49,13 @@ class RankAllocation(enum.StrEnum):
     ERROR = "error"  # per linear, by measured output error, within the storage of the uniform rank
 
 
+class SaliencyUnit(enum.StrEnum):
+    """What SERQ's saliency order moves (:func:`~serq_ao.quant.reconstruct.block_saliency_order`)."""
+
+    CHANNEL = "channel"  # each channel by its max |x| (the paper)
+    BLOCK = "block"  # whole blocks of SERQConfig.rotation channels, by their largest max |x|
+
+
 class CorrectionKind(enum.StrEnum):
     NONE = "none"
     SALIENT = "salient"  # SERQ's R on the r most salient columns, rank SERQConfig.rank

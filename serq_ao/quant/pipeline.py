@@ -146,8 +146,10 @@ def _transforms(model: nn.Module, plan: ModelPlan, config: SERQConfig, stats: Ca
     transforms = {}
     for group in plan.groups:
         if kind is TransformKind.FLATTEN:
-            scales = flattening_scales(stats.amax[group.name])
-            order = torch.arange(group.in_features) if group.name in in_stream_order else saliency_order(scales)
+            amax = stats.amax[group.name]
+            scales = flattening_scales(amax, config.flattening_strength)
+            order = (torch.arange(group.in_features) if group.name in in_stream_order
+                     else saliency_order(flattening_scales(amax), config.saliency_block))
             transforms[group.name] = InputTransform(scales, order)
         elif kind is TransformKind.SMOOTH:
             weights = [model.get_submodule(n).weight for n in group.linears]

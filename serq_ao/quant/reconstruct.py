@@ -20,14 +20,35 @@ from serq_ao.formats import Quantized, QuantFormat, fake_quantize_int
 FLATTEN_SHRINK = 1.0 - 2.0**-20
 
 
-def flattening_scales(amax: torch.Tensor) -> torch.Tensor:
-    """s = max |x| per channel (1 for a channel that was always zero), see FLATTEN_SHRINK."""
-    return torch.where(amax > 0, amax, torch.ones_like(amax)) * FLATTEN_SHRINK
+def flattening_scales(amax: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """s = (max |x|)**strength per channel (1 for a channel that was always zero).
+
+    ``strength`` 1 is the paper's flattening (see FLATTEN_SHRINK); 0 gives s = 1 exactly
+    (no flattening: every fold is a no-op); in between, SmoothQuant's migration of part of
+    each channel's range into the weights. Saliency is always ranked by max |x| itself
+    (:func:`saliency_order` of the strength-1 scales), whatever the strength."""
+    if strength == 0:
+        return torch.ones_like(amax)
+    base = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return (base if strength == 1 else base.pow(strength)) * FLATTEN_SHRINK
 
 
-def saliency_order(scales: torch.Tensor) -> torch.Tensor:
-    """pi: channels by flattening scale, largest first (stable, so ties keep channel order)."""
-    return torch.sort(scales, descending=True, stable=True).indices
+def saliency_order(scales: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """pi: channels by flattening scale, largest first (stable, so ties keep channel order).
+
+    With ``block`` > 0, pi moves whole blocks instead: the full blocks of ``block``
+    consecutive channels by their largest scale, largest first (stable); the channels inside a
+    block, and the tail past the last full block, keep their order. This is for a block
+    rotation of that size (:mod:`serq_ao.formats.hadamard`): the rotation mixes a block's
+    channels, so saliency is the block's, and keeping the model's own blocks keeps what the
+    rotation mixes (an outlier channel among ordinary ones) instead of putting the outliers
+    together in the first blocks."""
+    if not block:
+        return torch.sort(scales, descending=True, stable=True).indices
+    full = scales.numel() // block * block
+    blocks = torch.sort(scales[:full].reshape(-1, block).amax(dim=1), descending=True, stable=True).indices
+    head = (blocks[:, None] * block + torch.arange(block, device=scales.device)).flatten()
+    return torch.cat([head, torch.arange(full, scales.numel(), device=scales.device)])
 
 
 def residual_stream_order(scales: list[torch.Tensor]) -> torch.Tensor:

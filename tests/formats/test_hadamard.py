@@ -121,7 +121,11 @@ def _quantized(config, dtype=torch.float32):
 
 @pytest.mark.parametrize("config", [SERQConfig(rank=32, rotation=32), SERQConfig(method="rtn", rotation=64),
                                     SERQConfig(format="w4a8", rank=32, rotation=128),
-                                    SERQConfig(rank=32, rotation=32, gptq=True)], ids=str)
+                                    SERQConfig(rank=32, rotation=32, gptq=True),
+                                    SERQConfig(rank=32, rotation=32, gptq=True, gptq_order="hessian",
+                                               flattening_strength=0.0),
+                                    SERQConfig(rank=32, rotation=32, gptq=True, gptq_order="hessian",
+                                               flattening_strength=0.0, saliency_unit="block")], ids=str)
 def test_quantized_linears_compute_the_float64_rotated_reference(config):
     """Each quantized linear: its weights are the format's codes of W H (for SERQ: W~[:, pi] H),
     its input x^ H, quantized; checked against a dense float64 H on the layer's real input."""

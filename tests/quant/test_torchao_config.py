@@ -61,16 +61,25 @@ def test_each_linear_gets_its_own_statistics_through_fqn_to_config():
         assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt, weight_scales, rotation", [("mxfp4", "search", 32), ("w4a8", "rule", 128)])
-def test_lone_linear_with_rotation_and_weight_scales_matches_the_method_written_out(fmt, weight_scales, rotation):
+@pytest.mark.parametrize("fmt, weight_scales, rotation, strength, unit",
+                         [("mxfp4", "search", 32, 1.0, "channel"), ("w4a8", "rule", 128, 1.0, "channel"),
+                          ("mxfp4", "rule", 32, 0.0, "block"), ("w4a4", "rule", 0, 0.5, "channel"),
+                          ("w4a8", "rule", 64, 0.0, "block")])
+def test_lone_linear_with_rotation_and_weight_scales_matches_the_method_written_out(fmt, weight_scales, rotation,
+                                                                                    strength, unit):
+    from tests.quant.test_saliency_unit import brute_force_block_order
+
     from serq_ao.formats.hadamard import block_hadamard
 
     g = torch.Generator().manual_seed(1)
     linear = nn.Linear(160, 48)
     x = torch.randn(64, 160, generator=g) * torch.logspace(-1, 1, 160)
     amax = x.abs().amax(dim=0)
-    scales = flattening_scales(amax)
-    perm = saliency_order(scales)
+    scales = flattening_scales(amax, strength)
+    if unit == "block":
+        perm = torch.tensor(brute_force_block_order(amax.tolist(), rotation))
+    else:
+        perm = torch.argsort(amax, descending=True, stable=True)  # by max |x| at any strength
     quant_format = get_format(fmt, "floor", weight_scales)
     rotated = block_hadamard(((linear.weight.detach() * scales)[:, perm]).double(), rotation).float()  # W~[:, pi] H
     main, correction = serq_reconstruct(rotated, 32, quant_format)
@@ -78,15 +87,21 @@ def test_lone_linear_with_rotation_and_weight_scales_matches_the_method_written_
     expected = x_q @ main.dequantize().T + linear.bias.detach() + x_q[..., :32] @ correction.dequantize().T
     model = nn.Sequential(linear)
     quantize_(model, SERQLinearConfig(input_amax=amax, rank=32, format=fmt, weight_scales=weight_scales,
-                                      rotation=rotation))
+                                      rotation=rotation, flattening_strength=strength,
+                                      saliency_unit=unit))
     assert model[0].weight.rotation == rotation
     with torch.no_grad():
         assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
     from serq_ao.integrations.torchao_route import model_config_of
 
     config = model_config_of([SERQLinearConfig(input_amax=amax, rank=32, format=fmt, weight_scales=weight_scales,
-                                               rotation=rotation)])
-    assert (config.rotation, str(config.weight_scales)) == (rotation, weight_scales)
+                                               rotation=rotation, flattening_strength=strength, saliency_unit=unit)])
+    assert (config.rotation, str(config.weight_scales), config.flattening_strength, str(config.saliency_unit)) == (
+        rotation, weight_scales, strength, unit)
+    with pytest.raises(ValueError, match=r"flattening_strength must be a number in \[0, 1\]"):
+        SERQLinearConfig(input_amax=amax, rank=32, flattening_strength=2)
+    with pytest.raises(ValueError, match="saliency_unit='block' moves the blocks of a rotation"):
+        SERQLinearConfig(input_amax=amax, rank=32, saliency_unit="block")
 
 
 def test_config_serializes_to_json():

@@ -1,0 +1,80 @@
+"""Named recipes: the options of method ``serq`` that were measured together, by name.
+
+| recipe           | flattening | saliency order moves | rotation                       | main weights       |
+|------------------|------------|----------------------|--------------------------------|--------------------|
+| ``paper``        | s = max|x| | channels             | none                           | round to nearest   |
+| ``rotated-gptq`` | none (s=1) | rotation blocks      | Hadamard of the format's weight group (MXFP4 32, INT 128) | GPTQ, static order |
+
+Both keep SERQ's order by max|x| and its correction matrix R of rank ``rank`` on the first
+(most salient) columns, so both cost the same bits. ``paper`` is SERQ as published, and
+``SERQConfig()``'s own defaults; the command line's default is ``rotated-gptq``, the best
+configuration measured (README, Accuracy).
+
+Why ``rotated-gptq`` is built so, each part by a mechanism rather than by one model's score:
+- A block Hadamard of the size of the weight's scale group spreads an input outlier over
+  exactly the elements that share its block scale, on the activation side and on the
+  weight side alike (the FP4 papers' finding, MR-GPTQ's first ingredient).
+- The rotation mixes the channels of a block, so it needs ordinary channels around an
+  outlier to spread it over. Sorting single channels by max|x| puts the outliers together
+  in the first blocks, where the rotation has nothing to spread them over (measured: the
+  channel order with a rotation of 32 is worse than no rotation, README). So the order moves
+  whole blocks of the model's own channels, most salient block first, and R covers the most
+  salient blocks.
+- With the rotation taking care of activation outliers, flattening would only move each
+  channel's range into the weight columns, where it makes a scale group's columns unequal
+  again; so s = 1.
+- GPTQ then compensates the weight error against the rotated input's Hessian, in MR-GPTQ's
+  static order (largest Hessian diagonal first, block scales fixed before the sweep).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from serq_ao.formats import enum_value, get_format
+from serq_ao.quant.config import SERQConfig
+
+
+class Recipe(enum.StrEnum):
+    PAPER = "paper"
+    ROTATED_GPTQ = "rotated-gptq"
+
+
+RECIPES = tuple(r.value for r in Recipe)
+# the command line's default recipe (serq quantize, compare and inspect --stats)
+DEFAULT_RECIPE = Recipe.ROTATED_GPTQ
+
+
+def recipe_options(recipe: Recipe | str, format: str = "mxfp4") -> dict:
+    """The SERQConfig options (besides ``method="serq"``) that ``recipe`` sets at ``format``."""
+    recipe = enum_value(Recipe, recipe, "recipe")
+    if recipe is Recipe.PAPER:
+        return {}  # SERQConfig's defaults are the paper's
+    rotation = get_format(format).weight_group_size  # the block that shares one scale
+    return {"flattening_strength": 0.0, "rotation": rotation, "saliency_unit": "block", "gptq": True,
+            "gptq_order": "hessian"}
+
+
+# A recipe's option that means something only with another (GPTQ's order without GPTQ, the
+# block order without a rotation) is dropped when the caller turns that other one off.
+_NEEDS = {"gptq_order": "gptq", "saliency_unit": "rotation"}
+
+
+def with_recipe(recipe: Recipe | str, options: dict) -> dict:
+    """``options`` (SERQConfig fields of method serq) on top of ``recipe``'s."""
+    merged = {**recipe_options(recipe, options.get("format", "mxfp4")), **options}
+    for option, needed in _NEEDS.items():
+        if option not in options and needed in options and not options[needed]:
+            merged.pop(option, None)
+    return merged
+
+
+def recipe_config(recipe: Recipe | str = DEFAULT_RECIPE, **options) -> SERQConfig:
+    """``SERQConfig(method="serq")`` with ``recipe``'s options; ``options`` (any SERQConfig
+    field but ``method``) override the recipe's, e.g. ``recipe_config("rotated-gptq",
+    format="w4a8", rank=32)``; turning off GPTQ or the rotation drops the recipe's GPTQ order
+    or block order with it."""
+    if "method" in options:
+        raise ValueError(f"a recipe is one of method 'serq', got method={options['method']!r}; "
+                         "build SERQConfig(method=...) for other methods")
+    return SERQConfig(method="serq", **with_recipe(recipe, options))
