@@ -91,6 +91,8 @@ def _zero_shot_name(cell: dict) -> str:
     label = _settings_label(cell)
     if cell["method"] == "rtn+gptq" and label == "Hadamard-32, static order":
         return "MR-GPTQ (GPTQ, Hadamard-32, static order)"
+    if cell["method"] == "serq+gptq" and label == "no flattening, Hadamard-32, static order, block saliency order":
+        return "SERQ, recipe rotated-gptq (r = 64)"
     name = names[cell["method"]]
     return f"{name}, {label}" if label else name
 
