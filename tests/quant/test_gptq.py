@@ -148,5 +148,6 @@ def test_cli_gptq_order(tiny_model_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "q" / "serq_report.json").read_text())["report"]["config"]
     assert config["gptq_order"] == "hessian" and config["rotation"] == 32 and config["gptq"] is True
     capsys.readouterr()
-    assert main(["quantize", str(tiny_model_dir), "-o", str(tmp_path / "r"), "--gptq-order", "hessian", "--quiet"]) == 2
-    assert "--gptq-order applies with --gptq only" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_model_dir), "-o", str(tmp_path / "r"), "--recipe", "paper", "--gptq-order",
+                 "hessian", "--quiet"]) == 2
+    assert "--gptq-order applies with GPTQ only (--gptq, or serq's --recipe rotated-gptq)" in capsys.readouterr().err
