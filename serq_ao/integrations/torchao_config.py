@@ -21,7 +21,7 @@ from serq_ao.formats.hadamard import check_rotation, rotate_weight
 from serq_ao.quant.config import DEFAULT_RANK, check_flattening_strength, check_format_rank_scale_mode
 from serq_ao.quant.methods import SaliencyUnit
 from serq_ao.quant.calibration import NonFiniteError
-from serq_ao.quant.reconstruct import flattening_scales, saliency_order, serq_reconstruct
+from serq_ao.quant.reconstruct import flattening_scales, salient_order, serq_reconstruct
 
 
 @dataclasses.dataclass
@@ -108,7 +108,7 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
         amax = config.amax_tensor().to(weight.device)
         scales = flattening_scales(amax, config.flattening_strength)
         block = config.rotation if config.saliency_unit == SaliencyUnit.BLOCK else 0
-        perm = saliency_order(flattening_scales(amax), block)  # ranked by max |x| at any strength
+        perm = salient_order(amax, block)
         weight = (weight * scales).index_select(1, perm)  # W~[:, pi]
         scale_inv = 1.0 / scales
     weight = rotate_weight(weight, config.rotation)  # W~[:, pi] H

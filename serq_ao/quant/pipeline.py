@@ -50,7 +50,7 @@ from serq_ao.quant.reconstruct import (
     lowrank_error_factors,
     residual_after,
     residual_stream_order,
-    saliency_order,
+    salient_order,
     salient_correction,
     serq_reconstruct,
     smoothquant_scales,
@@ -149,7 +149,7 @@ def _transforms(model: nn.Module, plan: ModelPlan, config: SERQConfig, stats: Ca
             amax = stats.amax[group.name]
             scales = flattening_scales(amax, config.flattening_strength)
             order = (torch.arange(group.in_features) if group.name in in_stream_order
-                     else saliency_order(flattening_scales(amax), config.saliency_block))
+                     else salient_order(amax, config.saliency_block))
             transforms[group.name] = InputTransform(scales, order)
         elif kind is TransformKind.SMOOTH:
             weights = [model.get_submodule(n).weight for n in group.linears]

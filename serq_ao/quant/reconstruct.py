@@ -51,6 +51,12 @@ def saliency_order(scales: torch.Tensor, block: int = 0) -> torch.Tensor:
     return torch.cat([head, torch.arange(full, scales.numel(), device=scales.device)])
 
 
+def salient_order(amax: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """SERQ's pi from the calibration maxima: by max |x| itself (the strength-1 scales),
+    whatever the flattening strength; by channels, or by blocks of ``block`` (> 0)."""
+    return saliency_order(flattening_scales(amax), block)
+
+
 def residual_stream_order(scales: list[torch.Tensor]) -> torch.Tensor:
     """One saliency order for the residual stream from the flattening scales of every group
     that reads it: channels by their mean share of each group's largest scale, largest first.
