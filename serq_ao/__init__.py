@@ -20,7 +20,8 @@ from serq_ao.integrations import checkpoint_config as _checkpoint_config  # noqa
 from serq_ao.integrations import hf_quantizer as _hf_quantizer  # noqa: E402
 from serq_ao.integrations import torchao_route as _torchao_route  # noqa: E402
 from serq_ao.quant.packing import pack_model, storage_report  # noqa: E402
-from serq_ao.quant.pipeline import QuantizationReport, quantize_, quantize_model, transform_model  # noqa: E402
+from serq_ao.quant.pipeline import quantize_, quantize_model, transform_model  # noqa: E402
+from serq_ao.quant.report import QuantizationReport  # noqa: E402
 from serq_ao.integrations.torchao_config import SERQLinearConfig  # noqa: E402
 
 # what lets transformers load serq folders: serq_ao.integrations.checkpoint_config says why

@@ -42,7 +42,7 @@ from serq_ao.quant.calibration import StatisticsObserver
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.layerwise import LayerwiseState
 from serq_ao.quant.linear_plan import LinearPlan
-from serq_ao.quant.pipeline import LinearReport
+from serq_ao.quant.report import LinearReport
 
 RUN_FILE = "run.json"
 FORMAT = 1

@@ -48,7 +48,7 @@ from serq_ao.quant.packing import LinearStorage, StorageReport, is_packed_linear
 from serq_ao.tensor_subclass.flatten import flatten_state_dict
 
 if TYPE_CHECKING:
-    from serq_ao.quant.pipeline import QuantizationReport
+    from serq_ao.quant.report import QuantizationReport
 
 logger = logging.getLogger(__name__)
 

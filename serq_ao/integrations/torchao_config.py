@@ -19,7 +19,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from serq_ao.formats import WeightScales, enum_value, get_format
 from serq_ao.formats.hadamard import check_rotation, rotate_weight
 from serq_ao.quant.config import DEFAULT_RANK, check_flattening_strength, check_format_rank_scale_mode
-from serq_ao.quant.methods import SaliencyUnit
+from serq_ao.quant.methods import SaliencyUnit, saliency_block
 from serq_ao.quant.calibration import NonFiniteError
 from serq_ao.quant.reconstruct import flattening_scales, salient_order, serq_reconstruct
 
@@ -107,8 +107,7 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
             raise ValueError(f"input_amax must have shape ({d_in},) for this linear, got ({len(config.input_amax)},)")
         amax = config.amax_tensor().to(weight.device)
         scales = flattening_scales(amax, config.flattening_strength)
-        block = config.rotation if config.saliency_unit == SaliencyUnit.BLOCK else 0
-        perm = salient_order(amax, block)
+        perm = salient_order(amax, saliency_block(config.saliency_unit, config.rotation))
         weight = (weight * scales).index_select(1, perm)  # W~[:, pi]
         scale_inv = 1.0 / scales
     weight = rotate_weight(weight, config.rotation)  # W~[:, pi] H

@@ -18,6 +18,7 @@ from serq_ao.quant.methods import (
     RankAllocation,
     ResidualOrder,
     SaliencyUnit,
+    saliency_block,
     TransformKind,
     method_spec,
 )
@@ -216,7 +217,7 @@ class SERQConfig:
     @property
     def saliency_block(self) -> int:
         """The block the saliency order moves: 0 for single channels, else the rotation's size."""
-        return self.rotation if self.saliency_unit is SaliencyUnit.BLOCK else 0
+        return saliency_block(self.saliency_unit, self.rotation)
 
     @property
     def needs_statistics(self) -> bool:

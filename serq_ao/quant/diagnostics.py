@@ -27,7 +27,8 @@ from serq_ao.quant.calibration_input import prepare_calibration
 from serq_ao.quant.config import SERQConfig
 from serq_ao.passes import ModelPlan
 from serq_ao.quant.layerwise import relative_error  # noqa: F401 - re-exported, tests use it here
-from serq_ao.quant.pipeline import Progress, QuantizationReport, quantize_
+from serq_ao.quant.pipeline import Progress, quantize_
+from serq_ao.quant.report import QuantizationReport
 
 _LAYER = re.compile(r"\.(\d+)\.")
 

@@ -50,10 +50,16 @@ class RankAllocation(enum.StrEnum):
 
 
 class SaliencyUnit(enum.StrEnum):
-    """What SERQ's saliency order moves (:func:`~serq_ao.quant.reconstruct.block_saliency_order`)."""
+    """What SERQ's saliency order moves (:func:`~serq_ao.quant.reconstruct.salient_order`)."""
 
     CHANNEL = "channel"  # each channel by its max |x| (the paper)
     BLOCK = "block"  # whole blocks of SERQConfig.rotation channels, by their largest max |x|
+
+
+def saliency_block(unit: SaliencyUnit | str, rotation: int) -> int:
+    """The block SERQ's saliency order moves under ``unit``: 0 for single channels, else the
+    rotation's size (the block argument of :func:`~serq_ao.quant.reconstruct.salient_order`)."""
+    return rotation if SaliencyUnit(unit) is SaliencyUnit.BLOCK else 0
 
 
 class CorrectionKind(enum.StrEnum):
