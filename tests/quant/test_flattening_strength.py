@@ -139,9 +139,6 @@ def test_an_edited_strength_in_a_folder_is_refused_naming_it(tmp_path):
     text = json.dumps(config)
     assert '"flattening_strength": 0.0' in text
     path.write_text(text.replace('"flattening_strength": 0.0', '"flattening_strength": 7'))
-    manifest = tmp_path / "q" / "serq_manifest.json"
-    if manifest.exists():  # the integrity manifest would refuse the edit first; drop it to reach the check
-        manifest.unlink()
     with pytest.raises(Exception, match="flattening_strength"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
