@@ -53,7 +53,7 @@ def cell_settings(method: str, fmt: str, args) -> dict:
     return {
         "folds": args.folds,
         "residual_order": args.residual_order if serq else "per_group",
-        "weight_scales": args.weight_scales if fmt == "mxfp4" else "rule",
+        "weight_scales": args.weight_scales if method != "fp" else "rule",
         "rotation": args.rotation if method != "fp" else 0,
         "gptq_order": args.gptq_order if gptq else "columns",
         "rank_allocation": args.rank_allocation if serq else "uniform",
@@ -69,7 +69,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residual-order", choices=("per_group", "global"), default="per_group",
                         help="SERQ's order for norm-fed linears (SERQConfig.residual_order); other methods have none")
     parser.add_argument("--weight-scales", choices=("rule", "search"), default="rule",
-                        help="MXFP4 weight block scales (SERQConfig.weight_scales); other formats use their own")
+                        help="weight and R scales by the format's rule or by error (SERQConfig.weight_scales)")
     parser.add_argument("--rotation", type=int, choices=(0, 32, 64, 128), default=0,
                         help="block Hadamard rotation of every quantized linear's input (SERQConfig.rotation)")
     parser.add_argument("--gptq-order", choices=("columns", "hessian"), default="columns",

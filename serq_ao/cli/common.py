@@ -94,7 +94,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
     override either. An option given that none of ``methods`` (default: the one method) with
     this format uses is a usage error, not something silently ignored: ``--recipe``,
     ``--rank``, ``--rank-allocation``, ``--flattening-strength``, ``--saliency-unit`` and
-    ``--residual-order`` are SERQ's, ``--scale-mode`` and ``--weight-scales`` are MXFP4's."""
+    ``--residual-order`` are SERQ's, ``--scale-mode`` is MXFP4's."""
     from serq_ao.formats import FormatName
     from serq_ao.quant.config import SERQConfig
     from serq_ao.quant.methods import CorrectionKind, TransformKind, method_spec
@@ -117,14 +117,14 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
         "saliency_unit": any(s.input_transform is TransformKind.FLATTEN for s in specs),
         "residual_order": any(s.input_transform is TransformKind.FLATTEN for s in specs),
         "scale_mode": args.format == FormatName.MXFP4,
-        "weight_scales": args.format == FormatName.MXFP4,
+        "weight_scales": True,  # every method quantizes weights, in every format
         "rotation": any(s.correction is not CorrectionKind.LOWRANK for s in specs),
         # with GPTQ given, or by serq's recipe
         "gptq_order": bool(args.gptq) or (args.gptq is None and recipe.get("gptq", False)),
     }
     for option, used in uses.items():
         if getattr(args, option) is not None and not used:
-            mxfp4 = option in ("scale_mode", "weight_scales")
+            mxfp4 = option == "scale_mode"
             if option == "gptq_order":
                 raise UsageError("--gptq-order applies with GPTQ only (--gptq, or serq's --recipe rotated-gptq)")
             whose = ("the MXFP4 format" if mxfp4 else "methods rtn, smoothquant and serq" if option == "rotation"

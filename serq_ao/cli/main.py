@@ -139,8 +139,9 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default=None,
                         help="MXFP4 block scale rule (default floor; format mxfp4 only)")
     parser.add_argument("--weight-scales", choices=WEIGHT_SCALES, default=None,
-                        help="MXFP4 weight block scales: rule (--scale-mode's, as for activations) or search (per "
-                             "block, FLOOR's exponent or one above by reconstruction error); default rule")
+                        help="weight and R scales: rule (the format's: MXFP4 --scale-mode's, as for activations; "
+                             "INT4 the group max / 7) or search, by each group's reconstruction error (MXFP4: FLOOR's "
+                             "exponent or one above; INT4: the max clipped to 1 .. 0.5 of itself); default rule")
     parser.add_argument("--rotation", type=int, choices=ROTATION_SIZES, default=None,
                         help="block size of a Hadamard rotation of every quantized linear's input: weights rotated "
                              "offline, activations inside their quantization (default 0: none; not for lqer/l2qer)")

@@ -12,6 +12,7 @@ from serq_ao.formats.integer import (
     fake_quantize_int,
     pack_int4,
     quantize_int,
+    quantize_int_by_error,
     unpack_int4,
 )
 from serq_ao.formats.mxfp4 import (
@@ -36,16 +37,15 @@ WEIGHT_SCALES = tuple(w.value for w in WeightScales)
 def get_format(name: str | FormatName, scale_mode: str | ScaleMode = ScaleMode.FLOOR,
                weight_scales: str | WeightScales = WeightScales.RULE) -> QuantFormat:
     """The format object of a ``SERQConfig.format`` name (``scale_mode``: MXFP4's block-scale
-    rule; ``weight_scales``: how MXFP4 weight scales are chosen, "search" for MXFP4 only)."""
+    rule; ``weight_scales``: how weight and R scales are chosen, by the format's rule or by
+    error: MXFP4's E8M0 exponent, INT4's clip of the group maximum)."""
     name = enum_value(FormatName, name, "format")
     scale_mode = enum_value(ScaleMode, scale_mode, "scale_mode")
     weight_scales = enum_value(WeightScales, weight_scales, "weight_scales")
     if name is FormatName.MXFP4:
         return MXFP4Format(scale_mode, weight_scales)
-    if weight_scales is not WeightScales.RULE:
-        raise ValueError(f"weight_scales={weight_scales.value!r} applies to format 'mxfp4' only (its E8M0 block "
-                         f"scales), got format {name.value!r}")
-    return IntFormat(name, activation_bits={FormatName.W4A8: 8, FormatName.W4A4: 4}[name])
+    return IntFormat(name, activation_bits={FormatName.W4A8: 8, FormatName.W4A4: 4}[name],
+                     weight_scales=weight_scales)
 
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "fake_quantize_int",
     "pack_int4",
     "quantize_int",
+    "quantize_int_by_error",
     "unpack_int4",
     "SCALE_MODES",
     "dequantize_mxfp4",

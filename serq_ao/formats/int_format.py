@@ -5,7 +5,9 @@ Numerics in :mod:`serq_ao.formats.integer`. Main weight: symmetric INT4 in group
 row. Activations: asymmetric, ``activation_bits`` per token in groups of ``group_size`` along
 the permuted K, dynamic. GPTQ takes each group's scale from the current (error-updated)
 weights when the sweep reaches the group's first column, as the GPTQ reference does, and
-rounds with the float32 scale that is stored.
+rounds with the float32 scale that is stored. With ``weight_scales="search"`` every weight
+and R scale (GPTQ's too) is chosen by the group's error instead of from its maximum
+(:func:`~serq_ao.formats.integer.quantize_int_by_error`); the stored format is the same.
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from serq_ao.formats.base import FormatName, Quantized, QuantFormat
-from serq_ao.formats.integer import fake_quantize_int, pack_int4, quantize_int
+from serq_ao.formats.base import FormatName, Quantized, QuantFormat, WeightScales, enum_value
+from serq_ao.formats.integer import (
+    fake_quantize_int,
+    pack_int4,
+    quantize_int,
+    quantize_int_by_error,
+    symmetric_scales_by_error,
+)
 
 WEIGHT_BITS = 4
 WEIGHT_QMAX = 2 ** (WEIGHT_BITS - 1) - 1  # 7; codes in [-8, 7]
@@ -29,8 +37,10 @@ class IntFormat(QuantFormat):
     name: FormatName
     activation_bits: int
     group_size: int = 128
+    weight_scales: WeightScales = WeightScales.RULE
 
     def __post_init__(self):
+        object.__setattr__(self, "weight_scales", enum_value(WeightScales, self.weight_scales, "weight_scales"))
         if self.activation_bits not in (4, 8):
             raise ValueError(f"activation_bits must be 4 or 8, got {self.activation_bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
@@ -48,12 +58,17 @@ class IntFormat(QuantFormat):
         padded = F.pad(codes, (0, -columns % group)).to(torch.int8)
         return Quantized(pack_int4(padded), scale.float().contiguous(), columns, group, "int4")
 
+    def _quantize(self, weight: Tensor, granularity: str | int):
+        if self.weight_scales is WeightScales.SEARCH:
+            return quantize_int_by_error(weight, WEIGHT_BITS, granularity=granularity)
+        return quantize_int(weight, WEIGHT_BITS, symmetric=True, granularity=granularity)
+
     def quantize_weight(self, weight: Tensor) -> Quantized:
-        q = quantize_int(weight, WEIGHT_BITS, symmetric=True, granularity=self.group_size)
+        q = self._quantize(weight, self.group_size)
         return self._record(q.q, q.scale, weight.shape[-1], self.group_size)
 
     def quantize_correction(self, correction: Tensor) -> Quantized:
-        q = quantize_int(correction, WEIGHT_BITS, symmetric=True, granularity="channel")  # scale (d_out, 1)
+        q = self._quantize(correction, "channel")  # scale (d_out, 1)
         return self._record(q.q, q.scale, correction.shape[-1], correction.shape[-1])
 
     def fake_quantize_activation(self, x: Tensor) -> Tensor:
@@ -63,6 +78,8 @@ class IntFormat(QuantFormat):
         return None
 
     def gptq_group_scale(self, group: Tensor) -> Tensor:
+        if self.weight_scales is WeightScales.SEARCH:  # the float32 scale chosen on the group as it is now
+            return symmetric_scales_by_error(group.float().unsqueeze(1), WEIGHT_BITS).reshape(-1)
         amax = group.abs().amax(dim=1)
         scale = (amax / WEIGHT_QMAX).float()  # the float32 scale that will be stored
         return torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -89,4 +106,5 @@ class IntFormat(QuantFormat):
                                             rotation=rotation)
 
     def to_dict(self) -> dict:
-        return {"format": self.name.value, "activation_bits": self.activation_bits, "group_size": self.group_size}
+        return {"format": self.name.value, "activation_bits": self.activation_bits, "group_size": self.group_size,
+                "weight_scales": self.weight_scales.value}

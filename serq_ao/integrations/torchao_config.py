@@ -35,7 +35,7 @@ class SERQLinearConfig(AOBaseConfig):
       config is JSON, as torchao's ``config_to_dict`` and transformers' config.json need.
     - ``rank``: r, a multiple of 32 (0: flattening only).
     - ``format``: "mxfp4", "w4a8" or "w4a4"; ``scale_mode``: "floor" or "rceil" (MXFP4).
-    - ``weight_scales``: "rule" or "search" (MXFP4), as :class:`~serq_ao.quant.config.SERQConfig`'s.
+    - ``weight_scales``: "rule" or "search", as :class:`~serq_ao.quant.config.SERQConfig`'s.
     - ``rotation``: 0, 32, 64 or 128, the block Hadamard rotation, as ``SERQConfig``'s.
     - ``flattening_strength``: in [0, 1], as ``SERQConfig``'s (s = max|x| ** strength; the
       order by max|x| whatever it is).
@@ -54,7 +54,7 @@ class SERQLinearConfig(AOBaseConfig):
     def __post_init__(self):
         fmt, scale_mode = check_format_rank_scale_mode(self.format, self.rank, self.scale_mode)
         self.format, self.scale_mode = str(fmt), str(scale_mode)  # plain strings: JSON as they are
-        get_format(fmt, scale_mode, self.weight_scales)  # weight_scales: a known value, and MXFP4's only
+        get_format(fmt, scale_mode, self.weight_scales)  # weight_scales: a known value
         self.weight_scales = str(enum_value(WeightScales, self.weight_scales, "weight_scales"))
         self.rotation = check_rotation(self.rotation)
         self.flattening_strength = check_flattening_strength(self.flattening_strength)

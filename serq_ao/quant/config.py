@@ -82,14 +82,16 @@ class SERQConfig:
       max|x|, the paper) or ``"block"`` (whole blocks of ``rotation`` consecutive channels, by
       their largest max|x|, each block's channels in their own order: the rotation then mixes
       the model's own blocks, and R covers the most salient blocks;
-      :func:`~serq_ao.quant.reconstruct.block_saliency_order`). ``"block"`` needs method
+      :func:`~serq_ao.quant.reconstruct.salient_order`). ``"block"`` needs method
       ``serq``, a ``rotation`` and ``residual_order="per_group"``.
     - ``scale_mode``: MXFP4 block scale rule, ``"floor"`` (OCP spec, SERQ reference) or
       ``"rceil"`` (torchao's default).
-    - ``weight_scales``: how MXFP4 weight and R block scales are chosen: ``"rule"`` (the
-      ``scale_mode`` rule, as for activations; the SERQ reference) or ``"search"`` (per
-      block, FLOOR's exponent or one above, whichever reconstructs the block better; still
-      OCP MXFP4). Activations always use ``scale_mode``.
+    - ``weight_scales``: how weight and R scales are chosen: ``"rule"`` (the format's rule:
+      MXFP4's ``scale_mode``, as for activations, INT4's group maximum / 7; the SERQ
+      reference) or ``"search"``, by each group's reconstruction error: MXFP4, FLOOR's
+      exponent or one above (still OCP MXFP4); INT4, the maximum clipped to the fraction
+      from 1 down to 0.5 with the least error (still symmetric INT4). Activations always
+      use their rule.
     - ``rotation``: block size of a Hadamard rotation of every quantized linear's input, 32,
       64 or 128 (0: none, the default): the weights are rotated offline, after the method's
       transform and order and before quantization (GPTQ's Hessians with them), and the
@@ -149,9 +151,6 @@ class SERQConfig:
         object.__setattr__(self, "format", fmt)
         object.__setattr__(self, "scale_mode", scale_mode)
         object.__setattr__(self, "weight_scales", enum_value(WeightScales, self.weight_scales, "weight_scales"))
-        if self.weight_scales is not WeightScales.RULE and fmt is not FormatName.MXFP4:
-            raise ValueError(f"weight_scales={self.weight_scales.value!r} applies to format 'mxfp4' only, "
-                             f"got format {fmt.value!r}")
         object.__setattr__(self, "rank_allocation", enum_value(RankAllocation, self.rank_allocation, "rank_allocation"))
         if self.rank_allocation is not RankAllocation.UNIFORM and (
                 self.spec.correction is not CorrectionKind.SALIENT or not self.rank):

@@ -91,10 +91,8 @@ def test_format_and_gptq_use_the_searched_scales():
 def test_the_option_is_named_where_it_does_not_apply():
     with pytest.raises(ValueError, match="weight_scales must be one of \\('rule', 'search'\\)"):
         SERQConfig(weight_scales="best")
-    with pytest.raises(ValueError, match="weight_scales='search' applies to format 'mxfp4' only"):
-        SERQConfig(format="w4a8", weight_scales="search")
-    with pytest.raises(ValueError, match="applies to format 'mxfp4' only"):
-        get_format("w4a4", "floor", "search")
+    with pytest.raises(ValueError, match="weight_scales must be one of \\('rule', 'search'\\)"):
+        get_format("w4a4", "floor", "best")
     assert SERQConfig.from_dict(SERQConfig(weight_scales="search").to_dict()).weight_scales == "search"
 
 
@@ -126,6 +124,6 @@ def test_cli_option(tiny_model_dir, tmp_path, capsys):
             "--calib-seqlen", "32", "--no-diagnostics", "--quiet", "--weight-scales", "search"]
     assert main(argv) == 0
     assert json.loads((tmp_path / "q" / "serq_report.json").read_text())["report"]["config"]["weight_scales"] == "search"
-    assert main(["quantize", str(tiny_model_dir), "-o", str(tmp_path / "r"), "--format", "w4a8",
-                 "--weight-scales", "search", "--quiet"]) == 2
-    assert "--weight-scales applies to the MXFP4 format only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", str(tiny_model_dir), "-o", str(tmp_path / "r"), "--weight-scales", "best", "--quiet"])
+    assert "--weight-scales: invalid choice: 'best'" in capsys.readouterr().err

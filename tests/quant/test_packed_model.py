@@ -61,6 +61,7 @@ def logits(model, ids=IDS):
     SERQConfig(method="smoothquant", format="mxfp4", scale_mode="rceil"),
     SERQConfig(method="rtn", format="w4a4"),
     SERQConfig(rank=32, gptq=True),
+    SERQConfig(rank=32, format="w4a8", weight_scales="search", gptq=True),
 ])
 def test_packed_model_matches_evaluation_mode_bitwise(config, dtype):
     simulated, packed = quantized_pair(config, dtype)

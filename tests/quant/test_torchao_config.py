@@ -64,7 +64,7 @@ def test_each_linear_gets_its_own_statistics_through_fqn_to_config():
 @pytest.mark.parametrize("fmt, weight_scales, rotation, strength, unit",
                          [("mxfp4", "search", 32, 1.0, "channel"), ("w4a8", "rule", 128, 1.0, "channel"),
                           ("mxfp4", "rule", 32, 0.0, "block"), ("w4a4", "rule", 0, 0.5, "channel"),
-                          ("w4a8", "rule", 64, 0.0, "block")])
+                          ("w4a8", "rule", 64, 0.0, "block"), ("w4a8", "search", 128, 0.0, "block")])
 def test_lone_linear_with_rotation_and_weight_scales_matches_the_method_written_out(fmt, weight_scales, rotation,
                                                                                     strength, unit):
     from tests.quant.test_saliency_unit import brute_force_block_order
@@ -122,7 +122,6 @@ def test_config_serializes_to_json():
     (dict(input_amax=torch.rand(2, 8)), "1-D"),
     (dict(input_amax=torch.tensor([1.0, float("nan")])), "finite"),
     (dict(input_amax=torch.rand(8), rotation=16), "rotation must be one of"),
-    (dict(input_amax=torch.rand(8), format="w4a8", weight_scales="search"), "applies to format 'mxfp4' only"),
     (dict(input_amax=torch.rand(8), weight_scales="best"), "weight_scales must be one of"),
 ])
 def test_bad_configs_are_refused_when_made(kwargs, match):
