@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402,F401
 from serq_ao.bench import write_json, write_text  # noqa: E402
+from serq_ao.benchmark_cells import CELL_SETTINGS, is_default_cell  # noqa: E402
 from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
 from serq_ao.quant.config import FORMATS, METHODS, SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches, evaluation_windows  # noqa: E402
@@ -39,11 +40,8 @@ MODEL = "smollm2-135m"
 ROW_ORDER = ["fp", "rtn", "smoothquant", "lqer", "l2qer", "serq", "serq+gptq"]
 
 
-# A cell's settings beyond (method, format, rank, corpus, scale rule), with the value of a
-# cell recorded before the setting existed (SERQConfig's default).
-SETTINGS = {"folds": "all", "residual_order": "per_group", "weight_scales": "rule", "rotation": 0,
-            "gptq_order": "columns", "rank_allocation": "uniform", "flattening_strength": 1.0,
-            "saliency_unit": "channel"}
+# A cell's settings beyond (method, format, rank, corpus, scale rule) and their defaults
+SETTINGS = CELL_SETTINGS
 
 
 def cell_settings(method: str, fmt: str, args) -> dict:
@@ -80,11 +78,6 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                         help="SERQ's s = max|x| ** strength (SERQConfig.flattening_strength); 1: the paper")
     parser.add_argument("--saliency-unit", choices=("channel", "block"), default="channel",
                         help="what SERQ's order moves (SERQConfig.saliency_unit): block needs --rotation")
-
-
-def is_default(cell: dict) -> bool:
-    """Whether a cell used the default of every setting (the main table's cells)."""
-    return all(cell.get(name, value) == value for name, value in SETTINGS.items())
 
 
 def cell_key(cell: dict) -> tuple:
@@ -188,8 +181,9 @@ def tables(cells: list[dict]) -> str:
         for fmt in FORMATS:
             rank = 64 if method.startswith("serq") else 0
             fmt_key = "fp" if method == "fp" else fmt
-            cell = by_key.get((method, fmt_key, rank, "wiki", "floor", "all", "per_group", "rule", 0, "columns",
-                               "uniform"))
+            # the default of every setting: cell_key fills in SETTINGS' values
+            cell = by_key.get(cell_key({"method": method, "format": fmt_key, "rank": rank, "calib_corpus": "wiki",
+                                        "scale_mode": "floor"}))
             if cell is not None:
                 shown.append(cell)
             if cell is None:
@@ -201,7 +195,7 @@ def tables(cells: list[dict]) -> str:
         names = {"fp": "FP32", "smoothquant": "SmoothQuant", "serq": "SERQ (r = 64)", "serq+gptq": "SERQ + GPTQ (r = 64)"}
         name = names.get(method, method.upper())
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and is_default(c)]
+    default = [c for c in cells if c["calib_corpus"] == "wiki" and c["scale_mode"] == "floor" and is_default_cell(c)]
     sweep = sorted((c for c in default if c["method"] == "serq" and c["format"] == "mxfp4"), key=lambda c: c["rank"])
     if sweep:
         lines += ["", "## SERQ-MXFP4 rank sweep", "", "| rank | bits | perplexity |", "|---:|---:|---:|"]

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from serq_ao.bench import write_text
+from serq_ao.benchmark_cells import changed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,14 +65,9 @@ ZERO_SHOT_ROWS = (("rtn", "RTN"), ("smoothquant", "SmoothQuant"), ("l2qer", "L2Q
                   ("serq+gptq", "SERQ + GPTQ (r = 64)"))
 
 
-ZERO_SHOT_DEFAULTS = {"folds": "all", "residual_order": "per_group", "weight_scales": "rule", "rotation": 0,
-                      "gptq_order": "columns", "rank_allocation": "uniform", "flattening_strength": 1.0,
-                      "saliency_unit": "channel"}
-
-
 def _settings_label(cell: dict) -> str:
     """What a cell changed from the defaults, in words (empty for a default cell)."""
-    changed = {k: cell.get(k, v) for k, v in ZERO_SHOT_DEFAULTS.items() if cell.get(k, v) != v}
+    changed = changed_settings(cell)
     words = []
     if "flattening_strength" in changed:
         strength = changed.pop("flattening_strength")

@@ -19,6 +19,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from serq_ao.benchmark_cells import is_default_cell
 from serq_ao.quant.diagnostics import Diagnostics
 from serq_ao.extras import require
 from serq_ao.files import Output, atomic_path, claim_output
@@ -119,9 +120,7 @@ def rank_sweep(cells: list[dict], fmt: str = "mxfp4") -> dict:
     """From benchmarks/accuracy.py cells: {"serq": [(rank, ppl)], "rtn": ppl or None, "fp": ppl or None}, of
     the default settings only (one cell per rank)."""
     default = [c for c in cells if c.get("calib_corpus") == "wiki" and c.get("scale_mode") == "floor"
-               and c.get("folds", "all") == "all" and c.get("residual_order", "per_group") == "per_group"
-               and c.get("weight_scales", "rule") == "rule" and c.get("rotation", 0) == 0
-               and c.get("rank_allocation", "uniform") == "uniform"]
+               and is_default_cell(c)]
     sweep = sorted((c["rank"], c["ppl"]) for c in default if c["method"] == "serq" and c["format"] == fmt)
     rtn = [c["ppl"] for c in default if c["method"] == "rtn" and c["format"] == fmt]
     fp = [c["ppl"] for c in default if c["method"] == "fp"]

@@ -1,0 +1,46 @@
+"""benchmarks/accuracy.py's tables: the main table shows the cells of default settings, old
+cells (recorded before a setting existed) and new ones alike, and every cell appears once."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def cell(method, fmt, rank, ppl, **settings):
+    return {"method": method, "format": fmt, "rank": rank, "calib_corpus": "wiki", "scale_mode": "floor",
+            "ppl": ppl, "bits": 4.25, "quantize_seconds": 3.0, **settings}
+
+
+def test_default_cells_fill_the_main_table_and_the_rest_is_listed_once(accuracy):
+    every_setting = dict(accuracy.SETTINGS)
+    cells = [
+        cell("fp", "fp", 0, 18.56),  # an old cell: no settings recorded
+        cell("rtn", "mxfp4", 0, 81.86, folds="all", residual_order="per_group"),  # some recorded
+        cell("serq", "mxfp4", 64, 37.53, **every_setting),  # a new cell: all recorded, all default
+        cell("serq+gptq", "w4a8", 64, 21.49, **{**every_setting, "rotation": 128, "saliency_unit": "block",
+                                                "flattening_strength": 0.0, "gptq_order": "hessian"}),
+        cell("rtn", "w4a4", 0, 41.29, rotation=128),
+    ]
+    text = accuracy.tables(cells)
+    main, _, rest = text.partition("## SERQ-MXFP4 rank sweep")
+    assert "| FP32 | 18.56 | 18.56 | 18.56 |" in main
+    assert "| RTN | 81.86 (4.25 b, 3 s) | — | — |" in main
+    assert "| SERQ (r = 64) | 37.53 (4.25 b, 3 s) | — | — |" in main
+    assert "21.49" not in main and "41.29" not in main
+    other = rest.partition("## Other settings")[2]
+    assert other.count("21.49") == 1 and other.count("41.29") == 1
+    assert "37.53" not in other and "81.86" not in other
