@@ -63,7 +63,7 @@ def test_measure_reads_the_childs_peak(scale, tmp_path):
 
 
 def test_watchdog_cap_kills_past_the_cap(scale, tmp_path, monkeypatch):
-    monkeypatch.setattr(scale, "_own_cgroup_v2", lambda: None)
+    monkeypatch.setattr(sys.modules["child_memory"], "_own_cgroup_v2", lambda: None)  # what scale measures with
     cap = scale.Cap(100 * 2**20)
     assert cap.mode == "watchdog"
     code = "import time; x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(5)"
