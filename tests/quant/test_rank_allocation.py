@@ -3,6 +3,7 @@ reference and against the quantized model's measured errors; the allocation agai
 force; the budget; packed, saved and reloaded models with per-linear ranks; misuse."""
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -85,25 +86,38 @@ def test_candidates_stop_at_four_times_the_rank_and_at_the_width():
     assert candidate_ranks(31, 32) == (0,)
 
 
-def curves_of(model, rank=32, rotation=0):
+def curves_of(model, rank=32, **options):
     """The curves on ``model`` after serq_ao.transform_model (which changes it in place)."""
-    plans = serq_ao.transform_model(model, serq_ao.SERQConfig(rank=rank, rotation=rotation), CALIBRATION)
+    plans = serq_ao.transform_model(model, serq_ao.SERQConfig(rank=rank, **options), CALIBRATION)
     return measure_rank_curves(model, plans, CALIBRATION, rank=rank)
 
 
-@pytest.mark.parametrize("rotation", [0, 32])
-def test_curves_match_the_errors_of_the_quantized_model_at_each_rank(rotation):
+@pytest.mark.parametrize("options", [{}, {"rotation": 32},
+                                     # the rotated-gptq recipe's transforms (its GPTQ aside)
+                                     {"rotation": 32, "flattening_strength": 0.0, "saliency_unit": "block"}])
+def test_curves_match_the_errors_of_the_quantized_model_at_each_rank(options):
     """The curve at rank r is ||Y_q - Y||^2 / ||Y||^2 of the model quantized with rank r, measured
-    on the same calibration windows by the layerwise diagnostics (through the real folds)."""
+    on the same calibration windows by the layerwise diagnostics (through the real folds).
+
+    The two compute the linears' inputs on different code paths, equal up to float32 rounding,
+    and an FP4 activation code flips where an input sits on a rounding boundary: one ulp of
+    noise on the tiny model's last down_proj input moves its curve by 0.2-0.4%. So a linear
+    may differ by a flipped code (within 1%), and the rest must agree to 1e-5: a wrong fold,
+    pre-op or rotation moves every linear it touches by far more."""
     model = make_tiny_llama()
-    curves = {c.name: c for c in curves_of(copy.deepcopy(model), rotation=rotation)}
+    curves = {c.name: c for c in curves_of(copy.deepcopy(model), **options)}
     assert len(curves) == 14
+    differences = []
     for rank in (0, 32, 64):
-        report = serq_ao.quantize_model(copy.deepcopy(model), serq_ao.SERQConfig(rank=rank, rotation=rotation),
+        report = serq_ao.quantize_model(copy.deepcopy(model), serq_ao.SERQConfig(rank=rank, **options),
                                         CALIBRATION, error_windows=len(CALIBRATION))
+        assert report.output_errors.keys() == curves.keys()
         for name, error in report.output_errors.items():
             curve = curves[name]
-            assert curve.errors[curve.ranks.index(rank)] == pytest.approx(error ** 2, rel=1e-5), (name, rank)
+            differences.append((abs(curve.errors[curve.ranks.index(rank)] / error ** 2 - 1), name, rank))
+    assert max(differences)[0] < 1e-2, max(differences)
+    flipped = {name for difference, name, _ in differences if difference > 1e-5}
+    assert len(flipped) <= 1, sorted(differences)[-4:]
 
 
 def test_measuring_curves_leaves_the_model_alone():
@@ -192,6 +206,13 @@ def test_gptq_and_rotation_take_the_allocated_ranks():
     config = serq_ao.SERQConfig(rank=32, rank_allocation="error", gptq=True, rotation=32)
     report = serq_ao.quantize_model(make_tiny_llama(), config, CALIBRATION)
     assert len({r.rank for r in report.linears}) > 1
+    # on top of the rotated-gptq recipe, within the recipe's uniform storage
+    recipe = serq_ao.recipe_config("rotated-gptq", rank=32)
+    uniform = serq_ao.quantize_model(make_tiny_llama(), recipe, CALIBRATION)
+    allocated = serq_ao.quantize_model(make_tiny_llama(), dataclasses.replace(recipe, rank_allocation="error"),
+                                       CALIBRATION)
+    assert len({r.rank for r in allocated.linears}) > 1
+    assert allocated.effective_bits <= uniform.effective_bits + 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
