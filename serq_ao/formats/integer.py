@@ -184,13 +184,26 @@ def symmetric_scales_by_error(groups: Tensor, bits: int) -> Tensor:
     (``f`` in :data:`SCALE_SHRINKS`) whose symmetric codes have the smallest squared error,
     the rule's (``f = 1``, first) on a tie; (..., G, 1) float32. The error is summed in float64
     over the values the codes dequantize to in float32."""
+    rows = groups.reshape(-1, groups.shape[-1])  # (N, g)
+    # a few rows of groups at a time: the float64 temporaries of a large weight stay small
+    step = max(1, _SEARCH_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    chunks = [_best_scales(rows[start:start + step], bits) for start in range(0, rows.shape[0], step)]
+    return torch.cat(chunks).reshape(*groups.shape[:-1], 1)
+
+
+_SEARCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def _best_scales(rows: Tensor, bits: int) -> Tensor:
+    """:func:`symmetric_scales_by_error` of groups (N, g) float32: (N, 1)."""
     qmax = 2 ** (bits - 1) - 1
-    amax = groups.abs().amax(dim=-1, keepdim=True)
+    amax = rows.abs().amax(dim=-1, keepdim=True)
+    exact = rows.double()
     best_scale = best_error = None
     for shrink in SCALE_SHRINKS:
         scale = _nonzero(amax * shrink / qmax)  # shrink 1: bitwise the rule's amax / qmax
-        values = _symmetric_codes(groups, scale, qmax) * scale  # what the codes dequantize to, float32
-        error = (values.double() - groups.double()).square().sum(-1, keepdim=True)
+        values = _symmetric_codes(rows, scale, qmax) * scale  # what the codes dequantize to, float32
+        error = (values.double() - exact).square().sum(-1, keepdim=True)
         if best_scale is None:
             best_scale, best_error = scale, error
         else:

@@ -69,6 +69,16 @@ def test_matches_the_float64_reference_and_never_loses_to_the_rule(dtype, group)
     assert shrunk.any() and (searched.scale <= rule_scale).all()  # only ever the max or a clip of it
 
 
+def test_searching_a_few_rows_at_a_time_changes_nothing(monkeypatch):
+    import serq_ao.formats.integer as integer
+
+    x = random_with_outliers((40, 384), seed=4)
+    whole = quantize_int_by_error(x, 4, granularity=128)
+    monkeypatch.setattr(integer, "_SEARCH_CHUNK_ELEMENTS", 300)  # 2 groups of 128 per chunk, a partial last one
+    chunked = quantize_int_by_error(x, 4, granularity=128)
+    assert torch.equal(chunked.scale, whole.scale) and torch.equal(chunked.q, whole.q)
+
+
 def test_a_group_the_rule_reconstructs_exactly_keeps_the_rule():
     # codes -7..7 times one scale: the rule is exact, every smaller scale has an error
     row = torch.arange(-7, 8, dtype=torch.float32).repeat(3)[:32] * 0.37
