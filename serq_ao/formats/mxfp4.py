@@ -198,6 +198,21 @@ def quantize_mxfp4_by_error(x: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`quantize_mxfp4` with each block's exponent chosen among FLOOR's ``e`` and
     ``e + 1`` by the block's sum of squared errors (ties: ``e``); see the module doc. Same
     layout, same special values (zero and non-finite blocks as with FLOOR)."""
+    if x.dim() < 2 or x.numel() == 0:
+        return _by_error_rows(x)  # nothing to split (and _blocks' errors for what it refuses)
+    rows = x.reshape(-1, x.shape[-1])
+    # a few rows at a time: the float64 and int64 temporaries of a large weight stay small
+    step = max(1, _SEARCH_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    parts = [_by_error_rows(rows[start:start + step]) for start in range(0, rows.shape[0], step)]
+    codes, scales = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+    return codes.reshape(*x.shape[:-1], codes.shape[-1]), scales.reshape(*x.shape[:-1], scales.shape[-1])
+
+
+_SEARCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def _by_error_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_mxfp4_by_error` in one piece, x (..., K)."""
     blocks = _blocks(x)  # (..., B, 32)
     magnitude = blocks.abs()
     amax = magnitude.amax(dim=-1, keepdim=True)

@@ -58,6 +58,17 @@ def test_matches_the_float64_reference_and_beats_both_rules(dtype, seed):
     assert (scales.int() != floor_scales).any() and (scales.int() == floor_scales).any()  # both get chosen
 
 
+def test_searching_a_few_rows_at_a_time_changes_nothing(monkeypatch):
+    import serq_ao.formats.mxfp4 as mxfp4
+
+    x = random_with_outliers((3, 41, 96), torch.float32, seed=4)
+    whole = quantize_mxfp4_by_error(x)
+    monkeypatch.setattr(mxfp4, "_SEARCH_CHUNK_ELEMENTS", 200)  # 2 rows of 96 per chunk, 123 rows
+    chunked = quantize_mxfp4_by_error(x)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole)) and chunked[0].shape == (3, 41, 48)
+    assert [t.shape for t in quantize_mxfp4_by_error(x[0, 0])] == [t.shape for t in quantize_mxfp4(x[0, 0])]
+
+
 def test_special_blocks_as_with_floor():
     x = torch.randn(4, 128)
     x[0, :32] = 0.0  # a zero block
