@@ -25,6 +25,11 @@ Why ``rotated-gptq`` is built so, each part by a mechanism rather than by one mo
   again; so s = 1.
 - GPTQ then compensates the weight error against the rotated input's Hessian, in MR-GPTQ's
   static order (largest Hessian diagonal first, block scales fixed before the sweep).
+
+Not in it: ``rank_allocation="error"``, although it measured better on top of it (README).
+The allocation measures every layer before it quantizes any, so a run with it loads the
+whole model, where the recipe alone streams the checkpoint layer by layer; a default must
+work on hosts with less memory than the model.
 """
 
 from __future__ import annotations
