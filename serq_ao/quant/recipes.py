@@ -3,7 +3,7 @@
 | recipe           | flattening | saliency order moves | rotation                       | main weights       |
 |------------------|------------|----------------------|--------------------------------|--------------------|
 | ``paper``        | s = max|x| | channels             | none                           | round to nearest   |
-| ``rotated-gptq`` | none (s=1) | rotation blocks      | Hadamard of the format's weight group (MXFP4 32, INT 128) | GPTQ, static order |
+| ``rotated-gptq`` | none (s=1) | rotation blocks      | Hadamard of the format's weight group (MXFP4 32, INT 128) | GPTQ, static order; INT4 scales by error |
 
 Both keep SERQ's order by max|x| and its correction matrix R of rank ``rank`` on the first
 (most salient) columns, so both cost the same bits. ``paper`` is SERQ as published, and
@@ -25,6 +25,10 @@ Why ``rotated-gptq`` is built so, each part by a mechanism rather than by one mo
   again; so s = 1.
 - GPTQ then compensates the weight error against the rotated input's Hessian, in MR-GPTQ's
   static order (largest Hessian diagonal first, block scales fixed before the sweep).
+- At the INT formats, each INT4 group's scale is chosen by its error (``weight_scales=
+  "search"``): the rotation makes a group of 128 weights bell-shaped, so its largest value
+  sits far out in the tail and the max-based scale leaves most of the 16 levels unused;
+  clipping the maximum (to about 0.8 of it, typically) rounds the other 127 on a finer grid.
 
 Not in it: ``rank_allocation="error"``, although it measured better on top of it (README).
 The allocation measures every layer before it quantizes any, so a run with it loads the
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import enum
 
-from serq_ao.formats import enum_value, get_format
+from serq_ao.formats import FormatName, enum_value, get_format
 from serq_ao.quant.config import SERQConfig
 
 
@@ -55,9 +59,12 @@ def recipe_options(recipe: Recipe | str, format: str = "mxfp4") -> dict:
     recipe = enum_value(Recipe, recipe, "recipe")
     if recipe is Recipe.PAPER:
         return {}  # SERQConfig's defaults are the paper's
-    rotation = get_format(format).weight_group_size  # the block that shares one scale
-    return {"flattening_strength": 0.0, "rotation": rotation, "saliency_unit": "block", "gptq": True,
-            "gptq_order": "hessian"}
+    fmt = get_format(format)
+    options = {"flattening_strength": 0.0, "rotation": fmt.weight_group_size,  # the block that shares one scale
+               "saliency_unit": "block", "gptq": True, "gptq_order": "hessian"}
+    if fmt.name is not FormatName.MXFP4:
+        options["weight_scales"] = "search"  # INT4's group scale by error (module doc)
+    return options
 
 
 # A recipe's option that means something only with another (GPTQ's order without GPTQ, the

@@ -13,10 +13,13 @@ def test_the_paper_recipe_is_serq_as_published():
     assert recipe_options("paper", "w4a8") == {}
 
 
-@pytest.mark.parametrize("fmt, rotation", [("mxfp4", 32), ("w4a8", 128), ("w4a4", 128)])
-def test_rotated_gptq_rotates_the_block_that_shares_a_scale(fmt, rotation):
+@pytest.mark.parametrize("fmt, rotation, weight_scales", [("mxfp4", 32, "rule"), ("w4a8", 128, "search"),
+                                                          ("w4a4", 128, "search")])
+def test_rotated_gptq_rotates_the_block_that_shares_a_scale(fmt, rotation, weight_scales):
     config = recipe_config("rotated-gptq", format=fmt)
     assert config.rotation == rotation == config.quant_format.weight_group_size
+    assert str(config.weight_scales) == weight_scales  # INT4's group scales by error, MXFP4's by its rule
+    assert str(recipe_config("rotated-gptq", format=fmt, weight_scales="rule").weight_scales) == "rule"
     assert (config.flattening_strength, str(config.saliency_unit), config.gptq, str(config.gptq_order)) == (
         0.0, "block", True, "hessian")
     assert config.rank == SERQConfig().rank and str(config.method) == "serq"
