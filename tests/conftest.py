@@ -1,6 +1,10 @@
 """Shared fixtures: a real byte-level tokenizer and a tiny random Llama, both made here."""
 
+import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,21 @@ from serq_ao.testing import BYTE_VOCAB, make_byte_tokenizer  # noqa: F401  (test
 # Triton kernel tests need TRITON_INTERPRET=1 from the start of the process (the Makefile runs
 # them in a pytest process of their own) or a CUDA device (benchmarks/gpu_check.py runs them).
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["kernels_interpret"]
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (its own folder importable, as when it runs),
+    unloaded afterwards."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def make_tiny_llama(vocab_size: int = BYTE_VOCAB + 1, seed: int = 0) -> LlamaForCausalLM:

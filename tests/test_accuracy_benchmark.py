@@ -1,23 +1,15 @@
 """benchmarks/accuracy.py's tables: the main table shows the cells of default settings, old
 cells (recorded before a setting existed) and new ones alike, and every cell appears once."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("accuracy") as module:
+        yield module
 
 
 def cell(method, fmt, rank, ppl, **settings):
