@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serq_ao  # noqa: E402,F401
 from serq_ao.bench import write_json, write_text  # noqa: E402
-from serq_ao.benchmark_cells import CELL_SETTINGS, is_default_cell  # noqa: E402
+from serq_ao.benchmark_cells import CELL_SETTINGS, cell_setting, is_default_cell  # noqa: E402
 from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
 from serq_ao.quant.config import FORMATS, METHODS, SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches, evaluation_windows  # noqa: E402
@@ -82,7 +82,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
 
 def cell_key(cell: dict) -> tuple:
     return (cell["method"], cell["format"], cell["rank"], cell["calib_corpus"], cell["scale_mode"],
-            *(cell.get(name, value) for name, value in SETTINGS.items()))
+            *(cell_setting(cell, name) for name in SETTINGS))
 
 
 def load_cells(path: Path) -> list[dict]:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serq_ao  # noqa: E402,F401
 from accuracy import MODEL, SETTINGS, add_settings_options, cell_settings, load_cells, quantized_model  # noqa: E402
 from serq_ao.bench import machine_info, write_json  # noqa: E402
+from serq_ao.benchmark_cells import cell_setting  # noqa: E402
 from serq_ao.eval.tasks import SHIPPED_TASKS, evaluate_tasks  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,7 +41,7 @@ RANK = 64
 
 
 def cell_key(cell: dict) -> tuple:
-    return cell["method"], cell["format"], cell["limit"], *(cell.get(name, value) for name, value in SETTINGS.items())
+    return cell["method"], cell["format"], cell["limit"], *(cell_setting(cell, name) for name in SETTINGS)
 
 
 def run_cell(method: str, fmt: str, args, cache: Path) -> dict:
