@@ -120,8 +120,8 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="mxfp4", help="mxfp4 (W4A4 MXFP4), w4a8 or w4a4 (INT)")
     parser.add_argument("--recipe", choices=RECIPES, default=None,
                         help=f"method serq's options by name (default {DEFAULT_RECIPE}): rotated-gptq (no flattening, "
-                             "a Hadamard rotation of the format's weight group, GPTQ in static order: the best "
-                             "measured) or paper (SERQ as published); options given below override it")
+                             "block order, a Hadamard rotation of the format's weight group, GPTQ in SERQ's order: "
+                             "the best measured) or paper (SERQ as published); options given below override it")
     # left out (None): the recipe's or SERQConfig's default; given to a method or format that does not use it: an error
     parser.add_argument("--rank", type=non_negative_int, default=None,
                         help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK}; method serq only)")

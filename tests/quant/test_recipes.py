@@ -21,7 +21,7 @@ def test_rotated_gptq_rotates_the_block_that_shares_a_scale(fmt, rotation, weigh
     assert str(config.weight_scales) == weight_scales  # INT4's group scales by error, MXFP4's by its rule
     assert str(recipe_config("rotated-gptq", format=fmt, weight_scales="rule").weight_scales) == "rule"
     assert (config.flattening_strength, str(config.saliency_unit), config.gptq, str(config.gptq_order)) == (
-        0.0, "block", True, "hessian")
+        0.0, "block", True, "columns")
     assert config.rank == SERQConfig().rank and str(config.method) == "serq"
 
 
