@@ -28,18 +28,19 @@ Why ``rotated-gptq`` is built so, each part by a mechanism rather than by one mo
   already (the most salient blocks first), and it rounds R's columns first, before any other
   column's error is pushed onto them: they keep the small residual their scales were fitted
   to. MR-GPTQ's static order (largest Hessian diagonal first) interleaves the blocks and
-  rounds R's columns after others have updated them (their weight error 4x that of SERQ's
-  order, measured). Per linear, the static order's output error is 1.5% lower, on the
-  calibration tokens and on held-out ones alike; on the model, SERQ's order measured better
-  in every setting tried (MXFP4 with either of protocol.md's calibration sets, INT W4A8 and
-  W4A4; README), so the recipe takes it.
+  rounds R's columns after others have updated them (their weight error twice that in SERQ's
+  order, measured). Yet per linear the static order's output error is 1.5% lower, on the
+  calibration tokens and on held-out ones alike (benchmarks/gptq_order_error.py), so this
+  is a candidate mechanism, not a proof; on the model, SERQ's order measured better in every
+  setting tried (MXFP4 with either of protocol.md's calibration sets, INT W4A8 and W4A4;
+  README), so the recipe takes it.
 - At the INT formats, each INT4 group's scale is chosen by its error (``weight_scales=
   "search"``): the rotation makes a group of 128 weights bell-shaped, so its largest value
   sits far out in the tail and the max-based scale leaves most of the 16 levels unused;
   clipping the maximum (to about 0.8 of it, typically) rounds the other 127 on a finer grid.
 
-Not in it: ``rank_allocation="error"``, although it measured better on top of it (README).
-The allocation measures every layer before it quantizes any, so a run with it loads the
+Not in it: ``rank_allocation="error"``. On top of the recipe it did not help at MXFP4
+(README), and it measures every layer before it quantizes any, so a run with it loads the
 whole model, where the recipe alone streams the checkpoint layer by layer; a default must
 work on hosts with less memory than the model.
 """
