@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from serq_ao.bench import write_text
-from serq_ao.benchmark_cells import changed_settings
+from serq_ao.benchmark_cells import cell_setting, changed_settings
+from serq_ao.quant.recipes import Recipe, recipe_options
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,13 +83,31 @@ def _settings_label(cell: dict) -> str:
     return ", ".join(words)
 
 
+def _recipe_label(cell: dict) -> str | None:
+    """A serq+gptq cell built on the rotated-gptq recipe, named by what it changes from the
+    recipe (None: not built on it)."""
+    recipe = recipe_options(Recipe.ROTATED_GPTQ, cell["format"])
+    if cell["method"] != "serq+gptq" or any(cell_setting(cell, k) != recipe[k]
+                                            for k in ("flattening_strength", "rotation", "saliency_unit")):
+        return None
+    words = []
+    if cell_setting(cell, "gptq_order") != recipe["gptq_order"]:
+        words.append("in the static order" if cell_setting(cell, "gptq_order") == "hessian" else "in SERQ's order")
+    if cell_setting(cell, "weight_scales") != recipe.get("weight_scales", "rule"):
+        words.append(f"scales by {cell_setting(cell, 'weight_scales')}")
+    if cell_setting(cell, "rank_allocation") == "error":
+        words.append("+ rank allocation")
+    return " ".join(["SERQ, recipe rotated-gptq", *words]) + f" (r = {cell['rank']})"
+
+
 def _zero_shot_name(cell: dict) -> str:
     names = dict(ZERO_SHOT_ROWS) | {"fp": "FP32", "rtn+gptq": "GPTQ"}
     label = _settings_label(cell)
     if cell["method"] == "rtn+gptq" and label == "Hadamard-32, static order":
         return "MR-GPTQ (GPTQ, Hadamard-32, static order)"
-    if cell["method"] == "serq+gptq" and label == "no flattening, Hadamard-32, static order, block saliency order":
-        return "SERQ, recipe rotated-gptq (r = 64)"
+    recipe = _recipe_label(cell)
+    if recipe is not None:
+        return recipe
     name = names[cell["method"]]
     return f"{name}, {label}" if label else name
 
