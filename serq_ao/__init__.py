@@ -1,5 +1,12 @@
-"""serq-ao: SERQ 4-bit weight and activation quantization for PyTorch models."""
+"""serq-ao: SERQ 4-bit weight and activation quantization for PyTorch models.
 
+Importing the package is cheap (no torch): the public API below is imported on first use
+(PEP 562), and what lets transformers load serq folders is registered the first time
+transformers looks for a quantizer (:mod:`serq_ao.registration`). So ``serq --help`` answers
+at once, and ``import serq_ao`` followed by ``from_pretrained(serq_folder)`` still works.
+"""
+
+import importlib
 import logging
 
 # torchao logs failures to load its CUDA extensions on CPU-only machines; they are harmless
@@ -11,37 +18,39 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
-from serq_ao.formats import FormatName, ScaleMode  # noqa: E402
-from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
-from serq_ao.quant.methods import Method  # noqa: E402
-from serq_ao.quant.config import SERQConfig  # noqa: E402
-from serq_ao.quant.recipes import recipe_config  # noqa: E402
-from serq_ao.integrations import checkpoint_config as _checkpoint_config  # noqa: E402
-from serq_ao.integrations import hf_quantizer as _hf_quantizer  # noqa: E402
-from serq_ao.integrations import torchao_route as _torchao_route  # noqa: E402
-from serq_ao.quant.packing import pack_model, storage_report  # noqa: E402
-from serq_ao.quant.pipeline import quantize_, quantize_model, transform_model  # noqa: E402
-from serq_ao.quant.report import QuantizationReport  # noqa: E402
-from serq_ao.integrations.torchao_config import SERQLinearConfig  # noqa: E402
+# the public API: name -> the module that defines it, imported when the name is first used
+_API = {
+    "CalibrationStats": "serq_ao.quant.calibration",
+    "FormatName": "serq_ao.options",
+    "Method": "serq_ao.quant.methods",
+    "ScaleMode": "serq_ao.options",
+    "QuantizationReport": "serq_ao.quant.report",
+    "SERQConfig": "serq_ao.quant.config",
+    "SERQLinearConfig": "serq_ao.integrations.torchao_config",
+    "calibrate": "serq_ao.quant.calibration",
+    "pack_model": "serq_ao.quant.packing",
+    "quantize_": "serq_ao.quant.pipeline",
+    "quantize_model": "serq_ao.quant.pipeline",
+    "recipe_config": "serq_ao.quant.recipes",
+    "transform_model": "serq_ao.quant.pipeline",
+    "storage_report": "serq_ao.quant.packing",
+}
 
-# what lets transformers load serq folders: serq_ao.integrations.checkpoint_config says why
-_checkpoint_config.allow_in_torchao()
-_hf_quantizer.register_legacy()
-_torchao_route.install()
+__all__ = sorted(_API)
 
-__all__ = [
-    "CalibrationStats",
-    "FormatName",
-    "Method",
-    "ScaleMode",
-    "QuantizationReport",
-    "SERQConfig",
-    "SERQLinearConfig",
-    "calibrate",
-    "pack_model",
-    "quantize_",
-    "quantize_model",
-    "recipe_config",
-    "transform_model",
-    "storage_report",
-]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+from serq_ao import registration as _registration  # noqa: E402
+
+_registration.install()

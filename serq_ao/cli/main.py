@@ -7,56 +7,68 @@ messages go to stderr, so ``serq ... --json | jq`` always works.
 from __future__ import annotations
 
 import argparse
-import functools
+import difflib
+import importlib
 import logging
+import re
 import sys
 
-import tqdm
-from rich.console import Console
-from rich.markup import escape  # rich would take "[eval]" or "[1, 2]" in a message for markup
-
-# The CLI draws its own progress with rich; libraries' tqdm bars (lm-eval's, the GGUF
-# converter's) would interleave with it. TQDM_DISABLE cannot do this: tqdm reads it once, when
-# first imported, and importing serq_ao (the parent package of this module) already did.
-tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
-
-import serq_ao  # noqa: E402  (first: it silences torchao's CPU-only load messages)
-from serq_ao.cli.common import UsageError, non_negative_float, non_negative_int, positive_int, unit_float  # noqa: E402
-from serq_ao.cli.bench import cmd_bench  # noqa: E402
-from serq_ao.cli.evaluate import cmd_eval_ppl, cmd_eval_tasks  # noqa: E402
-from serq_ao.cli.export import cmd_export  # noqa: E402
-from serq_ao.cli.inspect import DEFAULT_SWEEP, cmd_inspect  # noqa: E402
-from serq_ao.cli.quantize import cmd_compare, cmd_quantize  # noqa: E402
-from serq_ao.formats.hadamard import ROTATION_SIZES  # noqa: E402
-from serq_ao.quant.gptq import GPTQ_ORDERS  # noqa: E402
-from serq_ao.quant.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
-from serq_ao.quant.config import (  # noqa: E402
-    DEFAULT_RANK,
-    DEFAULT_RESIDUAL_ORDER,
+# Only light modules here: building the parser (--help, --version, usage errors) must not import
+# torch, transformers or torchao (seconds); each command imports what it needs when it runs.
+from serq_ao import __version__
+from serq_ao.cli.common import UsageError, non_negative_float, non_negative_int, positive_int, unit_float
+from serq_ao.cli.inspect import DEFAULT_SWEEP
+from serq_ao.options import (
+    CONFIG_DEFAULTS,
+    CORPORA,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CALIBRATION_WINDOWS,
+    DEFAULT_MODEL,
+    DEFAULT_RECIPE,
+    DEFAULT_SEQLEN,
+    DEVICE_HELP,
+    DTYPE_NAMES,
     FORMATS,
+    GPTQ_ORDERS,
     METHODS,
     RANK_ALLOCATIONS,
+    RECIPES,
     RESIDUAL_ORDERS,
+    ROTATION_SIZES,
     SALIENCY_UNITS,
+    SCALE_MODES,
+    SHIPPED_TASKS,
+    WEIGHT_SCALES,
+    recipe_options,
 )
-from serq_ao.eval.tasks import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402
-from serq_ao.data import CORPORA, DEFAULT_CALIBRATION_WINDOWS, DEFAULT_SEQLEN, CorpusMissingError  # noqa: E402
-from serq_ao.extras import MissingExtraError  # noqa: E402
-from serq_ao.formats import SCALE_MODES, WEIGHT_SCALES  # noqa: E402
-from serq_ao.models import (  # noqa: E402
-    DEFAULT_MODEL,
-    DEVICE_HELP,
-    DTYPES,
-    ModelAssetMissingError,
-    ModelLoadError,
-    ModelNotFoundError,
-)
-from serq_ao.passes.trace import UnsupportedModelError  # noqa: E402
-from serq_ao.files import OutputError  # noqa: E402
-from serq_ao.quant.calibration import NonFiniteError  # noqa: E402
-from serq_ao.integrations.verify import CheckpointError  # noqa: E402
-from serq_ao.quant.pipeline import ConfigMismatchError  # noqa: E402
-from serq_ao.resume import ResumeError  # noqa: E402
+
+# The errors that are the user's to fix, by "module:class", and serq's exit status for each: one
+# line, no traceback (unless --debug). Named, not imported: importing them would cost seconds
+# (torch) on every start, and an exception can only be of a class whose module is loaded.
+USER_ERRORS = {
+    "serq_ao.cli.common:UsageError": 2,
+    "serq_ao.models:ModelNotFoundError": 2,
+    "serq_ao.models:ModelLoadError": 2,
+    "serq_ao.passes.trace:UnsupportedModelError": 2,
+    "serq_ao.files:OutputError": 2,
+    "serq_ao.resume:ResumeError": 2,
+    "serq_ao.quant.pipeline:ConfigMismatchError": 2,
+    "serq_ao.models:ModelAssetMissingError": 1,
+    "serq_ao.data:CorpusMissingError": 1,
+    "serq_ao.extras:MissingExtraError": 1,
+    "serq_ao.quant.calibration:NonFiniteError": 1,
+    "serq_ao.integrations.verify:CheckpointError": 1,
+}
+
+
+def user_error_status(error: BaseException) -> int | None:
+    """The exit status for ``error`` if it is one of :data:`USER_ERRORS`, else None."""
+    for name, status in USER_ERRORS.items():
+        module, cls = name.split(":")
+        if module in sys.modules and isinstance(error, getattr(sys.modules[module], cls)):
+            return status
+    return None
+
 
 MODEL_HELP = (f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a Hub id (org/name: from the Hugging Face "
               "cache, or downloaded), a .gguf file or a serq output folder")
@@ -84,6 +96,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _check_value(self, action, value):
+        # argparse's own check, plus the closest choice for a typo (Python 3.14 has suggest_on_error)
+        if action.choices is None or value in action.choices:
+            return
+        choices = [str(c) for c in action.choices]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {', '.join(choices)}){hint}")
+
 
 DEBUG_HELP = "show tracebacks and debug logs"
 
@@ -95,20 +116,64 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
+# What --device may say; whether this machine has that device is checked after parsing
+# (check_device), since asking torch costs seconds that --help and usage errors must not.
+DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
+
+
 def _device_argument(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"device must be {DEVICE_HELP}, got {text!r}")
+    return text
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A --device this machine lacks: a usage error before the command runs (cpu needs no check)."""
+    if getattr(args, "device", "cpu") == "cpu":
+        return
     from serq_ao.models import resolve_device
 
     try:
-        resolve_device(text)
+        resolve_device(args.device)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+        parser.error(f"argument --device: {e}")
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+def option_defaults(option: str) -> tuple[dict[str, object], object]:
+    """What a quantization option left out is: ({format: value} under method serq's default
+    recipe, the value otherwise: SERQConfig's default, which recipe paper and the other
+    methods use)."""
+    return ({f: recipe_options(DEFAULT_RECIPE, f).get(option, CONFIG_DEFAULTS[option]) for f in FORMATS},
+            CONFIG_DEFAULTS[option])
+
+
+def default_text(option: str) -> str:
+    """The help's statement of ``option``'s default, built from the recipe and SERQConfig."""
+    by_format, otherwise = option_defaults(option)
+    if all(v == otherwise for v in by_format.values()):
+        return f"default {_shown(otherwise)}"
+    groups: dict[str, list[str]] = {}
+    for fmt, value in by_format.items():
+        groups.setdefault(_shown(value), []).append(fmt)
+    if len(groups) == 1:
+        recipe = next(iter(groups))
+    else:
+        recipe = ", ".join(f"{value} at --format {' and '.join(fmts)}" for value, fmts in groups.items()) + ","
+    return f"default {recipe} with method serq's --recipe {DEFAULT_RECIPE}, {_shown(otherwise)} otherwise"
 
 
 def _loading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=_device_argument, default="cpu", help=f"where the model runs: {DEVICE_HELP} "
                         "(default cpu)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                         help="the model's dtype: auto (the checkpoint's own, default), float32, bfloat16 or float16; "
                              "quantization math keeps its own precision whatever this is")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -124,33 +189,37 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
                              "the best measured) or paper (SERQ as published); options given below override it")
     # left out (None): the recipe's or SERQConfig's default; given to a method or format that does not use it: an error
     parser.add_argument("--rank", type=non_negative_int, default=None,
-                        help=f"SERQ correction rank, a multiple of 32 (default {DEFAULT_RANK}; method serq only)")
+                        help=f"SERQ correction rank, a multiple of 32 ({default_text('rank')}; method serq only)")
     parser.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default=None,
-                        help="uniform (every linear gets --rank; default) or error (each linear 0 to 4x --rank, "
+                        help="uniform (every linear gets --rank) or error (each linear 0 to 4x --rank, "
                              "by its measured output error, within the storage of --rank everywhere; loads the "
-                             "whole model); method serq only")
+                             f"whole model); {default_text('rank_allocation')}; method serq only")
     parser.add_argument("--flattening-strength", type=unit_float, default=None, metavar="ALPHA",
                         help="SERQ's flattening scales s = max|x| ** ALPHA, in [0, 1]: 1 moves each input channel's "
                              "range into the weights (the paper), 0 leaves the weights as they are (the order and "
-                             "the correction still follow max|x|); method serq only")
+                             f"the correction still follow max|x|); {default_text('flattening_strength')}; "
+                             "method serq only")
     parser.add_argument("--saliency-unit", choices=SALIENCY_UNITS, default=None,
                         help="what SERQ's saliency order moves: channel (each by its max|x|, the paper) or block "
-                             "(whole blocks of --rotation channels, by their largest max|x|); method serq only")
+                             "(whole blocks of --rotation channels, by their largest max|x|); "
+                             f"{default_text('saliency_unit')}; method serq only")
     parser.add_argument("--scale-mode", choices=SCALE_MODES, default=None,
-                        help="MXFP4 block scale rule (default floor; format mxfp4 only)")
+                        help=f"MXFP4 block scale rule ({default_text('scale_mode')}; format mxfp4 only)")
     parser.add_argument("--weight-scales", choices=WEIGHT_SCALES, default=None,
                         help="weight and R scales: rule (the format's: MXFP4 --scale-mode's, as for activations; "
                              "INT4 the group max / 7) or search, by each group's reconstruction error (MXFP4: FLOOR's "
-                             "exponent or one above; INT4: the max clipped to 1 .. 0.5 of itself); default rule")
+                             "exponent or one above; INT4: the max clipped to 1 .. 0.5 of itself); "
+                             f"{default_text('weight_scales')}")
     parser.add_argument("--rotation", type=int, choices=ROTATION_SIZES, default=None,
                         help="block size of a Hadamard rotation of every quantized linear's input: weights rotated "
-                             "offline, activations inside their quantization (default 0: none; not for lqer/l2qer)")
+                             f"offline, activations inside their quantization (0: none; {default_text('rotation')}; "
+                             "not for lqer/l2qer)")
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                        help="GPTQ for the main weights, layer by layer (default: serq's --recipe says; off for the "
-                             "other methods)")
+                        help=f"GPTQ for the main weights, layer by layer ({default_text('gptq')})")
     parser.add_argument("--gptq-order", choices=GPTQ_ORDERS, default=None,
-                        help="GPTQ's column order: columns (left to right; SERQ's salient columns first; default) or "
-                             "hessian (MR-GPTQ's static activation order, scales fixed before the sweep); with --gptq")
+                        help="GPTQ's column order: columns (left to right; SERQ's salient columns first) or hessian "
+                             "(MR-GPTQ's static activation order, scales fixed before the sweep); with GPTQ; "
+                             f"{default_text('gptq_order')}")
     parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                         help="leave the linears this matches in floating point (repeatable): a module name, a glob "
                              "such as '*.down_proj', or 're:' and a regular expression of the whole name")
@@ -160,7 +229,7 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default=None,
                         help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm), "
                              "global (one order for the residual stream, no gathers) or auto (global where exact, "
-                             f"else per_group); default {DEFAULT_RESIDUAL_ORDER}; method serq only")
+                             f"else per_group); {default_text('residual_order')}; method serq only")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--calib-corpus", choices=CORPORA, default=None,
                         help="calibrate on a shipped corpus: the first --calib-samples windows of its calibration "
@@ -186,10 +255,21 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=positive_int, default=DEFAULT_SEQLEN, help="tokens per window")
 
 
+def command(module: str, function: str):
+    """The handler ``function`` of ``serq_ao.cli.<module>``, imported when the command runs (the
+    command modules import torch and the rest)."""
+
+    def handler(args: argparse.Namespace, err):
+        return getattr(importlib.import_module(f"serq_ao.cli.{module}"), function)(args, err)
+
+    handler.__qualname__ = f"serq_ao.cli.{module}.{function}"
+    return handler
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="serq", description="SERQ 4-bit quantization toolkit")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    parser.add_argument("--version", action="version", version=f"serq {serq_ao.__version__}")
+    parser.add_argument("--version", action="version", version=f"serq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     quantize = commands.add_parser("quantize", help="quantize a model and save it to a folder")
@@ -219,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--offload-folder", default=None,
                           help="where activations past --activation-memory are written (default: beside --out)")
     _common(quantize)
-    quantize.set_defaults(handler=cmd_quantize)
+    quantize.set_defaults(handler=command("quantize", "cmd_quantize"))
 
     compare = commands.add_parser("compare", help="perplexity of several methods side by side")
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -228,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(compare)
     _loading_options(compare)
     _common(compare)
-    compare.set_defaults(handler=cmd_compare)
+    compare.set_defaults(handler=command("quantize", "cmd_compare"))
 
     inspect = commands.add_parser(
         "inspect", help="the dataflow plan, and per quantized linear: rank, bits, saliency, output error")
@@ -250,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "--calib-windows if fewer)")
     _loading_options(inspect)
     _common(inspect)
-    inspect.set_defaults(handler=cmd_inspect)
+    inspect.set_defaults(handler=command("inspect", "cmd_inspect"))
 
     export = commands.add_parser("export", help="torch.export program or AOTInductor package of a model")
     export.add_argument("model", help=MODEL_HELP)
@@ -261,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seqlen", type=positive_int, default=128, help="input length it is exported for")
     _loading_options(export)
     _common(export)
-    export.set_defaults(handler=cmd_export)
+    export.set_defaults(handler=command("export", "cmd_export"))
 
     bench = commands.add_parser("bench", help="prefill and decode latency, eager and compiled, next to the FP model")
     bench.add_argument("model", help=MODEL_HELP)
@@ -274,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model to compare with: 'auto' (a serq folder's source model), 'none', or a model")
     _loading_options(bench)
     _common(bench)
-    bench.set_defaults(handler=cmd_bench)
+    bench.set_defaults(handler=command("bench", "cmd_bench"))
 
     evaluate = commands.add_parser("eval", help="evaluate a model")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
@@ -288,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward")
     _loading_options(ppl)
     _common(ppl)
-    ppl.set_defaults(handler=cmd_eval_ppl)
+    ppl.set_defaults(handler=command("evaluate", "cmd_eval_ppl"))
     tasks = evaluations.add_parser("tasks", help="zero-shot accuracy through lm-eval, offline")
     tasks.add_argument("model", help=MODEL_HELP)
     tasks.add_argument("--tasks", default=",".join(SHIPPED_TASKS),
@@ -299,39 +379,52 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a folder of further lm-eval task YAMLs (repeatable)")
     _loading_options(tasks)
     _common(tasks)
-    tasks.set_defaults(handler=cmd_eval_tasks)
+    tasks.set_defaults(handler=command("evaluate", "cmd_eval_tasks"))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not args.debug:
+def _quiet_libraries(debug: bool) -> None:
+    """The CLI draws its own progress and messages; libraries' would interleave with them."""
+    import functools
+
+    import tqdm
+
+    # lm-eval's and the GGUF converter's tqdm bars. TQDM_DISABLE cannot do this: tqdm reads it
+    # once, when first imported, which may have happened already.
+    if not isinstance(tqdm.tqdm.__dict__["__init__"], functools.partialmethod):  # once per process
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+    if not debug:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         # lm-eval warns on every run about things that are intended here (a model object, zero-shot)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_device(parser, args)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    _quiet_libraries(args.debug)
+    from rich.console import Console
+    from rich.markup import escape  # rich would take "[eval]" or "[1, 2]" in a message for markup
+
     err = Console(stderr=True)
     try:
         return args.handler(args, err)
-    except (UsageError, ModelNotFoundError, ModelLoadError, UnsupportedModelError, OutputError, ResumeError,
-            ConfigMismatchError) as e:
-        if args.debug:
-            raise
-        err.print(f"[red]serq: error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 2
-    except (ModelAssetMissingError, CorpusMissingError, MissingExtraError, NonFiniteError, CheckpointError) as e:
-        if args.debug:
-            raise
-        err.print(f"[red]serq: error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 1
     except KeyboardInterrupt:
         err.print("serq: interrupted")
         return 130
+    except Exception as e:
+        status = user_error_status(e)
+        if status is None or args.debug:
+            raise
+        err.print(f"[red]serq: error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return status
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "lm_tasks"
 FEATURE = "serq eval tasks"  # what the error names when lm-eval is missing
-SHIPPED_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
-DEFAULT_BATCH_SIZE = 16
+# named where the command line reads them without importing torch
+from serq_ao.options import DEFAULT_BATCH_SIZE, SHIPPED_TASKS  # noqa: E402,F401
 
 
 @dataclasses.dataclass(frozen=True)

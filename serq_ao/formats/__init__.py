@@ -30,8 +30,7 @@ from serq_ao.formats.mxfp4 import (
 from serq_ao.formats.int_format import IntFormat
 from serq_ao.formats.mxfp4_format import MXFP4Format
 
-FORMATS = tuple(f.value for f in FormatName)
-WEIGHT_SCALES = tuple(w.value for w in WeightScales)
+from serq_ao.options import FORMATS, WEIGHT_SCALES  # where the CLI reads them without importing torch
 
 
 def get_format(name: str | FormatName, scale_mode: str | ScaleMode = ScaleMode.FLOOR,

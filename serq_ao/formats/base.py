@@ -17,42 +17,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 
 import torch
 from torch import Tensor
 
-
-class FormatName(enum.StrEnum):
-    """The formats ``SERQConfig.format`` accepts."""
-
-    MXFP4 = "mxfp4"  # MXFP4 weights and activations (W4A4)
-    W4A8 = "w4a8"  # INT4 weights in groups of 128, INT8 activations per token and group
-    W4A4 = "w4a4"  # INT4 weights in groups of 128, INT4 activations per token and group
-
-
-class ScaleMode(enum.StrEnum):
-    """MXFP4 block-scale rule (see :mod:`serq_ao.formats.mxfp4`)."""
-
-    FLOOR = "floor"  # OCP spec and the SERQ reference code
-    RCEIL = "rceil"  # torchao's and cuBLAS's, never clips
-
-
-class WeightScales(enum.StrEnum):
-    """How MXFP4 weight (and R) block scales are chosen (activations always use the rule)."""
-
-    RULE = "rule"  # the scale_mode rule, as for activations (the SERQ reference)
-    SEARCH = "search"  # per block, FLOOR's exponent or one above, by reconstruction error
-
-
-def enum_value(enum_cls: type[enum.Enum], value, option: str) -> enum.Enum:
-    """``value`` (a member or its string) as a member of ``enum_cls``; a clear error naming
-    ``option`` and the allowed values otherwise."""
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = tuple(member.value for member in enum_cls)
-        raise ValueError(f"{option} must be one of {allowed}, got {value!r}") from None
+# the names live in serq_ao.options, which the command line reads without importing torch
+from serq_ao.options import FormatName, ScaleMode, WeightScales, enum_value  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -27,10 +27,7 @@ import torch
 from torch import Tensor
 
 from serq_ao.formats.mxfp4 import cached_constant
-
-# 0: no rotation. Larger blocks spread an outlier over more MX blocks; the kernel's K tile
-# (128 columns) bounds the size.
-ROTATION_SIZES = (0, 32, 64, 128)
+from serq_ao.options import ROTATION_SIZES  # the choices, and why: there (the CLI reads them without torch)
 
 
 def check_rotation(value, option: str = "rotation") -> int:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from serq_ao.formats.base import FormatName, Quantized, QuantFormat, WeightScales, enum_value
+from serq_ao.options import INT_GROUP_SIZE
 from serq_ao.formats.integer import (
     fake_quantize_int,
     pack_int4,
@@ -36,7 +37,7 @@ SCALE_BITS = 16  # the bits accounting counts one fp16 scale per group (stored a
 class IntFormat(QuantFormat):
     name: FormatName
     activation_bits: int
-    group_size: int = 128
+    group_size: int = INT_GROUP_SIZE
     weight_scales: WeightScales = WeightScales.RULE
 
     def __post_init__(self):

@@ -53,8 +53,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
-BLOCK_SIZE = 32
-SCALE_MODES = ("floor", "rceil")
+# defined where the command line reads them without importing torch
+from serq_ao.options import MXFP4_BLOCK_SIZE as BLOCK_SIZE, SCALE_MODES  # noqa: F401
+
 E8M0_BIAS = 127
 E8M0_NAN = 255
 # Largest E2M1 magnitude is 6 = 1.5 * 2**2, hence the "- 2" of the FLOOR rule.

@@ -23,16 +23,16 @@ from serq_ao.quant.methods import (
     method_spec,
 )
 
-RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
-# The paper uses r = 128 for 4k-wide models (3% of d_in). For small models a smaller rank
-# buys most of the gain: on smollm2-135m (d_in 576) the SERQ authors' code gives MXFP4
-# perplexity 38.94 / 37.97 / 36.66 at r = 32 / 64 / 128 (protocol.md), so 64 (11% of 576)
-# is the knee, at 4.72 effective bits.
-DEFAULT_RANK = 64
-RESIDUAL_ORDERS = tuple(o.value for o in ResidualOrder)
-RANK_ALLOCATIONS = tuple(a.value for a in RankAllocation)
-SALIENCY_UNITS = tuple(u.value for u in SaliencyUnit)
-DEFAULT_RESIDUAL_ORDER = ResidualOrder.PER_GROUP
+# the choices and defaults live where the command line reads them without importing torch
+from serq_ao.options import (  # noqa: E402
+    CONFIG_DEFAULTS,
+    DEFAULT_RANK,
+    DEFAULT_RESIDUAL_ORDER,
+    RANK_ALLOCATIONS,
+    RANK_MULTIPLE,
+    RESIDUAL_ORDERS,
+    SALIENCY_UNITS,
+)
 
 __all__ = ["DEFAULT_RANK", "DEFAULT_RESIDUAL_ORDER", "FORMATS", "METHODS", "RANK_ALLOCATIONS", "RANK_MULTIPLE",
            "SERQConfig", "check_format_rank_scale_mode"]
@@ -129,19 +129,19 @@ class SERQConfig:
 
     method: Method = Method.SERQ
     format: FormatName = FormatName.MXFP4
-    rank: int = DEFAULT_RANK
-    rank_allocation: RankAllocation = RankAllocation.UNIFORM
-    flattening_strength: float = 1.0
-    saliency_unit: SaliencyUnit = SaliencyUnit.CHANNEL
-    scale_mode: ScaleMode = ScaleMode.FLOOR
-    weight_scales: WeightScales = WeightScales.RULE
-    rotation: int = 0
+    rank: int = CONFIG_DEFAULTS["rank"]
+    rank_allocation: RankAllocation = CONFIG_DEFAULTS["rank_allocation"]
+    flattening_strength: float = CONFIG_DEFAULTS["flattening_strength"]
+    saliency_unit: SaliencyUnit = CONFIG_DEFAULTS["saliency_unit"]
+    scale_mode: ScaleMode = CONFIG_DEFAULTS["scale_mode"]
+    weight_scales: WeightScales = CONFIG_DEFAULTS["weight_scales"]
+    rotation: int = CONFIG_DEFAULTS["rotation"]
     smoothquant_alpha: float = 0.5
     lowrank_rank: int = 32
-    gptq: bool = False
-    gptq_order: GPTQOrder = GPTQOrder.COLUMNS
+    gptq: bool = CONFIG_DEFAULTS["gptq"]
+    gptq_order: GPTQOrder = CONFIG_DEFAULTS["gptq_order"]
     fold_into_linears: bool = True
-    residual_order: ResidualOrder = DEFAULT_RESIDUAL_ORDER
+    residual_order: ResidualOrder = CONFIG_DEFAULTS["residual_order"]
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
 

@@ -22,12 +22,13 @@ the kernels do not change.
 
 from __future__ import annotations
 
-import enum
 import logging
 
 import torch
 
 from serq_ao.formats import Quantized, QuantFormat, enum_value
+# the orders (module doc) are named where the command line reads them without importing torch
+from serq_ao.options import GPTQ_ORDERS, GPTQOrder  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ MAX_DAMPING = 10.0
 SWEEP_BLOCK = 128  # columns updated lazily together; a multiple of every format's group
 
 
-class GPTQOrder(enum.StrEnum):
-    """The order GPTQ rounds the columns in (module doc)."""
-
-    COLUMNS = "columns"  # left to right: the stored (for SERQ, saliency) order
-    HESSIAN = "hessian"  # decreasing Hessian diagonal, scales fixed before the sweep
-
-
-GPTQ_ORDERS = tuple(o.value for o in GPTQOrder)
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:

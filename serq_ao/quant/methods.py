@@ -99,6 +99,6 @@ METHODS = tuple(m.value for m in Method)
 
 def method_spec(method: str | Method) -> MethodSpec:
     """The spec of ``method``; a clear error naming the allowed methods otherwise."""
-    from serq_ao.formats.base import enum_value
+    from serq_ao.options import enum_value
 
     return METHOD_SPECS[enum_value(Method, method, "method")]

@@ -47,33 +47,10 @@ work on hosts with less memory than the model.
 
 from __future__ import annotations
 
-import enum
-
-from serq_ao.formats import FormatName, enum_value, get_format
 from serq_ao.quant.config import SERQConfig
-
-
-class Recipe(enum.StrEnum):
-    PAPER = "paper"
-    ROTATED_GPTQ = "rotated-gptq"
-
-
-RECIPES = tuple(r.value for r in Recipe)
-# the command line's default recipe (serq quantize, compare and inspect --stats)
-DEFAULT_RECIPE = Recipe.ROTATED_GPTQ
-
-
-def recipe_options(recipe: Recipe | str, format: str = "mxfp4") -> dict:
-    """The SERQConfig options (besides ``method="serq"``) that ``recipe`` sets at ``format``."""
-    recipe = enum_value(Recipe, recipe, "recipe")
-    if recipe is Recipe.PAPER:
-        return {}  # SERQConfig's defaults are the paper's
-    fmt = get_format(format)
-    options = {"flattening_strength": 0.0, "rotation": fmt.weight_group_size,  # the block that shares one scale
-               "saliency_unit": "block", "gptq": True, "gptq_order": "columns"}  # SERQ's order (module doc)
-    if fmt.name is not FormatName.MXFP4:
-        options["weight_scales"] = "search"  # INT4's group scale by error (module doc)
-    return options
+# the recipes' names and options are defined where the command line reads them (its --help
+# states each option's default) without importing torch
+from serq_ao.options import DEFAULT_RECIPE, RECIPES, Recipe, recipe_options  # noqa: F401
 
 
 # A recipe's option that means something only with another (GPTQ's order without GPTQ, the
