@@ -55,6 +55,84 @@ class OutputError(ValueError):
     """A destination serq refuses to write to; the message names the option and the reason."""
 
 
+class DiskFullError(OutputError):
+    """A write that ran out of space; the message names the option, the folder and its free space."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# safetensors and torch raise their own exception types for a failed write, with the OS's text in them
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an exception it was raised from) is a write that ran out of space."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """"12.0 KiB free of 1.0 MiB" for the file system holding ``folder`` (its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    return f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
+
+
+def disk_full_error(option: str, folder: str | os.PathLike, what: str) -> DiskFullError:
+    """The one line for a write into ``folder`` (given as ``option``) that ran out of space
+    while writing ``what``."""
+    return DiskFullError(f"{option}: no space left on the disk holding {folder} while writing {what} "
+                         f"(now {free_space(folder)})")
+
+
+def check_writable_folder(path: str | os.PathLike, *, option: str, probe_bytes: int = 1 << 12) -> Path:
+    """Check, before any work, that ``path`` is a folder serq can write files into (created if
+    missing): not a file, not read-only, not full (a probe file of ``probe_bytes`` is written,
+    synced and removed). Returns the absolute path."""
+    folder = Path(path).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option}: {path} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{option}: cannot create the folder {path} ({e.strerror})") from None
+    probe = folder / f".serq-probe-{secrets.token_hex(4)}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * probe_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise DiskFullError(f"{option}: the disk holding {path} is full ({free_space(folder)})") from None
+        reason = "read-only file system" if e.errno == errno.EROFS else e.strerror
+        raise OutputError(f"{option}: cannot write into {path} ({reason})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return folder
+
+
 def umask_permissions(path: str | os.PathLike) -> None:
     """Give ``path`` (and, for a folder, everything in it) the permissions a plain ``open`` /
     ``mkdir`` would have given it.
@@ -190,8 +268,9 @@ class _Lock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with contextlib.suppress(OSError):  # the pid only informs a second writer; a full disk must not stop us here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
 
     def release(self) -> None:
@@ -260,14 +339,18 @@ class Output:
         atomically. On any error (Ctrl-C included) the temporary is removed and the
         destination is untouched."""
         staging = self._temporary(_NEW)
-        if self.folder:
-            staging.mkdir()
         try:
+            if self.folder:
+                staging.mkdir()
             yield staging
             if self.folder:
                 write_manifest(staging, **manifest_fields)
             umask_permissions(staging)
             self._commit(staging)
+        except Exception as e:
+            if is_disk_full(e) and not isinstance(e, DiskFullError):
+                raise disk_full_error(self.option, self.path.parent, self.path) from e
+            raise
         finally:
             _remove(staging)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -32,14 +33,56 @@ logger = logging.getLogger(__name__)
 
 
 def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
-    from serq_ao.files import claim_output
+    from serq_ao.files import check_writable_folder, claim_output, is_disk_full
 
     config = config_from_args(args)
     if args.diagnostics:
         check_error_windows(args)
     # the destination is checked and locked before any work; it is written only at the end
     with claim_output(args.out, option="--out", overwrite=args.overwrite) as output:
-        return _quantize_into(output, config, args, err)
+        if args.offload_folder is not None:  # a read-only or full one would fail only once activations spill
+            check_writable_folder(args.offload_folder, option="--offload-folder")
+        streaming_logger = logging.getLogger("serq_ao.streaming")
+        said_in_the_error = _SaidInTheError()
+        streaming_logger.addFilter(said_in_the_error)
+        try:
+            return _quantize_into(output, config, args, err)
+        except Exception as e:
+            if is_disk_full(e):
+                raise _out_of_space(e, output) from e
+            raise
+        finally:
+            streaming_logger.removeFilter(said_in_the_error)
+
+
+class _SaidInTheError(logging.Filter):
+    """Drops the library's "N layers are saved, --resume continues" warning while a disk-full
+    error is in flight (it is logged from inside the handler): the CLI's one error line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from serq_ao.files import is_disk_full
+
+        return not (record.levelno == logging.WARNING and is_disk_full(sys.exc_info()[1]))
+
+
+def _out_of_space(error: Exception, output):
+    """The one line for a run that ran out of disk space: where, and what survived (a streamed
+    run keeps every finished layer beside --out, so --resume continues it)."""
+    from serq_ao.files import DiskFullError, disk_full_error
+    from serq_ao.resume import PartialRun, ResumeError
+
+    if not isinstance(error, DiskFullError):  # the run's work folder: finished layers' shards, saved state
+        written = getattr(error, "filename", None) or f"the run's work in {output.partial}"
+        error = disk_full_error("--out", output.path.parent, written)
+    try:
+        saved = PartialRun(output.partial).record()
+    except ResumeError:
+        saved = None
+    if saved is None:
+        return type(error)(f"{error}; nothing was written: free some space and run the command again")
+    done = saved["layers_done"]
+    return type(error)(f"{error}; nothing was lost: {done} finished layer{'s are' if done != 1 else ' is'} saved in "
+                       f"{output.partial}: free some space and run the same command with --resume to continue")
 
 
 def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> int:
@@ -113,10 +156,29 @@ def _streams(folder, config, args: argparse.Namespace) -> bool:
 
 
 def _activation_cache(args: argparse.Namespace):
-    from serq_ao.quant.activations import GiB, ActivationCache
+    from serq_ao.files import disk_full_error, is_disk_full
+    from serq_ao.quant.activations import GiB, ActivationCache, ActivationStream
+
+    folder = args.offload_folder or Path(args.out).absolute().parent
+    option = "--offload-folder" if args.offload_folder is not None else "--out (activations spill beside it unless --offload-folder says elsewhere)"
+
+    class OffloadStream(ActivationStream):
+        """A stream whose spill, on a full disk, names the option that chose its folder."""
+
+        def append(self, tensor) -> None:
+            try:
+                super().append(tensor)
+            except Exception as e:
+                if is_disk_full(e):
+                    raise disk_full_error(option, folder, "calibration activations past --activation-memory") from e
+                raise
+
+    class OffloadCache(ActivationCache):
+        def stream(self) -> OffloadStream:
+            return OffloadStream(self)
 
     memory = None if args.activation_memory is None else int(args.activation_memory * GiB)
-    return ActivationCache(memory, args.offload_folder or Path(args.out).absolute().parent)
+    return OffloadCache(memory, folder)
 
 
 def _describe(args: argparse.Namespace, report, storage, diagnostics) -> dict:

@@ -9,6 +9,7 @@ file is replaced only with ``overwrite``), so an interrupted export leaves nothi
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import time
 from pathlib import Path
@@ -76,7 +77,10 @@ def export_model(model: nn.Module, out: str | os.PathLike | Output, *, batch: in
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
             runner = torch._inductor.aoti_load_package(str(tmp))
         else:
-            torch.export.save(program, tmp)
+            # through memory: torch's zip writer aborts the process on a full disk instead of raising
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer)
+            Path(tmp).write_bytes(buffer.getbuffer())
             runner = torch.export.load(tmp).module()
         difference = (runner(ids) - wrapper(ids)).abs().max().item()
     return ExportResult(str(out.path), "aoti" if aoti else "program", batch, seqlen, count_serq_nodes(program),

@@ -1,0 +1,136 @@
+"""Issue 29, command-line faults: each ends in one line on stderr naming the file or option
+(no traceback), run as a user runs it, in a fresh process; nothing half-written is left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ["--calib-windows", "2", "--calib-seqlen", "32"]
+
+
+def serq(*argv, check_rc: int | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``serq ARGV`` in a fresh process, stderr to a pipe (not a terminal)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "serq_ao.cli.main", *map(str, argv)], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=600, **kwargs)
+    if check_rc is not None:
+        assert result.returncode == check_rc, result.stderr[-3000:]
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a failed command printed (torch's and torchao's import noise apart)."""
+    noise = ("Failed to load", "_pytree.py", "register_constant")
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not any(n in line for n in noise)]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("serq: error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size, name)``: a fresh tmpfs of ``size`` (e.g. "200k") under tmp_path; all unmounted afterwards."""
+    mounted = []
+
+    def mount(size: str, name: str | None = None) -> Path:
+        point = tmp_path / (name or f"fs-{uuid.uuid4().hex[:6]}")
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"a real full or read-only file system needs mount (root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def remount(point: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(point)], check=True)
+
+
+def fill(point: Path) -> None:
+    """Fill a file system to the last byte."""
+    with open(point / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+# ---- case 1: the disk of --out fills up --------------------------------------------------------------
+
+
+def test_disk_full_while_writing_out_is_one_line_and_resume_finishes(tiny_model_dir, tmpfs):
+    # 200 KiB holds the first layer's shard and saved state, not the whole output: the run fails
+    # after a finished layer, which --resume continues once there is room
+    disk = tmpfs("200k")
+    out = disk / "q"
+    line = error_line(serq("quantize", tiny_model_dir, "--out", out, "--rank", "32", *CALIB, "--quiet", check_rc=2))
+    assert f"--out: no space left on the disk holding {disk}" in line, line
+    assert "nothing was lost: 1 finished layer is saved" in line and "--resume" in line, line
+    assert not out.exists()  # never a half-written output under its name
+    remount(disk, "size=2m")
+    serq("quantize", tiny_model_dir, "--out", out, "--rank", "32", *CALIB, "--quiet", "--resume", check_rc=0)
+    assert (out / "serq-manifest.json").is_file()
+    assert sorted(p.name for p in disk.iterdir()) == ["q"]  # the work folder is gone once done
+
+
+def test_disk_full_before_any_layer_says_nothing_was_written(tiny_model_dir, tmpfs):
+    disk = tmpfs("100k")
+    line = error_line(serq("quantize", tiny_model_dir, "--out", disk / "q", "--rank", "32", *CALIB, "--quiet",
+                           check_rc=2))
+    assert f"--out: no space left on the disk holding {disk}" in line and "nothing was written" in line, line
+    assert list(disk.iterdir()) == []
+
+
+def test_disk_full_in_memory_save_and_export(tiny_model_dir, quantized_tiny_dir, tmpfs):
+    disk = tmpfs("100k")
+    # --in-memory saves the whole model at the end, into a staging folder beside --out
+    line = error_line(serq("quantize", tiny_model_dir, "--out", disk / "q", "--method", "rtn", "--in-memory", *CALIB,
+                           "--quiet", check_rc=2))
+    assert f"--out: no space left on the disk holding {disk} while writing {disk / 'q'}" in line, line
+    assert list(disk.iterdir()) == []
+    line = error_line(serq("export", quantized_tiny_dir, "--out", disk / "m.pt2", "--seqlen", "16", "--quiet",
+                           check_rc=2))
+    assert f"--out: no space left on the disk holding {disk} while writing {disk / 'm.pt2'}" in line, line
+    assert list(disk.iterdir()) == []
+
+
+# ---- case 2: --offload-folder ------------------------------------------------------------------------
+
+
+def test_offload_folder_full_or_read_only_is_refused_before_work(tiny_model_dir, tmpfs, tmp_path):
+    full = tmpfs("64k")
+    fill(full)
+    args = ["quantize", tiny_model_dir, "--rank", "32", *CALIB, "--quiet", "--activation-memory", "0"]
+    line = error_line(serq(*args, "--out", tmp_path / "a", "--offload-folder", full, check_rc=2))
+    assert f"--offload-folder: the disk holding {full} is full" in line, line
+    read_only = tmpfs("1m")
+    remount(read_only, "ro")
+    line = error_line(serq(*args, "--out", tmp_path / "b", "--offload-folder", read_only, check_rc=2))
+    assert line.endswith(f"--offload-folder: cannot write into {read_only} (read-only file system)"), line
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    line = error_line(serq(*args, "--out", tmp_path / "c", "--offload-folder", a_file, check_rc=2))
+    assert f"--offload-folder: {a_file} is a file, not a folder" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("fs-")) == ["file"]
+
+
+def test_offload_folder_filling_up_during_the_run_names_it(tiny_model_dir, tmpfs, tmp_path):
+    disk = tmpfs("20k")  # holds the probe, not the activations spilled past --activation-memory 0
+    line = error_line(serq("quantize", tiny_model_dir, "--out", tmp_path / "q", "--rank", "32", *CALIB, "--quiet",
+                           "--activation-memory", "0", "--offload-folder", disk, check_rc=2))
+    assert f"--offload-folder: no space left on the disk holding {disk} while writing calibration activations" \
+        in line, line
+    assert list(disk.iterdir()) == [] and not (tmp_path / "q").exists()
