@@ -49,7 +49,7 @@ def test_text_windows_are_seeded_picks_of_the_files_windows():
 def test_documents_are_cut_at_seqlen_and_empty_ones_skipped(data):
     tokenizer = make_byte_tokenizer()
     documents = load_documents(data / "rows.jsonl")
-    assert documents == DOCUMENTS
+    assert list(documents) == DOCUMENTS
     windows = document_calibration(tokenizer, documents, 12, 16, seed=3)
     assert len(windows) == 12 and {w.shape[1] for w in windows} <= set(range(2, 18))
     assert max(w.shape[1] for w in windows) == 17  # BOS + 16: the long ones are cut

@@ -163,11 +163,12 @@ def recipe_name(args: argparse.Namespace, config) -> str | None:
 
 def check_positions(model, option: str, positions: int) -> None:
     """``positions`` tokens in one sequence must fit the ``max_position_embeddings`` of
-    ``model`` (or of a model config)."""
-    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
-    if limit is not None and positions > limit:
-        raise UsageError(f"{option} needs {positions} positions per sequence, the model has "
-                         f"max_position_embeddings {limit}")
+    ``model`` (or of a model config): the library's rule, as a usage error naming ``option``."""
+    from serq_ao.quant.calibration import positions_error
+
+    message = positions_error(model, option, positions)
+    if message:
+        raise UsageError(message)
 
 
 def check_not_quantized(model, name) -> None:
@@ -216,30 +217,26 @@ def calibration_record(args) -> dict:
 def calibration_from_args(tokenizer, args, model):
     """Calibration input ids per the --calib-* options and --seed: a tensor (n, L), or windows
     of their own lengths from a dataset; checked against ``model``'s positions."""
-    from serq_ao.calibration_data import (
-        DEFAULT_COLUMN,
-        document_calibration,
-        load_documents,
-        read_text_file,
-        text_calibration,
-    )
+    from serq_ao.calibration_data import DEFAULT_COLUMN, document_calibration, load_documents, text_file_calibration
     from serq_ao.data import calibration_batches
 
     check_calibration_args(args)
     seed = args.seed or 0
+    names = {"samples_option": "--calib-samples", "seqlen_option": "--calib-seqlen"}
     try:
         if args.calib_text is not None:
-            batches = text_calibration(tokenizer, read_text_file(args.calib_text), args.calib_windows,
-                                       args.calib_seqlen, seed)
+            batches = text_file_calibration(tokenizer, args.calib_text, args.calib_windows, args.calib_seqlen, seed,
+                                            **names)
         elif args.calib_dataset is not None:
             documents = load_documents(args.calib_dataset, args.calib_column or DEFAULT_COLUMN)
-            batches = document_calibration(tokenizer, documents, args.calib_windows, args.calib_seqlen, seed)
+            batches = document_calibration(tokenizer, documents, args.calib_windows, args.calib_seqlen, seed,
+                                           **names)
         else:
             batches = calibration_batches(tokenizer, args.calib_corpus or "wiki", args.calib_windows,
                                           args.calib_seqlen)
     except ValueError as e:
         option = "--calib-text" if args.calib_text else "--calib-dataset" if args.calib_dataset else "--calib-corpus"
-        raise UsageError(f"{option}: {e}".replace("samples must", "--calib-samples must")) from e
+        raise UsageError(f"{option}: {e}".replace("n_windows must", "--calib-samples must")) from e
     longest = batches.shape[1] if hasattr(batches, "shape") else max(w.shape[1] for w in batches)
     check_positions(model, "--calib-seqlen", longest)
     return batches

@@ -65,9 +65,21 @@ def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
                                          "a model with non-finite weights cannot be quantized")
 
 
+def positions_error(model, what: str, positions: int) -> str | None:
+    """Why sequences of ``positions`` tokens do not fit ``model`` (or a model config), or None.
+    The one rule the library's calibration checks and the CLI's options share: a model has
+    position embeddings (or RoPE tables trained) for ``max_position_embeddings`` positions;
+    past them it still runs, but on positions it never saw, and its statistics mean nothing."""
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
+    if isinstance(limit, int) and positions > limit:
+        return (f"{what} needs {positions} positions per sequence, the model has "
+                f"max_position_embeddings {limit}")
+    return None
+
+
 def check_input_ids(ids, model: nn.Module, option: str = "calibration") -> None:
     """Calibration input ids must be an integer tensor (n, L), n, L >= 1, of token ids the
-    model's vocabulary has; anything else is an error naming ``option``."""
+    model's vocabulary has, L within its positions; anything else is an error naming ``option``."""
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{option} must be a tensor of input ids (n, L), got {type(ids).__name__}")
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
@@ -79,6 +91,9 @@ def check_input_ids(ids, model: nn.Module, option: str = "calibration") -> None:
     if low < 0 or (vocab is not None and high >= vocab):
         raise ValueError(f"{option} holds token ids in [{low}, {high}], outside the model's vocabulary "
                          f"[0, {vocab if vocab is not None else '?'})")
+    too_long = positions_error(model, option, ids.shape[1])
+    if too_long:
+        raise ValueError(too_long)
 
 
 def check_materialized(model: nn.Module) -> None:
