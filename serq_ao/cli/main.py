@@ -136,7 +136,15 @@ def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     try:
         resolve_device(args.device)
     except ValueError as e:
-        parser.error(f"argument --device: {e}")
+        command_parser(parser, args).error(f"argument --device: {e}")
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` were parsed for (its name prefixes errors)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return command_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
 
 
 def _shown(value) -> str:
@@ -157,7 +165,11 @@ def option_defaults(option: str) -> tuple[dict[str, object], object]:
 
 def default_text(option: str) -> str:
     """The help's statement of ``option``'s default, built from the recipe and SERQConfig."""
-    by_format, otherwise = option_defaults(option)
+    return render_default(*option_defaults(option))
+
+
+def render_default(by_format: dict[str, object], otherwise) -> str:
+    """"default X" or, where method serq's recipe differs, what it is per format and otherwise."""
     if all(v == otherwise for v in by_format.values()):
         return f"default {_shown(otherwise)}"
     groups: dict[str, list[str]] = {}
