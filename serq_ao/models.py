@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -59,7 +60,11 @@ class ModelLoadError(ValueError):
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:240] or type(error).__name__
+    """``error``'s whole message on one line (never cut: a cut message loses what it was saying)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError) or not text:  # a KeyError's text is the bare key
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text
 
 
 class ModelAssetMissingError(RuntimeError):
@@ -278,6 +283,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
     tokenizer = load_float_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused it: nothing in it ran
+        raise ModelLoadError(_pickle_refused(folder, e)) from None
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # safetensors, json, transformers
         if isinstance(e, CheckpointError):
             raise
@@ -285,6 +292,16 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
                              else remote_code_refused(folder)) from None
     model.eval()
     return model.to(device), tokenizer
+
+
+def _pickle_refused(folder: Path, error: BaseException) -> str:
+    checkpoints = sorted(p.name for p in Path(folder).glob("*.bin")) or ["pytorch_model.bin"]
+    named = checkpoints[0] if len(checkpoints) == 1 else f"{checkpoints[0]} (of {len(checkpoints)} .bin files)"
+    blocked = next((line.strip().rstrip(".") for line in str(error).splitlines() if "GLOBAL" in line), "")
+    return (f"{Path(folder) / named}: holds pickled Python objects other than tensors"
+            f"{f' ({blocked})' if blocked else ''}; it was not loaded, so nothing in it ran (a pickle can run any "
+            "code). Convert it to safetensors where you trust its source (load it with torch.load and save the "
+            "model with save_pretrained)")
 
 
 def load_model_config(folder, *, trust_remote_code: bool = False):
@@ -328,6 +345,30 @@ def load_float_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     check_tokenizer_files(folder)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({_one_line(e)})"
-                             if "trust_remote_code" not in str(e) else remote_code_refused(folder)) from None
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(remote_code_refused(folder)) from None
+        raise ModelLoadError(_tokenizer_problem(Path(folder), e)) from None
+
+
+def _tokenizer_problem(folder: Path, error: BaseException) -> str:
+    """Why the tokenizer of ``folder`` did not load, naming the file at fault where one is."""
+    file = folder / "tokenizer.json"
+    if file.is_file():
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"{file}: not valid JSON ({_one_line(e)}); save the tokenizer again (tokenizer.save_pretrained)"
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers' own parse errors are bare Exceptions
+            return (f"{file}: not a tokenizer the tokenizers library can read ({_one_line(e)}); save the tokenizer "
+                    "again (tokenizer.save_pretrained)")
+        return f"{file}: cannot load the tokenizer ({_one_line(error)})"
+    if not (folder / "tokenizer.model").is_file():
+        present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+        return (f"{folder} has {' and '.join(present)} but no tokenizer.json or tokenizer.model, the files that "
+                "define the vocabulary: save the tokenizer beside the model (tokenizer.save_pretrained)")
+    return f"{folder}: cannot load the tokenizer ({_one_line(error)})"

@@ -134,3 +134,58 @@ def test_offload_folder_filling_up_during_the_run_names_it(tiny_model_dir, tmpfs
     assert f"--offload-folder: no space left on the disk holding {disk} while writing calibration activations" \
         in line, line
     assert list(disk.iterdir()) == [] and not (tmp_path / "q").exists()
+
+
+# ---- cases 3 and 4: a pickled checkpoint, a broken or missing tokenizer ---------------------------------
+
+
+def _pickled_checkpoint(folder: Path, ran: Path) -> None:
+    """The model's weights as pytorch_model.bin, with one entry a pickle that would create ``ran``."""
+    import torch
+    from safetensors.torch import load_file
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {ran}",)
+
+    state = load_file(folder / "model.safetensors")
+    state["payload"] = Payload()
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def _break(kind: str, folder: Path, ran: Path) -> str:
+    """Damage the model folder ``folder`` as ``kind`` says; returns what the one line must say."""
+    if kind == "pickle":
+        _pickled_checkpoint(folder, ran)
+        return (f"{folder / 'pytorch_model.bin'}: holds pickled Python objects other than tensors (Trying to load "
+                "unsupported GLOBAL posix.system whose module posix is blocked); it was not loaded, so nothing in it "
+                "ran")
+    tokenizer = folder / "tokenizer.json"
+    if kind == "tokenizer not JSON":
+        tokenizer.write_text(tokenizer.read_text()[:100])
+        return f"{tokenizer}: not valid JSON ("
+    if kind == "tokenizer not a tokenizer":  # valid JSON that the tokenizers library cannot parse
+        record = __import__("json").loads(tokenizer.read_text())
+        record["model"]["vocab"] = 5
+        tokenizer.write_text(__import__("json").dumps(record))
+        return f"{tokenizer}: not a tokenizer the tokenizers library can read (invalid type: integer `5`, expected a map"
+    if kind == "tokenizer.json deleted":
+        tokenizer.unlink()
+        return (f"{folder} has tokenizer_config.json but no tokenizer.json or tokenizer.model, the files that define "
+                "the vocabulary: save the tokenizer beside the model (tokenizer.save_pretrained)")
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["pickle", "tokenizer not JSON", "tokenizer not a tokenizer", "tokenizer.json deleted"])
+def test_damaged_model_folder_is_one_line_naming_the_file(kind, tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    ran = tmp_path / "payload-ran"
+    expected = _break(kind, folder, ran)
+    line = error_line(serq("quantize", folder, "--out", tmp_path / "q", *CALIB, "--quiet", check_rc=2))
+    assert expected in line, line
+    assert not ran.exists()  # the pickle was refused, never run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
