@@ -44,7 +44,7 @@ from serq_ao.quant.calibration import NonFiniteError, check_finite_weights
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.experts import Selection, select_stored, stored_names
 from serq_ao.quant.fake_quant import FakeQuantLinear
-from serq_ao.quant.packing import LinearStorage, StorageReport, is_packed_linear, pack_linear, storage_report
+from serq_ao.quant.packing import StorageReport, folder_storage, is_packed_linear, pack_linear
 from serq_ao.tensor_subclass.flatten import flatten_state_dict
 
 if TYPE_CHECKING:
@@ -230,14 +230,12 @@ class PackedShardWriter:
     def __init__(self, folder: Path, layers_name: str, num_layers: int):
         self.folder, self.layers_name = folder, layers_name  # where the layer shards go
         self.shards = num_layers + 1
-        self.written: dict[str, int] = {}  # shard file -> size
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
+        # shard file -> size; the index and the report's figures are read back from these
+        # files at the end (folder_storage), never summed here: a resumed run then reports
+        # what it wrote, whatever the earlier process counted
+        self.written: dict[str, int] = {}
         self.gathers: dict[str, dict] = {}
         self.linears: list[str] = []
-        self.storage: list[LinearStorage] = []
-        self.model_bytes = 0
-        self.unquantized_bytes = 0
 
     def _shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.shards:05d}.safetensors"
@@ -251,9 +249,6 @@ class PackedShardWriter:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, folder / name)  # never a half-written shard under its name
         self.written[name] = (folder / name).stat().st_size
-        for key, tensor in tensors.items():
-            self.weight_map[key] = name
-            self.total_size += tensor.numel() * tensor.element_size()
 
     @torch.no_grad()
     def write_layer(self, index: int, layer: nn.Module) -> None:
@@ -266,25 +261,25 @@ class PackedShardWriter:
                 self.gathers[prefix + name] = module.spec()
             elif is_packed_linear(module):
                 self.linears.append(prefix + name)
-        storage = storage_report(layer)
-        self.storage += [dataclasses.replace(s, name=prefix + s.name) for s in storage.linears]
-        self.model_bytes += storage.model_bytes
-        self.unquantized_bytes += storage.unquantized_bytes
         self._write(index + 1, layer.state_dict(prefix=prefix), self.folder)
 
     def to_dict(self) -> dict:
-        """The records of the layers written so far (JSON), for a resumed run."""
-        return {"weight_map": self.weight_map, "total_size": self.total_size, "gathers": self.gathers,
-                "linears": self.linears, "storage": [dataclasses.asdict(s) for s in self.storage],
-                "model_bytes": self.model_bytes, "unquantized_bytes": self.unquantized_bytes, "written": self.written}
+        """The records of the layers written so far (JSON), for a resumed run: what
+        config.json needs (the gathers, the packed linears in model order) and the shards."""
+        return {"gathers": self.gathers, "linears": self.linears, "written": self.written}
 
     def restore(self, record: dict) -> None:
         """Take up the records of :meth:`to_dict`."""
-        self.weight_map, self.total_size = dict(record["weight_map"]), int(record["total_size"])
         self.gathers, self.linears = dict(record["gathers"]), list(record["linears"])
-        self.storage = [LinearStorage(**s) for s in record["storage"]]
-        self.model_bytes, self.unquantized_bytes = int(record["model_bytes"]), int(record["unquantized_bytes"])
         self.written = {k: int(v) for k, v in record["written"].items()}
+
+    def _weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard, from the shards' headers."""
+        weight_map = {}
+        for name in sorted(self.written):
+            with safe_open(str(self.folder / name), framework="pt") as handle:
+                weight_map.update(dict.fromkeys(handle.keys(), name))
+        return weight_map
 
     def finish(self, staging: Path, model: nn.Module, rest: dict[str, torch.Tensor], config: SERQConfig, tokenizer,
                describe: Callable[[StorageReport], dict]) -> ShardedOutput:
@@ -304,18 +299,15 @@ class PackedShardWriter:
             rest = {**{k: v for k, v in rest.items() if not k.startswith(name + ".")},
                     **model.get_submodule(name).state_dict(prefix=name + ".")}
         self._write(self.shards, rest, staging)
-        outside = storage_report(model)  # the layers are placeholders by now: the rest, tied tensors once
-        self.model_bytes += outside.model_bytes
-        self.unquantized_bytes += outside.unquantized_bytes
+        storage = folder_storage(staging, self.linears, files=sorted(self.written))
         model.config.quantization_config = packed_folder_config(config, self.gathers, self.linears)
         model.config.save_pretrained(self.folder)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(self.folder)
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        index = {"metadata": {"total_size": storage.model_bytes}, "weight_map": dict(sorted(self._weight_map().items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(self.folder)
-        storage = StorageReport(self.storage, self.model_bytes, self.unquantized_bytes)
         from serq_ao.integrations.serialization import REPORT_FILE
 
         (self.folder / REPORT_FILE).write_text(strict_json(describe(storage), indent=1))

@@ -64,5 +64,7 @@ if signal_name != "NONE":
 
         pipeline._quantize_linear = quantizing
 
+# the report records the storage figures, as the CLI's does, so that a resumed run's can be compared
 streaming.quantize_checkpoint(source, SERQConfig(**json.loads(config)), CALIBRATION, out, resume=resume,
-                              error_windows=2, collect_statistics=True)
+                              error_windows=2, collect_statistics=True,
+                              describe=lambda report, storage: {"storage": storage.to_dict()})

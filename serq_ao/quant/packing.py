@@ -8,6 +8,9 @@ scales and the group's remaining pre-op; ``nn.Linear.forward`` reaches its custo
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,19 +94,26 @@ class StorageReport:
         }
 
 
+def _linear_storage(name: str, weight) -> LinearStorage:
+    pre_op = [t for t in (weight.input_scale_inv, weight.input_perm) if t is not None]
+    pre_op_bits = sum(8 * stored_bytes(t) for t in pre_op) / weight.numel()
+    return LinearStorage(name, weight.shape[1], weight.shape[0], weight.rank, stored_bits_per_weight(weight),
+                         pre_op_bits)
+
+
 def storage_report(model: nn.Module) -> StorageReport:
     """Bits per weight of every packed linear (none for a float or evaluation-mode model),
-    and the bytes of the whole model (tied tensors counted once)."""
-    linears = []
-    for name, module in model.named_modules():
-        if is_packed_linear(module):
-            weight = module.weight
-            pre_op = [t for t in (weight.input_scale_inv, weight.input_perm) if t is not None]
-            pre_op_bits = sum(8 * stored_bytes(t) for t in pre_op) / weight.numel()
-            linears.append(LinearStorage(name, module.in_features, module.out_features, weight.rank,
-                                         stored_bits_per_weight(weight), pre_op_bits))
+    and the bytes of the whole model as a save stores it: parameters and persistent buffers,
+    tied tensors once (non-persistent buffers such as rotary frequencies are rebuilt on load,
+    never stored)."""
+    linears = [_linear_storage(name, module.weight) for name, module in model.named_modules()
+               if is_packed_linear(module)]
+    stored = []
+    for module in model.modules():
+        stored += [t for t in module._parameters.values() if t is not None]
+        stored += [t for n, t in module._buffers.items() if t is not None and n not in module._non_persistent_buffers_set]
     seen, total, unquantized = set(), 0, 0
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in stored:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
@@ -112,3 +122,59 @@ def storage_report(model: nn.Module) -> StorageReport:
         if not isinstance(tensor, PACKED_TENSOR_CLASSES):
             unquantized += size
     return StorageReport(linears, total, unquantized)
+
+
+def folder_storage(folder: str | os.PathLike, linear_order: list[str] | None = None, *,
+                   files: list[str] | None = None) -> StorageReport:
+    """The :class:`StorageReport` of the weights a folder holds, read from its safetensors
+    headers (each tensor's dtype and shape, each packed weight's description) and never from
+    a model in memory: a report's figures then describe what was written, whichever path
+    (in memory, streamed, resumed) wrote it. ``linear_order``: the packed linears' names in
+    model order (config.json's ``packed_linears``); by name otherwise. ``files``: the
+    safetensors files to read (default: those the folder's index names, else all)."""
+    import json
+
+    from safetensors import safe_open
+
+    from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if files is None:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            sorted(p.name for p in folder.glob("*.safetensors"))
+    plain: dict[str, tuple[list[int], str]] = {}
+    packed: dict[str, dict] = {}
+    for file in files:
+        with safe_open(str(folder / file), framework="pt") as handle:
+            for key, text in (handle.metadata() or {}).items():
+                if METADATA_MARK in text:
+                    packed[key] = json.loads(text)[METADATA_MARK]
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                plain[key] = (list(part.get_shape()), part.get_dtype())
+    # a packed <linear>.weight is stored as <linear>.weight_<field>, one tensor per field
+    packed_fields = {f"{key}_{field}" for key, description in packed.items() for field in description["fields"]}
+    total = unquantized = 0
+    for key, (shape, dtype) in plain.items():
+        if dtype not in _SAFETENSORS_BYTES:
+            raise ValueError(f"{folder}: tensor {key} has the safetensors dtype {dtype}, which serq never writes")
+        size = math.prod(shape) * _SAFETENSORS_BYTES[dtype]
+        total += size
+        if key not in packed_fields:
+            unquantized += size
+    linears = {}
+    for key, description in packed.items():
+        # the weight on the meta device: its fields' shapes and dtypes, no data, so the same
+        # formulas as storage_report give its figures
+        fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+                  for f, (shape, dtype) in description["fields"].items()}
+        linears[key.removesuffix(".weight")] = _linear_storage(key.removesuffix(".weight"),
+                                                               build_packed(description, fields))
+    order = [n for n in (linear_order or []) if n in linears] + sorted(set(linears) - set(linear_order or []))
+    return StorageReport([linears[n] for n in order], total, unquantized)
+
+
+# bytes per element of each safetensors dtype name
+_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
