@@ -423,9 +423,18 @@ def check_destination(path: str | os.PathLike, *, option: str, folder: bool, ove
                 raise OutputError(f"{option}: {path} holds files that no serq run wrote (such as {example}); "
                                   "serq replaces only its own outputs: name a new or empty folder")
             foreign = foreign_files(destination, manifest)
-            if foreign:
-                raise OutputError(f"{option}: {path} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, "
+            unlisted = [name for name in foreign if not isinstance(manifest["files"].get(name), dict)]
+            if unlisted:
+                raise OutputError(f"{option}: {path} holds {', '.join(unlisted[:3])}{' and more' if len(unlisted) > 3 else ''}, "
                                   "which the serq run that wrote it did not write; move them away or name another folder")
+            if foreign:  # files serq wrote, changed since: an edit is the user's work, and serq cannot tell one from damage
+                name = foreign[0]
+                others = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+                raise OutputError(f"{option}: {path} holds {name}{others}, which changed since the serq run that wrote "
+                                  f"it ({(destination / name).lstat().st_size} bytes, {manifest['files'][name].get('size')} "
+                                  "written): serq replaces only its own unchanged files, since an edit may be someone's "
+                                  f"work; if the old output is damaged and not needed, delete it (rm -r {path}) or name "
+                                  "another folder")
             if not overwrite:
                 raise OutputError(f"{option}: {path} holds an earlier serq output; pass --overwrite to replace it")
     return destination

@@ -189,3 +189,22 @@ def test_damaged_model_folder_is_one_line_naming_the_file(kind, tiny_model_dir, 
     assert expected in line, line
     assert not ran.exists()  # the pickle was refused, never run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---- case 5: --overwrite over an earlier output whose shard shrank ----------------------------------
+
+
+def test_overwrite_over_a_shrunk_shard_says_it_changed(tiny_model_dir, quantized_tiny_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "q"
+    shutil.copytree(quantized_tiny_dir, out)
+    shard = sorted(out.glob("*.safetensors"))[-1]
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 3)
+    line = error_line(serq("quantize", tiny_model_dir, "--out", out, "--overwrite", "--rank", "32", *CALIB, "--quiet",
+                           check_rc=2))
+    assert (f"--out: {out} holds {shard.name}, which changed since the serq run that wrote it ({size // 3} bytes, "
+            f"{size} written)") in line and "did not write" not in line, line
+    assert shard.stat().st_size == size // 3  # refused: nothing of the old output was touched

@@ -242,3 +242,12 @@ def test_benchmark_results_replace_only_earlier_results(tmp_path):
     with pytest.raises(OutputError, match="exists and is not a JSON result"):
         write_json(notes, {"a": 1})
     assert notes.read_text() == "years of work"
+
+
+def test_a_changed_file_is_named_as_changed_not_as_foreign(tmp_path):
+    out = tmp_path / "out"
+    write_output(out, {"x.bin": b"old bytes"})
+    (out / "x.bin").write_bytes(b"old")  # shrunk: serq wrote it, it changed since
+    with pytest.raises(OutputError, match=r"holds x.bin, which changed since the serq run that wrote it \(3 bytes, 9 written\)"):
+        write_output(out, {"x.bin": b"new"}, overwrite=True)
+    assert tree(out)["x.bin"] == b"old"
