@@ -15,10 +15,14 @@ Memory follows the tokens used, not the size of the data (a tokenizer's output c
 
 - a text is tokenized in pieces of at most :data:`TEXT_PIECE` units (bytes of a file,
   characters of a string) to count its windows, and again only the pieces the picked windows
-  lie in. A text of at most one piece is tokenized whole, exactly as before. Longer texts are
-  cut after a line break that a non-space follows (else before a space, else anywhere): a
+  lie in. A text of at most one piece (256 KiB) is tokenized whole, as it always was. Longer
+  texts are cut at a single space or line break between two non-spaces (:func:`_cut`): a
   point where byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM) split anyway, so their
-  windows are the same as from tokenizing the whole text;
+  windows are the same as from tokenizing the whole text (SmolLM2's tokenizer: the same
+  tokens for the wiki and bbc calibration texts cut every 4 KiB or 64 KiB). A tokenizer that
+  merges across spaces (SentencePiece without a pre-tokenizer, e.g. Llama 2's) may tokenize
+  the text next to a cut differently: windows are still the file's text, though not
+  necessarily the ones tokenizing it whole would give;
 - a dataset's rows are read when picked (a JSON Lines file keeps only where each row starts),
   and of a picked row only a prefix is tokenized (:func:`first_tokens`).
 """
@@ -37,7 +41,7 @@ from serq_ao.data import add_bos, tokenize
 
 DEFAULT_SEED = 0
 DEFAULT_COLUMN = "text"
-TEXT_PIECE = 1 << 20
+TEXT_PIECE = 1 << 18
 # first_tokens: characters tried per token wanted (prose averages 3-5 per token), and the
 # tokens wanted beyond seqlen so that the cut, which changes only the tokens near it, is
 # far from the ones kept
@@ -69,20 +73,17 @@ class _Text:
 
 def _cut(buffer, limit: int) -> int:
     """Where to end a piece of ``buffer`` (str or bytes, longer than ``limit``), in
-    (limit / 2, limit]: after a line break a non-space follows, else before a space a
-    non-space precedes, else at a character boundary (not inside a UTF-8 sequence or \\r\\n)."""
-    newline, space = ("\n", " ") if isinstance(buffer, str) else (b"\n", b" ")
+    (limit / 2, limit]: before the last space or line break that has a non-space on both sides
+    (byte-level BPE pre-tokenizers end a word there and start the next with that space, so a
+    piece tokenizes as it would inside the whole text; a cut inside a run of spaces would not),
+    else at a character boundary (not inside a UTF-8 sequence or \\r\\n)."""
     low = limit // 2
-    at = buffer.rfind(newline, low, limit)
-    while at >= low:
-        if not buffer[at + 1:at + 2].isspace():
-            return at + 1
-        at = buffer.rfind(newline, low, at)
-    at = buffer.rfind(space, low + 1, limit + 1)
-    while at > low:
-        if not buffer[at - 1:at].isspace():
-            return at
-        at = buffer.rfind(space, low + 1, at)
+    for mark in ((" ", "\n") if isinstance(buffer, str) else (b" ", b"\n")):
+        at = buffer.rfind(mark, low + 1, limit)
+        while at > low:
+            if not (buffer[at - 1:at].isspace() or buffer[at + 1:at + 2].isspace()):
+                return at if mark in (" ", b" ") else at + 1
+            at = buffer.rfind(mark, low + 1, at)
     at = limit
     if isinstance(buffer, bytes):
         while at > low and buffer[at] & 0xC0 == 0x80:  # a UTF-8 continuation byte

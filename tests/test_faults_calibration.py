@@ -233,3 +233,26 @@ def test_first_tokens_grows_the_prefix_until_it_has_enough():
     assert tokens.tolist() == list(range(64))
     assert tokenizer.lengths[0] == 64 * calibration_data.ROW_CHARS_PER_TOKEN
     assert max(tokenizer.lengths) < 2 * 40 * (64 + calibration_data.ROW_SPARE_TOKENS)
+
+
+def test_file_pieces_keep_characters_and_newlines_whole(tmp_path, monkeypatch):
+    """Cuts never fall inside a UTF-8 sequence or a \\r\\n, whose newline the file's text
+    mode reading turns into one \\n: the windows are those of the text read whole."""
+    rng = random.Random()
+    lines = ["".join(rng.choice("aé€😀 ") for _ in range(rng.randint(1, 60))) for _ in range(3000)]
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("\r\n".join(lines).encode("utf-8"))
+    seed = rng.randrange(1000)
+    whole = text_calibration(make_byte_tokenizer(), calibration_data.read_text_file(path), 6, 48, seed)
+    monkeypatch.setattr(calibration_data, "TEXT_PIECE", 4096)
+    assert len(list(calibration_data._file_text(path).pieces())) > 10
+    assert torch.equal(text_file_calibration(make_byte_tokenizer(), path, 6, 48, seed), whole)
+
+
+@pytest.mark.parametrize("kind", [str, bytes])
+def test_cuts_fall_at_a_single_space_between_words(kind):
+    text = "first words\n\nsecond  part of  it\n\n  "
+    buffer = text if kind is str else text.encode()
+    at = calibration_data._cut(buffer, len(buffer) - 1)
+    # the last space with a non-space on both sides; none in "  it" or in the trailing blanks
+    assert text[:at] == "first words\n\nsecond  part"
