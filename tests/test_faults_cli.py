@@ -81,8 +81,9 @@ def test_disk_full_while_writing_out_is_one_line_and_resume_finishes(tiny_model_
     assert "nothing was lost: 1 finished layer is saved" in line and "--resume" in line, line
     assert not out.exists()  # never a half-written output under its name
     remount(disk, "size=2m")
-    serq("quantize", tiny_model_dir, "--out", out, "--rank", "32", *CALIB, "--quiet", "--resume", check_rc=0)
+    resumed = serq("quantize", tiny_model_dir, "--out", out, "--rank", "32", *CALIB, "--quiet", "--resume", check_rc=0)
     assert (out / "serq-manifest.json").is_file()
+    assert "layers" not in resumed.stderr and "reading" not in resumed.stderr  # --quiet: no progress lines
     assert sorted(p.name for p in disk.iterdir()) == ["q"]  # the work folder is gone once done
 
 
@@ -208,3 +209,47 @@ def test_overwrite_over_a_shrunk_shard_says_it_changed(tiny_model_dir, quantized
     assert (f"--out: {out} holds {shard.name}, which changed since the serq run that wrote it ({size // 3} bytes, "
             f"{size} written)") in line and "did not write" not in line, line
     assert shard.stat().st_size == size // 3  # refused: nothing of the old output was touched
+
+
+# ---- case 6: progress where stderr is no terminal ---------------------------------------------------
+
+
+def test_progress_lines_on_a_pipe(tiny_model_dir, tmp_path):
+    result = serq("quantize", tiny_model_dir, "--out", tmp_path / "q", "--rank", "32", *CALIB, check_rc=0)
+    lines = result.stderr.splitlines()
+    assert f"reading {tiny_model_dir} ..." in lines, result.stderr
+    assert "layers: started" in lines and "layers: done, 2/2 in" in result.stderr, result.stderr
+    assert "\x1b" not in result.stderr  # plain text, no cursor movement
+
+
+def test_plain_progress_rate():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from serq_ao.cli.common import PlainProgress, progress_bar
+
+    def lines(interval: float, pause: float = 0.0) -> list[str]:
+        stream = io.StringIO()
+        console = Console(file=stream, force_terminal=False, width=200)
+        with PlainProgress(console, interval=interval) as progress:
+            task = progress.add_task("layers", total=30)
+            for done in range(1, 31):
+                if done == 20 and pause:
+                    time.sleep(pause)
+                progress.update(task, completed=done)
+            other = progress.add_task("perplexity", total=4)
+            progress.advance(other, 1)
+            progress.remove_task(other)
+        return stream.getvalue().splitlines()
+
+    # a long interval: the start and the end of each task only
+    quiet = lines(3600)
+    assert quiet[:2] == ["layers: started", "layers: done, 30/30 in 0s"], quiet
+    assert quiet[2:] == ["perplexity: started", "perplexity: stopped at 1/4 after 0s"], quiet
+    # one line per interval between them, with done/total
+    between = [line for line in lines(0.2, pause=0.3) if not line.endswith("started") and "done" not in line]
+    assert between[0].startswith("layers: 20/30 ("), between
+    assert not isinstance(progress_bar(Console(file=io.StringIO(), force_terminal=True), False), PlainProgress)
+    assert not isinstance(progress_bar(Console(file=io.StringIO(), force_terminal=False), True), PlainProgress)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import contextlib
+import math
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,7 +55,80 @@ def unit_float(text: str) -> float:
     return value
 
 
+# where stderr is no terminal, at most one progress line per task this often (and one as each starts and ends)
+PLAIN_PROGRESS_INTERVAL_S = 20.0
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+class PlainProgress(Progress):
+    """rich's Progress where stderr is no terminal (CI logs, nohup, a pipe), where its live bar
+    draws nothing at all: plain lines instead, one as each task starts, one as it finishes
+    (or is removed unfinished), and in between at most one every ``interval`` seconds, each
+    with done/total and the time elapsed."""
+
+    def __init__(self, console: Console, interval: float = PLAIN_PROGRESS_INTERVAL_S):
+        super().__init__(console=console, disable=True)  # the live display off; the tasks are kept as ever
+        self.plain_console, self.interval = console, interval
+        self._printed: dict = {}  # task id -> (when its last line was printed, its description then)
+        self._ended: set = set()
+
+    def _print(self, text: str) -> None:
+        self.plain_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def _count(self, task) -> str:
+        done = f"{task.completed:.0f}"
+        return f"{done}/{task.total:.0f}" if task.total is not None else done
+
+    def _report(self, task_id, *, ending: bool = False) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task_id in self._ended:
+            return
+        now = time.monotonic()
+        last, description = self._printed.get(task_id, (None, None))
+        elapsed = _elapsed(task.elapsed or 0.0)
+        if task.finished:
+            self._ended.add(task_id)
+            self._print(f"{task.description}: done, {self._count(task)} in {elapsed}")
+        elif ending:
+            self._ended.add(task_id)
+            self._print(f"{task.description}: stopped at {self._count(task)} after {elapsed}")
+        elif last is None or description != task.description:
+            self._print(f"{task.description}: started" if last is None else f"{task.description} ({elapsed})")
+        elif now - last >= self.interval:
+            self._print(f"{task.description}: {self._count(task)} ({elapsed})")
+        else:
+            return
+        self._printed[task_id] = (now, task.description)
+
+    def add_task(self, *args, **kwargs):
+        task_id = super().add_task(*args, **kwargs)
+        self._report(task_id)
+        return task_id
+
+    def update(self, task_id, *args, **kwargs) -> None:
+        super().update(task_id, *args, **kwargs)
+        self._report(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._report(task_id)
+
+    def remove_task(self, task_id) -> None:
+        task = self._tasks.get(task_id)
+        if task is not None and task.total is not None:  # a task without a total (loading) ends silently
+            self._report(task_id, ending=True)
+        super().remove_task(task_id)
+
+
 def progress_bar(console: Console, quiet: bool) -> Progress:
+    """A live bar on a terminal, plain lines elsewhere (:class:`PlainProgress`), nothing if quiet."""
+    if not quiet and not console.is_terminal:
+        return PlainProgress(console)
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -66,9 +140,21 @@ def progress_bar(console: Console, quiet: bool) -> Progress:
     )
 
 
+@contextlib.contextmanager
+def _plain_status(console: Console, message: str):
+    started = time.monotonic()
+    console.print(f"{message} ...", markup=False, highlight=False, soft_wrap=True)
+    yield
+    console.print(f"{message}: done in {_elapsed(time.monotonic() - started)}", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
 def status(console: Console, message: str, quiet: bool):
-    """A spinner while something without progress runs (nothing if quiet)."""
-    return contextlib.nullcontext() if quiet else console.status(message, spinner="dots")
+    """A spinner while something without progress runs; where stderr is no terminal (where a
+    spinner draws nothing), a line as it starts and one as it ends; nothing if quiet."""
+    if quiet:
+        return contextlib.nullcontext()
+    return console.status(message, spinner="dots") if console.is_terminal else _plain_status(console, message)
 
 
 class StageProgress:
