@@ -116,6 +116,8 @@ def _check_text_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a text file")
+    if path.exists() and not path.is_file():  # a device or a pipe: no size, no seeking
+        raise ValueError(f"{path} is not a regular file")
     if not path.is_file():
         raise ValueError(f"{path}: no such text file")
     return path
@@ -264,13 +266,24 @@ def _saved_dataset(path: Path, column: str, split: str) -> Sequence[str]:
                          "or dataset_dict.json)")
     try:
         data = datasets.load_from_disk(str(path))
-    except (OSError, ValueError, KeyError) as e:  # missing or damaged files (ArrowInvalid is a ValueError)
+    # missing or damaged files (ArrowInvalid is a ValueError); datasets fails on a folder of no
+    # rows (state.json lists no data files) with an IndexError
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        if isinstance(e, IndexError) and _lists_no_files(path / "state.json"):
+            raise ValueError(f"{path} has no rows") from None
         raise ValueError(f"{path} is not a readable dataset saved with save_to_disk ({_short(e)})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise ValueError(f"{path} holds the splits {sorted(data)}, not {split!r}")
         data = data[split]
     return _arrow_column(data, column, path)
+
+
+def _lists_no_files(state: Path) -> bool:
+    try:
+        return json.loads(state.read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _arrow_column(data, column: str, path: Path) -> Sequence[str]:
@@ -280,6 +293,8 @@ def _arrow_column(data, column: str, path: Path) -> Sequence[str]:
     dtype = getattr(feature, "dtype", type(feature).__name__)
     if dtype not in ("string", "large_string"):
         raise ValueError(f"column {column!r} of {path} must hold text, found {dtype}")
+    if len(data) == 0:
+        raise ValueError(f"{path} has no rows")
     nulls = data.data.column(column).null_count
     if nulls:
         raise ValueError(f"column {column!r} of {path} must hold text, found null in {nulls} of its {len(data)} rows")

@@ -113,6 +113,8 @@ def broken(tmp_path_factory):
     with_nulls = datasets.Dataset.from_dict({"text": ["a b c", None]})
     with_nulls.to_parquet(str(root / "unused.parquet"))  # a suffix we do not read
     with_nulls.save_to_disk(str(root / "nulls"))
+    datasets.Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")})) \
+        .save_to_disk(str(root / "no-rows"))
     (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
     (root / "short.txt").write_text("ten bytes!")
     (root / "three.txt").write_text("abc")
@@ -131,6 +133,7 @@ def broken(tmp_path_factory):
     ("notdataset", "text", r"notdataset is a folder but not a dataset saved with save_to_disk"),
     ("nulls", "text", r"column 'text' of .*nulls must hold text, found null in 1 of its 2 rows"),
     ("folder", "n", r"column 'n' of .*folder must hold text, found int64"),
+    ("no-rows", "text", r"no-rows has no rows$"),
     ("unused.parquet", "text", r"a dataset must be a save_to_disk folder, an .arrow file or .jsonl lines"),
 ])
 def test_load_documents_faults_name_the_file(broken, name, column, message):
@@ -150,6 +153,7 @@ def args_for(**given) -> argparse.Namespace:
     ({"calib_text": "latin1.txt"}, r"--calib-text: .*latin1.txt is not UTF-8 text \(invalid continuation byte "
                                    r"at byte 3\)"),
     ({"calib_text": "folder"}, r"--calib-text: .*folder is a directory, not a text file"),
+    ({"calib_text": "/dev/null"}, r"--calib-text: /dev/null is not a regular file"),
     ({"calib_text": "three.txt", "calib_seqlen": 1, "calib_windows": 10 ** 6},
      r"--calib-text: --calib-samples must be in \[1, 3\]"),
     ({"calib_dataset": "folder", "calib_windows": 3}, r"--calib-dataset: --calib-samples must be at most 2"),
