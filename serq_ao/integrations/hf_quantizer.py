@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from safetensors import safe_open
 from torch import nn
@@ -52,6 +53,7 @@ from serq_ao.integrations.verify import (
     check_packed,
     fail_checkpoint,
     tensor_manifest,
+    verify_files,
     verify_tensors,
 )
 
@@ -167,6 +169,12 @@ class SERQHfQuantizer(HfQuantizer):
         files = [str(p) for p in checkpoint_files or [] if str(p).endswith(".safetensors")]
         if not files:
             fail_checkpoint("checkpoint", "a packed serq checkpoint is stored as .safetensors files; found none")
+        # the folder's files against its serq manifest (config.json, the index, the tokenizer:
+        # an edited rms_norm_eps would load silently as another model), as load_quantized and
+        # the CLI check it; the weights by size here, tensor by tensor below. A folder that
+        # save_pretrained wrote has no manifest: its tensors are still checked
+        for folder in sorted({Path(p).parent for p in files}):
+            verify_files(folder, hash_weights=False)
         for path in files:
             try:
                 with safe_open(path, framework="pt") as handle:

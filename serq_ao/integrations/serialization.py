@@ -173,8 +173,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    # every file against the manifest the save wrote; the weights are checked tensor by tensor
-    # (by the quantizer of a packed folder as they load), so only their sizes here
+    # every file against the manifest the save wrote; the weights are checked tensor by tensor,
+    # so only their sizes here. First, so that a config.json edited past what transformers can
+    # build is named as edited (serq's quantizer checks it again for any from_pretrained)
     verify_files(path, hash_weights=False)
     if is_packed_folder(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()

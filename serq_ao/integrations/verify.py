@@ -62,10 +62,12 @@ def verify_files(folder: str | os.PathLike, *, hash_weights: bool = True) -> Non
     listed = manifest["files"]
     present = folder_files(folder)
     for name, record in listed.items():
-        if name not in present:
+        path = folder / name
+        if not path.is_file():  # follows links: a Hub snapshot's files are links to its blobs
             fail_checkpoint(folder, f"{name} is missing (listed in {MANIFEST})")
-        if not isinstance(record, dict) or present[name] != record.get("size"):
-            fail_checkpoint(folder / name, f"has {present[name]} bytes, {MANIFEST} says {record.get('size') if isinstance(record, dict) else '?'}")
+        size = path.stat().st_size
+        if not isinstance(record, dict) or size != record.get("size"):
+            fail_checkpoint(path, f"has {size} bytes, {MANIFEST} says {record.get('size') if isinstance(record, dict) else '?'}")
         if (hash_weights or not name.endswith(".safetensors")) and sha256_of(folder / name) != record.get("sha256"):
             fail_checkpoint(folder / name, "its SHA-256 differs from the one recorded when it was written")
     extra = [n for n in present if n not in listed and (n.endswith(".safetensors") or n.endswith(".json"))]
