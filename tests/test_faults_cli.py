@@ -253,3 +253,40 @@ def test_plain_progress_rate():
     assert between[0].startswith("layers: 20/30 ("), between
     assert not isinstance(progress_bar(Console(file=io.StringIO(), force_terminal=True), False), PlainProgress)
     assert not isinstance(progress_bar(Console(file=io.StringIO(), force_terminal=False), True), PlainProgress)
+
+
+# ---- case 7: --json lists only the options the method and format use ---------------------------------
+
+
+OPTION_VALUES = {"rank": "32", "rank_allocation": "uniform", "flattening_strength": "0.5", "saliency_unit": "channel",
+                 "residual_order": "per_group", "scale_mode": "floor", "weight_scales": "rule", "rotation": "32",
+                 "gptq_order": "columns"}
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "w4a8", "w4a4"])
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "lqer", "l2qer", "serq"])
+def test_json_fields_are_the_options_the_command_line_accepts(method, fmt, tmp_path):
+    from serq_ao.cli.common import UsageError, applied_fields, config_from_args
+    from serq_ao.cli.main import build_parser
+
+    base = ["quantize", "m", "--out", str(tmp_path / "o"), "--method", method, "--format", fmt]
+    fields = applied_fields(config_from_args(build_parser().parse_args(base)))
+    for option, value in OPTION_VALUES.items():
+        try:
+            config_from_args(build_parser().parse_args([*base, f"--{option.replace('_', '-')}", value]))
+            accepted = True
+        except UsageError:
+            accepted = False
+        assert (option in fields) == accepted, (option, fields)
+
+
+def test_quantize_json_leaves_out_what_the_method_does_not_use(tiny_model_dir, tmp_path):
+    import json
+
+    result = serq("quantize", tiny_model_dir, "--out", tmp_path / "q", "--method", "rtn", "--format", "w4a8",
+                  *CALIB, "--quiet", "--json", check_rc=0)
+    record = json.loads(result.stdout)
+    assert record["method"] == "rtn" and record["format"] == "w4a8" and "weight_scales" in record
+    for unused in ("recipe", "rank", "rank_allocation", "flattening_strength", "saliency_unit", "residual_order",
+                   "scale_mode", "gptq_order", "smoothquant_alpha", "lowrank_rank", "fold_into_linears"):
+        assert unused not in record, unused

@@ -172,6 +172,40 @@ class StageProgress:
 # The quantization options that quantize, compare and inspect --stats share.
 
 
+def options_used(format_name: str, specs, gptq: bool) -> dict[str, bool]:
+    """Which options (SERQConfig's fields, and ``recipe``) any of the methods ``specs``
+    (:class:`~serq_ao.quant.methods.MethodSpec`) use in the format ``format_name``, with GPTQ
+    on or off: the one rule by which the command line refuses an option a method does not use
+    and leaves out of its records the fields that do not apply."""
+    from serq_ao.formats import FormatName
+    from serq_ao.quant.methods import CorrectionKind, TransformKind
+
+    serq = any(s.correction is CorrectionKind.SALIENT for s in specs)
+    flattens = any(s.input_transform is TransformKind.FLATTEN for s in specs)
+    return {
+        "recipe": serq,
+        "rank": serq,
+        "rank_allocation": serq,
+        "flattening_strength": flattens,
+        "saliency_unit": flattens,
+        "residual_order": flattens,
+        "scale_mode": format_name == FormatName.MXFP4,
+        "weight_scales": True,  # every method quantizes weights, in every format
+        "rotation": any(s.correction is not CorrectionKind.LOWRANK for s in specs),
+        "gptq_order": gptq,
+        # fields without an option of their own
+        "smoothquant_alpha": any(s.input_transform is TransformKind.SMOOTH for s in specs),
+        "lowrank_rank": any(s.correction is CorrectionKind.LOWRANK for s in specs),
+        "fold_into_linears": any(s.transforms_input for s in specs),
+    }
+
+
+def applied_fields(config) -> dict:
+    """``config.to_dict()`` without the fields its method and format do not use (:func:`options_used`)."""
+    used = options_used(config.format, [config.spec], bool(config.gptq))
+    return {name: value for name, value in config.to_dict().items() if used.get(name, True)}
+
+
 def config_from_args(args: argparse.Namespace, method: str | None = None, methods: list[str] | None = None):
     """The SERQConfig of the quantization options (``method`` overrides ``--method``).
 
@@ -181,7 +215,6 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
     this format uses is a usage error, not something silently ignored: ``--recipe``,
     ``--rank``, ``--rank-allocation``, ``--flattening-strength``, ``--saliency-unit`` and
     ``--residual-order`` are SERQ's, ``--scale-mode`` is MXFP4's."""
-    from serq_ao.formats import FormatName
     from serq_ao.quant.config import SERQConfig
     from serq_ao.quant.methods import CorrectionKind, TransformKind, method_spec
     from serq_ao.quant.recipes import DEFAULT_RECIPE, recipe_options, with_recipe
@@ -195,21 +228,10 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
         raise UsageError(str(e)) from e
     serq = [s.correction is CorrectionKind.SALIENT for s in specs]
     recipe = recipe_options(args.recipe or DEFAULT_RECIPE, args.format) if any(serq) else {}
-    uses = {
-        "recipe": any(serq),
-        "rank": any(serq),
-        "rank_allocation": any(serq),
-        "flattening_strength": any(s.input_transform is TransformKind.FLATTEN for s in specs),
-        "saliency_unit": any(s.input_transform is TransformKind.FLATTEN for s in specs),
-        "residual_order": any(s.input_transform is TransformKind.FLATTEN for s in specs),
-        "scale_mode": args.format == FormatName.MXFP4,
-        "weight_scales": True,  # every method quantizes weights, in every format
-        "rotation": any(s.correction is not CorrectionKind.LOWRANK for s in specs),
-        # with GPTQ given, or by serq's recipe
-        "gptq_order": bool(args.gptq) or (args.gptq is None and recipe.get("gptq", False)),
-    }
+    # with GPTQ given, or by serq's recipe
+    uses = options_used(args.format, specs, bool(args.gptq) or (args.gptq is None and recipe.get("gptq", False)))
     for option, used in uses.items():
-        if getattr(args, option) is not None and not used:
+        if getattr(args, option, None) is not None and not used:  # (SERQConfig fields without an option: never)
             mxfp4 = option == "scale_mode"
             if option == "gptq_order":
                 raise UsageError("--gptq-order applies with GPTQ only (--gptq, or serq's --recipe rotated-gptq)")
@@ -218,7 +240,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
             raise UsageError(f"--{option.replace('_', '-')} applies to {whose} only; "
                              f"{'--format ' + args.format if mxfp4 else '--method ' + ','.join(chosen)} "
                              "does not use it")
-    given = {option: getattr(args, option) for option in (*uses, "gptq") if getattr(args, option) is not None}
+    given = {option: getattr(args, option) for option in (*uses, "gptq") if getattr(args, option, None) is not None}
     given.pop("recipe", None)
     salient = method_spec(method).correction is CorrectionKind.SALIENT
     fields = with_recipe(args.recipe or DEFAULT_RECIPE, {"format": args.format, **given}) if salient else given

@@ -14,6 +14,7 @@ from rich.table import Table
 from serq_ao.cli.common import (
     StageProgress,
     UsageError,
+    applied_fields,
     calibration_from_args,
     calibration_record,
     check_error_windows,
@@ -102,8 +103,8 @@ def _quantize_into(output, config, args: argparse.Namespace, err: Console) -> in
         report, storage, extra = _quantize_in_memory(output, config, args, err)
     summary = {
         "out": str(args.out),
-        "recipe": recipe_name(args, config),
-        **config.to_dict(),
+        **({"recipe": recipe_name(args, config)} if recipe_name(args, config) else {}),  # serq's only
+        **applied_fields(config),  # only what the method and format use
         "effective_bits": report.to_dict()["effective_bits"],
         "linears": len(report.linears),
         "packed": bool(storage.linears),
@@ -306,7 +307,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
             task = progress.add_task(f"{method}: perplexity", total=windows.shape[0])
             result = perplexity(model, windows, on_batch=lambda k: progress.advance(task, k))
             rows.append({"method": method, "recipe": recipe_name(args, configs[method]) if method != "fp" else None,
-                         "config": configs[method].to_dict() if method != "fp" else None, "bits": bits,
+                         "config": applied_fields(configs[method]) if method != "fp" else None, "bits": bits,
                          "ppl": result.ppl, "quantize_seconds": quant_seconds, "eval_seconds": result.seconds})
     record = {
         "model": str(args.model),
