@@ -403,8 +403,10 @@ def _quiet_libraries(debug: bool) -> None:
 
     # lm-eval's and the GGUF converter's tqdm bars. TQDM_DISABLE cannot do this: tqdm reads it
     # once, when first imported, which may have happened already.
-    if not isinstance(tqdm.tqdm.__dict__["__init__"], functools.partialmethod):  # once per process
-        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+    if not getattr(tqdm.tqdm.__dict__["__init__"], "serq_disables_bars", False):  # once per process
+        quiet_init = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+        quiet_init.serq_disables_bars = True
+        tqdm.tqdm.__init__ = quiet_init
     if not debug:
         from transformers.utils import logging as hf_logging
 
