@@ -20,8 +20,11 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import logging
 import sys
 import threading
+
+logger = logging.getLogger(__name__)
 
 TRIGGER = "transformers.quantizers.auto"
 # (class, method) of TRIGGER that read the registries; each becomes register() + the original
@@ -64,8 +67,13 @@ def _registering_first(function):
 
 def _wrap_entry_points(module) -> None:
     for class_name, method in ENTRY_POINTS:
-        cls = getattr(module, class_name)
-        descriptor = cls.__dict__[method]
+        cls = getattr(module, class_name, object)
+        descriptor = cls.__dict__.get(method)
+        if not isinstance(descriptor, (classmethod, staticmethod)):
+            # a transformers release that reads its registries elsewhere: never break its import
+            logger.warning("transformers has no %s.%s to register serq through; call "
+                           "serq_ao.registration.register() before loading serq folders", class_name, method)
+            continue
         if getattr(descriptor.__func__, "__serq_registers__", False):
             continue  # wrapped already
         setattr(cls, method, type(descriptor)(_registering_first(descriptor.__func__)))
