@@ -240,10 +240,13 @@ class PackedShardWriter:
     def _shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.shards:05d}.safetensors"
 
-    def _write(self, number: int, state: dict[str, torch.Tensor], folder: Path) -> None:
+    def _write(self, number: int, state: dict[str, torch.Tensor], folder: Path, records: dict | None = None) -> None:
+        """Shard ``number``: ``state`` flattened, with the tensor record of its own tensors
+        and of ``records`` (other shards' entries)."""
         tensors, metadata = flatten_state_dict(state)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}  # a layer may sit on a GPU
-        metadata = {"format": "pt", **metadata, TENSOR_MANIFEST_KEY: tensor_manifest(tensors)}
+        record = {**(records or {}), **json.loads(tensor_manifest(tensors))}
+        metadata = {"format": "pt", **metadata, TENSOR_MANIFEST_KEY: json.dumps(dict(sorted(record.items())))}
         name = self._shard_name(number)
         tmp = folder / f".{name}.tmp"
         save_file(tensors, str(tmp), metadata=metadata)
@@ -273,6 +276,14 @@ class PackedShardWriter:
         self.gathers, self.linears = dict(record["gathers"]), list(record["linears"])
         self.written = {k: int(v) for k, v in record["written"].items()}
 
+    def _layer_records(self) -> dict[str, list]:
+        """The tensor records of the shards written so far, from their headers."""
+        records = {}
+        for name in sorted(self.written):
+            with safe_open(str(self.folder / name), framework="pt") as handle:
+                records.update(json.loads(handle.metadata()[TENSOR_MANIFEST_KEY]))
+        return records
+
     def _weight_map(self) -> dict[str, str]:
         """Tensor name -> shard, from the shards' headers."""
         weight_map = {}
@@ -298,7 +309,10 @@ class PackedShardWriter:
             self.linears.append(name)
             rest = {**{k: v for k, v in rest.items() if not k.startswith(name + ".")},
                     **model.get_submodule(name).state_dict(prefix=name + ".")}
-        self._write(self.shards, rest, staging)
+        # the last shard records every tensor of the model, as each shard save_pretrained writes
+        # does: a layer shard swapped in from another output of the same model (same size, its
+        # own record consistent) then disagrees with it
+        self._write(self.shards, rest, staging, records=self._layer_records())
         storage = folder_storage(staging, self.linears, files=sorted(self.written))
         model.config.quantization_config = packed_folder_config(config, self.gathers, self.linears)
         model.config.save_pretrained(self.folder)

@@ -100,10 +100,11 @@ def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, 
     """Check every tensor of the safetensors ``files`` against their ``serq_tensors`` entry;
     returns the union of the records (name -> [shape, dtype, sha256]). A shard's record lists
     at least its own tensors (``save_pretrained`` writes the whole model's into every shard,
-    a streamed write each shard's own); records that name one tensor must agree, and every
+    a streamed write each layer shard's own and the whole model's into its last); records that name one tensor must agree, and every
     tensor any record lists must be stored. ``on_tensor(name, tensor)`` sees
     each tensor once it has passed, for checks of its values."""
     manifest, found = None, set()
+    origin: dict[str, str | os.PathLike] = {}  # tensor -> the file whose record named it first
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt")
@@ -122,7 +123,9 @@ def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, 
             manifest = {} if manifest is None else manifest
             for key, record in listed.items():
                 if manifest.setdefault(key, record) != record:
-                    fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record of {key} differs from another shard's")
+                    fail_checkpoint(path, f"its {TENSOR_MANIFEST_KEY} record of {key} differs from the one in "
+                                          f"{Path(origin[key]).name} (shards of different checkpoints?)")
+                origin.setdefault(key, path)
             for key in handle.keys():
                 expected = listed.get(key)
                 if expected is None:
