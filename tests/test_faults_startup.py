@@ -183,3 +183,22 @@ def test_rotation_help_says_what_the_default_recipe_rotates():
     assert "default 0:" not in text and "default 0;" not in text
     assert re.search(r"default 32 at --format mxfp4, 128 at --format w4a8 and w4a4, with method serq's "
                      r"--recipe rotated-gptq, 0 otherwise", text), text
+
+
+def test_registration_hook_never_breaks_a_transformers_without_its_entry_points(caplog):
+    import types
+
+    from serq_ao import registration
+
+    class AutoHfQuantizer:  # a release that reads its registries some other way
+        @classmethod
+        def from_config(cls, config):
+            return config
+
+    module = types.ModuleType("fake_transformers_quantizers_auto")
+    module.AutoHfQuantizer = AutoHfQuantizer
+    registration._wrap_entry_points(module)
+    registration._wrap_entry_points(module)  # twice: wrapped once
+    assert "AutoQuantizationConfig.from_dict" in caplog.text and "register()" in caplog.text
+    wrapped = AutoHfQuantizer.__dict__["from_config"].__func__
+    assert wrapped.__serq_registers__ and not getattr(wrapped.__wrapped__, "__serq_registers__", False)
