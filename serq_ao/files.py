@@ -452,6 +452,9 @@ def claim_output(path: str | os.PathLike, *, option: str = "--out", folder: bool
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        blocker = next((p for p in destination.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # mkdir's "File exists" would name neither the file nor why it matters
+            raise OutputError(f"{option}: {blocker} is a file, so {path} cannot be made inside it") from None
         raise OutputError(f"{option}: cannot create the folder {destination.parent} ({e.strerror})") from None
     if not os.access(destination.parent, os.W_OK | os.X_OK):
         raise OutputError(f"{option}: cannot write into {destination.parent} (permission denied or read-only)")

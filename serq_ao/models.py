@@ -219,6 +219,7 @@ def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_cache_folder(path.resolve(), path.stem)
     if path.is_dir() and (path / "config.json").is_file():
+        check_config_json(path)  # before anything reads it (is_quantized_folder, transformers)
         return path
     if not path.exists() and _is_hub_id(name):
         return hub_folder(name)
@@ -322,6 +323,19 @@ def remote_code_refused(folder) -> str:
             "(serq: --trust-remote-code), only for a folder you trust")
 
 
+def check_config_json(folder: Path) -> None:
+    """A model folder's config.json must be a JSON object: a one-line error naming it otherwise."""
+    file = Path(folder) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file}: not valid JSON ({_one_line(e)})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{file}: cannot be read ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file}: not a model config (a JSON {type(config).__name__}, not an object)")
+
+
 def check_tokenizer_files(folder: Path) -> None:
     """A model folder the CLI loads must hold its tokenizer: a one-line error otherwise."""
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -342,6 +356,7 @@ def load_float_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     if written_by_serq(folder):
         fail_checkpoint(folder, "its weights were written by serq, but neither config.json's quantization_config "
                                 "nor serq_config.json says how to load them")
+    check_config_json(folder)  # transformers reads it for the tokenizer too, and its error would blame that
     check_tokenizer_files(folder)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -366,7 +381,7 @@ def _tokenizer_problem(folder: Path, error: BaseException) -> str:
         except Exception as e:  # tokenizers' own parse errors are bare Exceptions
             return (f"{file}: not a tokenizer the tokenizers library can read ({_one_line(e)}); save the tokenizer "
                     "again (tokenizer.save_pretrained)")
-        return f"{file}: cannot load the tokenizer ({_one_line(error)})"
+        return f"{folder}: cannot load the tokenizer ({_one_line(error)})"
     if not (folder / "tokenizer.model").is_file():
         present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
         return (f"{folder} has {' and '.join(present)} but no tokenizer.json or tokenizer.model, the files that "

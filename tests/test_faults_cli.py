@@ -171,6 +171,12 @@ def _break(kind: str, folder: Path, ran: Path) -> str:
         record["model"]["vocab"] = 5
         tokenizer.write_text(__import__("json").dumps(record))
         return f"{tokenizer}: not a tokenizer the tokenizers library can read (invalid type: integer `5`, expected a map"
+    if kind == "config.json not JSON":
+        (folder / "config.json").write_text('{"model_type": "llama",')
+        return f"{folder / 'config.json'}: not valid JSON (Expecting property name"
+    if kind == "config.json a list":
+        (folder / "config.json").write_text("[1, 2]")
+        return f"{folder / 'config.json'}: not a model config (a JSON list, not an object)"
     if kind == "tokenizer.json deleted":
         tokenizer.unlink()
         return (f"{folder} has tokenizer_config.json but no tokenizer.json or tokenizer.model, the files that define "
@@ -178,7 +184,8 @@ def _break(kind: str, folder: Path, ran: Path) -> str:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["pickle", "tokenizer not JSON", "tokenizer not a tokenizer", "tokenizer.json deleted"])
+@pytest.mark.parametrize("kind", ["pickle", "tokenizer not JSON", "tokenizer not a tokenizer", "tokenizer.json deleted",
+                                  "config.json not JSON", "config.json a list"])
 def test_damaged_model_folder_is_one_line_naming_the_file(kind, tiny_model_dir, tmp_path):
     import shutil
 
@@ -290,3 +297,40 @@ def test_quantize_json_leaves_out_what_the_method_does_not_use(tiny_model_dir, t
     for unused in ("recipe", "rank", "rank_allocation", "flattening_strength", "saliency_unit", "residual_order",
                    "scale_mode", "gptq_order", "smoothquant_alpha", "lowrank_rank", "fold_into_linears"):
         assert unused not in record, unused
+
+
+# ---- break-it: Ctrl-C while a streamed run writes ----------------------------------------------------
+
+
+def test_ctrl_c_during_a_streamed_run_is_one_line_and_keeps_the_finished_layers(tmp_path):
+    import signal
+    import time
+
+    from tests.conftest import make_byte_tokenizer, make_tiny_llama
+
+    from transformers import LlamaForCausalLM
+
+    config = make_tiny_llama().config
+    config.num_hidden_layers = 16  # time to interrupt between two layers
+    model = LlamaForCausalLM(config)
+    source = tmp_path / "deep"
+    model.save_pretrained(source)
+    make_byte_tokenizer(bos=True).save_pretrained(source)
+    out = tmp_path / "q"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "serq_ao.cli.main", "quantize", str(source), "--out", str(out),
+                                "--rank", "32", *CALIB, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT, env=env)
+    committed = tmp_path / ".q.serq-partial" / "run.json"
+    deadline = time.monotonic() + 300
+    while not committed.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+    assert process.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith(("serq", "WARNING", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("serq: interrupted; "), stderr[-3000:]
+    assert "finished layer" in lines[0] and "--resume continues" in lines[0], lines
+    assert "Traceback" not in result.stderr and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q.serq-partial", "deep"]

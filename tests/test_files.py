@@ -251,3 +251,10 @@ def test_a_changed_file_is_named_as_changed_not_as_foreign(tmp_path):
     with pytest.raises(OutputError, match=r"holds x.bin, which changed since the serq run that wrote it \(3 bytes, 9 written\)"):
         write_output(out, {"x.bin": b"new"}, overwrite=True)
     assert tree(out)["x.bin"] == b"old"
+
+
+def test_a_file_in_the_way_of_the_parent_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=f"--out: {tmp_path / 'afile'} is a file, so .*m.pt2 cannot be made inside it"):
+        with claim_output(tmp_path / "afile" / "sub" / "m.pt2", folder=False):
+            pass

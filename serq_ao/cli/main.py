@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return args.handler(args, err)
-    except KeyboardInterrupt:
-        err.print("serq: interrupted")
+    except KeyboardInterrupt as e:  # its text, where a command gives one, says what was kept
+        err.print(f"serq: interrupted{f'; {e}' if str(e) else ''}", markup=False, highlight=False, soft_wrap=True)
         return 130
     except Exception as e:
         status = user_error_status(e)

@@ -52,36 +52,51 @@ def cmd_quantize(args: argparse.Namespace, err: Console) -> int:
             if is_disk_full(e):
                 raise _out_of_space(e, output) from e
             raise
+        except KeyboardInterrupt:
+            saved = _saved_layers(output)
+            if saved is None:
+                raise
+            raise KeyboardInterrupt(f"{saved} finished layer{'s are' if saved != 1 else ' is'} saved in "
+                                    f"{output.partial}: the same command with --resume continues from there") from None
         finally:
             streaming_logger.removeFilter(said_in_the_error)
 
 
 class _SaidInTheError(logging.Filter):
     """Drops the library's "N layers are saved, --resume continues" warning while a disk-full
-    error is in flight (it is logged from inside the handler): the CLI's one error line says it."""
+    error or an interrupt is in flight (it is logged from inside the handler): the CLI's one
+    line says it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from serq_ao.files import is_disk_full
 
-        return not (record.levelno == logging.WARNING and is_disk_full(sys.exc_info()[1]))
+        in_flight = sys.exc_info()[1]
+        return not (record.levelno == logging.WARNING
+                    and (isinstance(in_flight, KeyboardInterrupt) or is_disk_full(in_flight)))
+
+
+def _saved_layers(output) -> int | None:
+    """How many finished layers a streamed run of ``output`` kept for --resume (None: none)."""
+    from serq_ao.resume import PartialRun, ResumeError
+
+    try:
+        saved = PartialRun(output.partial).record()
+    except ResumeError:
+        return None
+    return None if saved is None else int(saved["layers_done"])
 
 
 def _out_of_space(error: Exception, output):
     """The one line for a run that ran out of disk space: where, and what survived (a streamed
     run keeps every finished layer beside --out, so --resume continues it)."""
     from serq_ao.files import DiskFullError, disk_full_error
-    from serq_ao.resume import PartialRun, ResumeError
 
     if not isinstance(error, DiskFullError):  # the run's work folder: finished layers' shards, saved state
         written = getattr(error, "filename", None) or f"the run's work in {output.partial}"
         error = disk_full_error("--out", output.path.parent, written)
-    try:
-        saved = PartialRun(output.partial).record()
-    except ResumeError:
-        saved = None
-    if saved is None:
+    done = _saved_layers(output)
+    if done is None:
         return type(error)(f"{error}; nothing was written: free some space and run the command again")
-    done = saved["layers_done"]
     return type(error)(f"{error}; nothing was lost: {done} finished layer{'s are' if done != 1 else ' is'} saved in "
                        f"{output.partial}: free some space and run the same command with --resume to continue")
 
