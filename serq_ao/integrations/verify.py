@@ -100,9 +100,10 @@ def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, 
     """Check every tensor of the safetensors ``files`` against their ``serq_tensors`` entry;
     returns the union of the records (name -> [shape, dtype, sha256]). A shard's record lists
     at least its own tensors (``save_pretrained`` writes the whole model's into every shard,
-    a streamed write each layer shard's own and the whole model's into its last); records that name one tensor must agree, and every
-    tensor any record lists must be stored. ``on_tensor(name, tensor)`` sees
-    each tensor once it has passed, for checks of its values."""
+    a streamed write each layer shard's own and the whole model's into its last shard);
+    records that name one tensor must agree, and every tensor any record lists must be
+    stored. ``on_tensor(name, tensor)`` sees each tensor once it has passed, for checks of
+    its values."""
     manifest, found = None, set()
     origin: dict[str, str | os.PathLike] = {}  # tensor -> the file whose record named it first
     for path in files:

@@ -8,16 +8,19 @@ scales and the group's remaining pre-op; ``nn.Linear.forward`` reaches its custo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, stored_bits_per_weight, stored_bytes
+from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed
 
 
 def is_packed_linear(module: nn.Module) -> bool:
@@ -132,12 +135,6 @@ def folder_storage(folder: str | os.PathLike, linear_order: list[str] | None = N
     (in memory, streamed, resumed) wrote it. ``linear_order``: the packed linears' names in
     model order (config.json's ``packed_linears``); by name otherwise. ``files``: the
     safetensors files to read (default: those the folder's index names, else all)."""
-    import json
-
-    from safetensors import safe_open
-
-    from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed
-
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if files is None:
