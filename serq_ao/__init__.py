@@ -1,9 +1,11 @@
 """serq-ao: SERQ 4-bit weight and activation quantization for PyTorch models.
 
-Importing the package is cheap (no torch): the public API below is imported on first use
-(PEP 562), and what lets transformers load serq folders is registered the first time
-transformers looks for a quantizer (:mod:`serq_ao.registration`). So ``serq --help`` answers
-at once, and ``import serq_ao`` followed by ``from_pretrained(serq_folder)`` still works.
+Importing the package is cheap where torch is not imported yet: the public API below is
+imported on first use (PEP 562), and what lets torch and transformers meet serq's tensors, ops
+and folders is registered when they are imported or first look for a quantizer
+(:mod:`serq_ao.registration`). So ``serq --help`` answers at once, and ``import serq_ao``
+followed by ``from_pretrained(serq_folder)``, ``torch.load(weights_only=True)`` or
+``torch.export.load`` still works.
 """
 
 import importlib
@@ -32,6 +34,7 @@ _API = {
     "quantize_": "serq_ao.quant.pipeline",
     "quantize_model": "serq_ao.quant.pipeline",
     "recipe_config": "serq_ao.quant.recipes",
+    "register": "serq_ao.registration",
     "transform_model": "serq_ao.quant.pipeline",
     "storage_report": "serq_ao.quant.packing",
 }

@@ -109,6 +109,35 @@ print("RESULT " + json.dumps({"heavy": heavy_after_import, "legacy": legacy,
         assert result["torchao"] == "TorchAoOrSERQHfQuantizer", (order, result)
 
 
+def test_packed_tensors_load_with_weights_only_after_import_serq_ao_in_either_order(tmp_path):
+    # README: torch.load(weights_only=True) of packed tensors works once serq_ao is imported; the
+    # lazy package must keep that whether the user imports torch before serq_ao or after it
+    import torch
+
+    from tests.conftest import make_tiny_llama
+    from serq_ao import SERQConfig, quantize_
+
+    model = make_tiny_llama()
+    quantize_(model, SERQConfig(format="mxfp4", rank=32), calibration=torch.randint(0, 200, (2, 32)))
+    path = tmp_path / "packed.pt"
+    torch.save(model.state_dict(), path)
+    code = """
+import sys
+if sys.argv[2] == "torch first":
+    import torch, serq_ao
+else:
+    import serq_ao
+    assert "torch" not in sys.modules
+    import torch
+state = torch.load(sys.argv[1], weights_only=True)
+print("RESULT", sorted({type(v).__name__ for v in state.values()}))
+"""
+    for order in ("torch first", "serq_ao first"):
+        process = subprocess.run([sys.executable, "-c", code, str(path), order], capture_output=True, text=True,
+                                 timeout=300, cwd=ROOT)
+        assert "RESULT ['SERQMXFP4Tensor', 'Tensor']" in process.stdout, (order, process.stderr[-3000:])
+
+
 def test_lazy_public_api_is_the_defining_modules_objects():
     import importlib
 
