@@ -118,7 +118,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 # What --device may say; whether this machine has that device is checked after parsing
 # (check_device), since asking torch costs seconds that --help and usage errors must not.
-DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?|auto")  # the forms torch.device takes for these
 
 
 def _device_argument(text: str) -> str:
