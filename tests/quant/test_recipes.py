@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from serq_ao.cli.common import applied_fields
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.recipes import DEFAULT_RECIPE, RECIPES, recipe_config, recipe_options
 
@@ -54,20 +55,21 @@ def test_the_command_line_default_is_the_rotated_gptq_recipe(tiny_model_dir, tmp
     assert _quantize(main, tiny_model_dir, tmp_path / "default") == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["recipe"] == "rotated-gptq"
-    expected = recipe_config("rotated-gptq", rank=32).to_dict()
-    assert {k: summary[k] for k in expected} == expected
+    config = recipe_config("rotated-gptq", rank=32)
+    expected = applied_fields(config)  # --json lists the fields this method and format use, and no other
+    assert {k: summary[k] for k in expected} == expected and not set(config.to_dict()) - set(expected) & set(summary)
     report = json.loads((tmp_path / "default" / "serq_report.json").read_text())
-    assert report["report"]["config"] == expected
+    assert report["report"]["config"] == config.to_dict()
 
     assert _quantize(main, tiny_model_dir, tmp_path / "paper", "--recipe", "paper") == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["recipe"] == "paper" and {k: summary[k] for k in expected} == SERQConfig(rank=32).to_dict()
+    assert summary["recipe"] == "paper" and {k: summary[k] for k in expected} == applied_fields(SERQConfig(rank=32))
 
     # an option given overrides the recipe's
     assert _quantize(main, tiny_model_dir, tmp_path / "nogptq", "--no-gptq") == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["gptq"], summary["gptq_order"], summary["rotation"], summary["flattening_strength"]) == (
-        False, "columns", 32, 0.0)
+    assert (summary["gptq"], summary["rotation"], summary["flattening_strength"]) == (False, 32, 0.0)
+    assert "gptq_order" not in summary  # no GPTQ: its order does not apply
 
 
 def test_recipe_misuse_on_the_command_line(tiny_model_dir, tmp_path, capsys):
@@ -95,5 +97,5 @@ def test_compare_applies_the_recipe_to_serq_only(tiny_model_dir, capsys):
     assert main(argv) == 0
     rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     assert rows["serq"]["recipe"] == "rotated-gptq" and rows["rtn"]["recipe"] is None
-    assert rows["serq"]["config"] == recipe_config(rank=32).to_dict()
-    assert rows["rtn"]["config"] == SERQConfig(method="rtn", rank=32).to_dict()
+    assert rows["serq"]["config"] == applied_fields(recipe_config(rank=32))
+    assert rows["rtn"]["config"] == applied_fields(SERQConfig(method="rtn", rank=32))
