@@ -34,7 +34,7 @@ from torch import nn
 
 from serq_ao.files import Output, claim_output, strict_json
 from serq_ao.integrations.hf_quantizer import packed_folder_config
-from serq_ao.integrations.verify import TENSOR_MANIFEST_KEY, tensor_manifest
+from serq_ao.integrations.verify import CONFIG_RECORD_KEY, TENSOR_MANIFEST_KEY, config_record, tensor_manifest
 from serq_ao.models import TOKENIZER_FILES, ModelLoadError, load_model_config
 from serq_ao.passes import OutputGather
 from serq_ao.passes.trace import find_decoder_layers
@@ -240,13 +240,15 @@ class PackedShardWriter:
     def _shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.shards:05d}.safetensors"
 
-    def _write(self, number: int, state: dict[str, torch.Tensor], folder: Path, records: dict | None = None) -> None:
+    def _write(self, number: int, state: dict[str, torch.Tensor], folder: Path, records: dict | None = None,
+               metadata: dict[str, str] | None = None) -> None:
         """Shard ``number``: ``state`` flattened, with the tensor record of its own tensors
-        and of ``records`` (other shards' entries)."""
-        tensors, metadata = flatten_state_dict(state)
+        and of ``records`` (other shards' entries), and ``metadata``."""
+        tensors, packed = flatten_state_dict(state)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}  # a layer may sit on a GPU
         record = {**(records or {}), **json.loads(tensor_manifest(tensors))}
-        metadata = {"format": "pt", **metadata, TENSOR_MANIFEST_KEY: json.dumps(dict(sorted(record.items())))}
+        metadata = {"format": "pt", **(metadata or {}), **packed,
+                    TENSOR_MANIFEST_KEY: json.dumps(dict(sorted(record.items())))}
         name = self._shard_name(number)
         tmp = folder / f".{name}.tmp"
         save_file(tensors, str(tmp), metadata=metadata)
@@ -312,7 +314,8 @@ class PackedShardWriter:
         # the last shard records every tensor of the model, as each shard save_pretrained writes
         # does: a layer shard swapped in from another output of the same model (same size, its
         # own record consistent) then disagrees with it
-        self._write(self.shards, rest, staging, records=self._layer_records())
+        self._write(self.shards, rest, staging, records=self._layer_records(),
+                    metadata={CONFIG_RECORD_KEY: config_record(model.config)})
         storage = folder_storage(staging, self.linears, files=sorted(self.written))
         model.config.quantization_config = packed_folder_config(config, self.gathers, self.linears)
         model.config.save_pretrained(self.folder)

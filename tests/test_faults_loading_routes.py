@@ -4,8 +4,10 @@ the folder's manifest can tell) was refused by ``serq`` and ``load_quantized`` b
 silently, as another model, by ``AutoModelForCausalLM.from_pretrained`` after ``import serq_ao``.
 
 Routes: from_pretrained in a fresh process, load_quantized, the CLI (``serq inspect``); the
-folders: a serq output, the same as a Hub snapshot (its files links to blobs), and a folder the
-user's own ``save_pretrained`` wrote (no manifest: it must still load)."""
+folders: a serq output, the same as a Hub snapshot (its files links to blobs), a folder the
+user's own ``save_pretrained`` wrote (no manifest: it must still load, and an edit of its
+config.json is caught by the config record in the weights' header), and a serq output whose
+manifest was deleted (the same record catches the edit)."""
 
 import json
 import os
@@ -97,7 +99,17 @@ def folders(quantized_tiny_dir, tmp_path_factory):
     tokenizer.save_pretrained(made["save_pretrained"])
     made["hub"] = as_hub_snapshot(quantized_tiny_dir, root / "hub")
     made["hub, rms_norm_eps"] = as_hub_snapshot(made["rms_norm_eps"], root / "hub-edited")
+    made["save_pretrained, rms_norm_eps"] = root / "save_pretrained-edited"
+    shutil.copytree(made["save_pretrained"], made["save_pretrained, rms_norm_eps"])
+    edit_config(made["save_pretrained, rms_norm_eps"], EDITS["rms_norm_eps"])
+    made["no manifest, rope_theta"] = root / "no-manifest-edited"
+    shutil.copytree(made["rope_theta"], made["no manifest, rope_theta"])
+    (made["no manifest, rope_theta"] / MANIFEST).unlink()
     return made
+
+
+LOADS = ["untouched", "save_pretrained", "hub"]
+REFUSED = [*EDITS, "hub, rms_norm_eps", "save_pretrained, rms_norm_eps", "no manifest, rope_theta"]
 
 
 @pytest.fixture(scope="module")
@@ -112,27 +124,28 @@ def reference(folders, ids):
 
 
 def test_the_edits_change_the_model(folders, ids, reference):
-    """Without the manifest, each edited folder loads as another model: the check is all that stands."""
+    """Each edited config.json, given to the untouched weights, is another model: the checks
+    are all that stands between the edit and a silently different model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     for name in EDITS:
-        copy = folders[name].parent / f"{name}, no manifest"
-        shutil.copytree(folders[name], copy)
-        (copy / MANIFEST).unlink()
+        config = AutoConfig.from_pretrained(folders[name])
         with torch.no_grad():
-            assert not torch.allclose(load_quantized(copy)[0](ids).logits, reference), name
+            logits = AutoModelForCausalLM.from_pretrained(folders["untouched"], config=config)(ids).logits
+        assert not torch.allclose(logits, reference), name
 
 
 def test_from_pretrained_in_a_fresh_process_verifies_as_load_quantized_does(folders, ids, reference):
-    names = ["untouched", "save_pretrained", "hub", *EDITS, "hub, rms_norm_eps"]
-    results = dict(zip(names, from_pretrained_in_fresh_process(ids, *(folders[n] for n in names))))
-    for name in ["untouched", "save_pretrained", "hub"]:
+    results = dict(zip(LOADS + REFUSED, from_pretrained_in_fresh_process(ids, *(folders[n] for n in LOADS + REFUSED))))
+    for name in LOADS:
         assert "logits" in results[name], f"{name}: {results[name].get('error')}"
         assert torch.equal(torch.tensor(results[name]["logits"]), reference.flatten()), name
-    for name in [*EDITS, "hub, rms_norm_eps"]:
+    for name in REFUSED:
         assert results[name].get("error", "").startswith("CheckpointError: "), f"{name}: loaded without a word"
         assert "config.json" in results[name]["error"] and "\n" not in results[name]["error"]
 
 
-@pytest.mark.parametrize("name", ["save_pretrained", "hub", *EDITS, "hub, rms_norm_eps"])
+@pytest.mark.parametrize("name", ["save_pretrained", "hub", *REFUSED])
 def test_load_quantized_verifies_every_folder_kind(folders, reference, ids, name):
     if name in ("save_pretrained", "hub"):
         with torch.no_grad():

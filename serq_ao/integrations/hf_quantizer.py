@@ -46,11 +46,14 @@ from serq_ao.integrations.checkpoint_config import (
     check_format_version,
 )
 from serq_ao.integrations.verify import (
+    CONFIG_RECORD_KEY,
     TENSOR_MANIFEST_KEY,
     check_config_agrees,
+    check_config_record,
     check_expected_keys,
     check_output_gather,
     check_packed,
+    config_record,
     fail_checkpoint,
     tensor_manifest,
     verify_files,
@@ -175,6 +178,7 @@ class SERQHfQuantizer(HfQuantizer):
         # save_pretrained wrote has no manifest: its tensors are still checked
         for folder in sorted({Path(p).parent for p in files}):
             verify_files(folder, hash_weights=False)
+            check_config_record(folder, [p for p in files if Path(p).parent == folder])
         for path in files:
             try:
                 with safe_open(path, framework="pt") as handle:
@@ -251,6 +255,7 @@ class SERQHfQuantizer(HfQuantizer):
         # (save_pretrained reads the offloaded ones itself, shard by shard)
         metadata[TENSOR_MANIFEST_KEY] = tensor_manifest(remove_tied_weights_from_state_dict(dict(tensors), model),
                                                         values=lambda name: load_offloaded_parameter(model, name))
+        metadata[CONFIG_RECORD_KEY] = config_record(model.config)
         return tensors, metadata
 
     def is_serializable(self):

@@ -46,11 +46,14 @@ from serq_ao.integrations.checkpoint_config import (
 )
 from serq_ao.integrations.hf_quantizer import attach_quantizer
 from serq_ao.integrations.verify import (
+    CONFIG_RECORD_KEY,
     TENSOR_MANIFEST_KEY,
     CheckpointError,
+    check_config_record,
     check_expected_keys,
     check_order,
     check_output_gather,
+    config_record,
     tensor_manifest,
     verify_files,
     verify_tensors,
@@ -130,7 +133,8 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, config: SERQConfi
     config_json.save_pretrained(folder)
     # tied duplicates dropped as transformers does, so the manifest names what is stored
     state = {k: v.contiguous() for k, v in remove_tied_weights_from_state_dict(model.state_dict(), model).items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", TENSOR_MANIFEST_KEY: tensor_manifest(state)})
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", TENSOR_MANIFEST_KEY: tensor_manifest(state),
+                                                           CONFIG_RECORD_KEY: config_record(config_json)})
     meta = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -192,6 +196,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
     unfuse_experts(model)  # MoE experts were quantized (and stored) one linear per projection
     for name, spec in meta["structure"].items():
         replace_module(model, name, _placeholder(spec, model.get_submodule(name)))
+    check_config_record(path, [path / WEIGHTS_FILE])
     stored = verify_tensors([path / WEIGHTS_FILE])
     check_expected_keys(model, stored, {})
     try:

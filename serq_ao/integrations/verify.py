@@ -75,6 +75,54 @@ def verify_files(folder: str | os.PathLike, *, hash_weights: bool = True) -> Non
         fail_checkpoint(folder / extra[0], f"is not listed in {MANIFEST}")
 
 
+# ---- 1b. config.json against the weights ---------------------------------------------------
+
+CONFIG_RECORD_KEY = "serq_model_config"
+# keys save_pretrained sets after the weights' header is made (dtype, architectures, auto_map),
+# the version that wrote the file, and quantization_config (checked against the weights itself)
+_CONFIG_KEYS_NOT_RECORDED = {"transformers_version", "quantization_config", "architectures", "dtype", "torch_dtype",
+                             "auto_map", "_name_or_path"}
+
+
+def _recorded_part(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _CONFIG_KEYS_NOT_RECORDED}
+
+
+def config_record(config) -> str:
+    """The safetensors header entry that binds the weights to the config.json written with
+    them: the model's fields as config.json states them (what ``save_pretrained`` writes)."""
+    return json.dumps(_recorded_part(json.loads(config.to_json_string(use_diff=True))), sort_keys=True)
+
+
+def check_config_record(folder: str | os.PathLike, files: list[str | os.PathLike]) -> None:
+    """config.json of ``folder`` must state the model the weights' header records (where one
+    does; folders written before the record existed carry none). It guards folders without a
+    manifest too (a user's own save_pretrained): an edited rms_norm_eps loads as another model."""
+    recorded = None
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                text = (handle.metadata() or {}).get(CONFIG_RECORD_KEY)
+        except Exception:  # noqa: BLE001 - unreadable: verify_tensors names it
+            continue
+        if text is not None:
+            recorded = text
+            break
+    if recorded is None:
+        return
+    config_path = Path(folder) / "config.json"
+    try:
+        current = _recorded_part(json.loads(config_path.read_text()))
+        recorded = json.loads(recorded)
+    except (OSError, ValueError, AttributeError):
+        fail_checkpoint(config_path, "is not the JSON object of a model config")
+    changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
+    if changed:
+        key = changed[0]
+        fail_checkpoint(config_path, f"{key} is {current.get(key)!r}, the weights were saved with "
+                                     f"{recorded.get(key)!r}")
+
+
 # ---- 2. tensors -----------------------------------------------------------------------------
 
 
