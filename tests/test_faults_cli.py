@@ -334,3 +334,14 @@ def test_ctrl_c_during_a_streamed_run_is_one_line_and_keeps_the_finished_layers(
     assert "finished layer" in lines[0] and "--resume continues" in lines[0], lines
     assert "Traceback" not in result.stderr and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".q.serq-partial", "deep"]
+
+
+def test_bench_on_a_folder_with_a_damaged_report_names_it(quantized_tiny_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "q"
+    shutil.copytree(quantized_tiny_dir, folder)
+    (folder / "serq_report.json").write_text("{")  # bench read the source model from it before any check
+    line = error_line(serq("bench", folder, "--prefill", "8", "--decode", "1", "--repeats", "1", "--quiet",
+                           check_rc=1))
+    assert f"{folder / 'serq_report.json'}: has 1 bytes" in line, line

@@ -17,10 +17,17 @@ def _source_of(path: str) -> str | None:
     """The model a serq output folder was quantized from, if it says."""
     from serq_ao.integrations.serialization import QUANTIZATION_FILE, REPORT_FILE
 
+    from serq_ao.models import ModelLoadError
+
     for name in (REPORT_FILE, QUANTIZATION_FILE):
         file = Path(path) / name
         if file.is_file():
-            return json.loads(file.read_text()).get("source")
+            try:
+                record = json.loads(file.read_text())
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"{file}: cannot read the source model it records ({e}); pass --baseline "
+                                     "none or name the baseline model") from None
+            return record.get("source") if isinstance(record, dict) else None
     return None
 
 
@@ -29,13 +36,13 @@ def cmd_bench(args: argparse.Namespace, err: Console) -> int:
     from serq_ao.models import load_model
 
     baseline = args.baseline
-    if baseline == "auto":
-        baseline = _source_of(args.model) if Path(args.model).is_dir() else None
-    elif baseline == "none":
-        baseline = None
     models = {}
     with status(err, f"loading {args.model}", args.quiet):
         models[str(args.model)] = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)[0]
+        if baseline == "auto":  # read once the model has loaded: its files are verified by then
+            baseline = _source_of(args.model) if Path(args.model).is_dir() else None
+        elif baseline == "none":
+            baseline = None
         if baseline is not None:
             models[f"{baseline} (baseline)"] = load_model(baseline, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)[0]
     for model in models.values():  # the decode steps run past the prefill
