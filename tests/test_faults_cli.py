@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -167,9 +168,9 @@ def _break(kind: str, folder: Path, ran: Path) -> str:
         tokenizer.write_text(tokenizer.read_text()[:100])
         return f"{tokenizer}: not valid JSON ("
     if kind == "tokenizer not a tokenizer":  # valid JSON that the tokenizers library cannot parse
-        record = __import__("json").loads(tokenizer.read_text())
+        record = json.loads(tokenizer.read_text())
         record["model"]["vocab"] = 5
-        tokenizer.write_text(__import__("json").dumps(record))
+        tokenizer.write_text(json.dumps(record))
         return f"{tokenizer}: not a tokenizer the tokenizers library can read (invalid type: integer `5`, expected a map"
     if kind == "config.json not JSON":
         (folder / "config.json").write_text('{"model_type": "llama",')
@@ -288,8 +289,6 @@ def test_json_fields_are_the_options_the_command_line_accepts(method, fmt, tmp_p
 
 
 def test_quantize_json_leaves_out_what_the_method_does_not_use(tiny_model_dir, tmp_path):
-    import json
-
     result = serq("quantize", tiny_model_dir, "--out", tmp_path / "q", "--method", "rtn", "--format", "w4a8",
                   *CALIB, "--quiet", "--json", check_rc=0)
     record = json.loads(result.stdout)
