@@ -344,3 +344,24 @@ def test_bench_on_a_folder_with_a_damaged_report_names_it(quantized_tiny_dir, tm
     line = error_line(serq("bench", folder, "--prefill", "8", "--decode", "1", "--repeats", "1", "--quiet",
                            check_rc=1))
     assert f"{folder / 'serq_report.json'}: has 1 bytes" in line, line
+
+
+@pytest.mark.parametrize("command", [["quantize", "--rank", "32", *CALIB, "--out", "OUT"],
+                                     ["quantize", "--rank", "32", *CALIB, "--out", "OUT", "--in-memory"],
+                                     ["compare", "--rank", "32", *CALIB, "--windows", "1", "--seqlen", "32"],
+                                     ["eval", "ppl", "--windows", "1", "--seqlen", "32"]])
+def test_a_tokenizer_beyond_the_models_vocabulary_is_one_line(command, tmp_path):
+    # a folder whose tokenizer is not its model's: calibration ended in a ValueError traceback,
+    # compare and eval in an IndexError from inside the embedding
+    from tests.conftest import make_byte_tokenizer, make_tiny_llama
+
+    folder = tmp_path / "mismatched"
+    make_tiny_llama(vocab_size=128).save_pretrained(folder)
+    make_byte_tokenizer(bos=True).save_pretrained(folder)  # ids up to 256
+    argv = [command[0], *command[1:2], folder, *command[2:]] if command[0] == "eval" else [command[0], folder,
+                                                                                           *command[1:]]
+    result = serq(*[str(tmp_path / "out") if a == "OUT" else a for a in argv], "--quiet")
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "outside the model's vocabulary [0, 128)" in line and "tokenizer does not belong" in line, line
+    assert not (tmp_path / "out").exists()

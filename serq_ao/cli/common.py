@@ -347,7 +347,21 @@ def calibration_from_args(tokenizer, args, model):
         raise UsageError(f"{option}: {e}".replace("n_windows must", "--calib-samples must")) from e
     longest = batches.shape[1] if hasattr(batches, "shape") else max(w.shape[1] for w in batches)
     check_positions(model, "--calib-seqlen", longest)
+    check_token_ids(batches, model)
     return batches
+
+
+def check_token_ids(batches, model) -> None:
+    """The tokenizer's ids (calibration or evaluation windows) must fit the model's vocabulary:
+    a folder whose tokenizer is not its model's is the user's mistake, told here rather than as
+    an IndexError deep inside the model."""
+    from serq_ao.quant.calibration import check_input_ids
+
+    for window in [batches] if hasattr(batches, "shape") else batches:
+        try:
+            check_input_ids(window, model, option="the tokenizer's output")
+        except ValueError as e:
+            raise UsageError(f"{e}: the model folder's tokenizer does not belong to its model") from e
 
 
 def check_error_windows(args) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from serq_ao.cli.common import UsageError, check_positions, progress_bar, status
+from serq_ao.cli.common import UsageError, check_positions, check_token_ids, progress_bar, status
 from serq_ao.files import strict_json
 
 
@@ -41,6 +41,7 @@ def cmd_eval_ppl(args: argparse.Namespace, err: Console) -> int:
         except ValueError as e:  # too many windows for the text
             raise UsageError(f"--windows / --seqlen: {e}") from e
         check_positions(model, "--seqlen", windows.shape[1])
+        check_token_ids(windows, model)
     with progress_bar(err, args.quiet) as progress:
         task = progress.add_task(f"perplexity on {source}", total=windows.shape[0])
         result = perplexity(model, windows, batch_size=args.batch_size, on_batch=lambda k: progress.advance(task, k))

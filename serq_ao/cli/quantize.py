@@ -20,6 +20,7 @@ from serq_ao.cli.common import (
     check_error_windows,
     check_not_quantized,
     check_positions,
+    check_token_ids,
     checked_plan,
     config_from_args,
     progress_bar,
@@ -300,6 +301,7 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
             check_not_quantized(model, args.model)
             windows = evaluation_windows(tokenizer, args.corpus, args.windows, args.seqlen)
             check_positions(model, "--seqlen", windows.shape[1])
+            check_token_ids(windows, model)
             progress.remove_task(loading)
             bits, quant_seconds = 32.0, 0.0
             if method != "fp":

@@ -79,14 +79,15 @@ def positions_error(model, what: str, positions: int) -> str | None:
 
 def check_input_ids(ids, model: nn.Module, option: str = "calibration") -> None:
     """Calibration input ids must be an integer tensor (n, L), n, L >= 1, of token ids the
-    model's vocabulary has, L within its positions; anything else is an error naming ``option``."""
+    vocabulary of ``model`` (or of a model config) has, L within its positions; anything else
+    is an error naming ``option``."""
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{option} must be a tensor of input ids (n, L), got {type(ids).__name__}")
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"{option} must be input ids of shape (n, L) with n, L >= 1, got shape {tuple(ids.shape)}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"{option} must hold integer token ids, got dtype {ids.dtype}")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = getattr(getattr(model, "config", model), "vocab_size", None)  # a model, or a model config
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or (vocab is not None and high >= vocab):
         raise ValueError(f"{option} holds token ids in [{low}, {high}], outside the model's vocabulary "
