@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from serq_ao.data import add_bos, tokenize
+from serq_ao.messages import one_line
 
 DEFAULT_SEED = 0
 DEFAULT_COLUMN = "text"
@@ -247,15 +248,11 @@ def load_documents(path: str | os.PathLike, column: str = DEFAULT_COLUMN, split:
         try:
             data = datasets.Dataset.from_file(str(path))
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            raise ValueError(f"{path} is not a readable Arrow file ({_short(e)})") from None
+            raise ValueError(f"{path} is not a readable Arrow file ({one_line(e)})") from None
         return _arrow_column(data, column, path)
     if path.suffix in (".jsonl", ".json"):
         return _json_documents(path, column)
     raise ValueError(f"{path}: a dataset must be a save_to_disk folder, an .arrow file or .jsonl lines")
-
-
-def _short(error: Exception) -> str:
-    return " ".join(str(error).split())[:160]
 
 
 def _saved_dataset(path: Path, column: str, split: str) -> Sequence[str]:
@@ -271,7 +268,7 @@ def _saved_dataset(path: Path, column: str, split: str) -> Sequence[str]:
     except (OSError, ValueError, KeyError, IndexError) as e:
         if isinstance(e, IndexError) and _lists_no_files(path / "state.json"):
             raise ValueError(f"{path} has no rows") from None
-        raise ValueError(f"{path} is not a readable dataset saved with save_to_disk ({_short(e)})") from None
+        raise ValueError(f"{path} is not a readable dataset saved with save_to_disk ({one_line(e)})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise ValueError(f"{path} holds the splits {sorted(data)}, not {split!r}")

@@ -30,6 +30,7 @@ from serq_ao.extras import require
 from serq_ao.files import file_records, sha256_of, umask_permissions
 # named where the command line reads them without importing torch
 from serq_ao.options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_NAMES  # noqa: F401
+from serq_ao.messages import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ class ModelNotFoundError(ValueError):
 
 class ModelLoadError(ValueError):
     """A model folder or file that exists but cannot be loaded; the message says why."""
-
-
-def _one_line(error: BaseException) -> str:
-    """``error``'s whole message on one line (never cut: a cut message loses what it was saying)."""
-    text = " ".join(str(error).split())
-    if isinstance(error, KeyError) or not text:  # a KeyError's text is the bare key
-        return f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text
 
 
 class ModelAssetMissingError(RuntimeError):
@@ -143,7 +136,7 @@ def _gguf_cache_folder(gguf_path: Path, key_prefix: str) -> Path:
     try:
         return cached_folder(key, lambda out: _convert_gguf(gguf_path, out))
     except (ValueError, OSError, KeyError, RuntimeError, TypeError) as e:  # gguf's and transformers' own types
-        raise ModelLoadError(f"{gguf_path}: not a GGUF model transformers can convert ({_one_line(e)})") from None
+        raise ModelLoadError(f"{gguf_path}: not a GGUF model transformers can convert ({one_line(e)})") from None
 
 
 def known_model_gguf(name: str) -> Path:
@@ -289,7 +282,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # safetensors, json, transformers
         if isinstance(e, CheckpointError):
             raise
-        raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(e)})" if "trust_remote_code" not in str(e)
+        raise ModelLoadError(f"{folder}: cannot load the model ({one_line(e)})" if "trust_remote_code" not in str(e)
                              else remote_code_refused(folder)) from None
     model.eval()
     return model.to(device), tokenizer
@@ -314,7 +307,7 @@ def load_model_config(folder, *, trust_remote_code: bool = False):
     except (OSError, ValueError, KeyError) as e:
         if "trust_remote_code" in str(e):
             raise ModelLoadError(remote_code_refused(folder)) from None
-        raise ModelLoadError(f"{folder}: cannot read its config.json ({_one_line(e)})") from None
+        raise ModelLoadError(f"{folder}: cannot read its config.json ({one_line(e)})") from None
 
 
 def remote_code_refused(folder) -> str:
@@ -329,7 +322,7 @@ def check_config_json(folder: Path) -> None:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{file}: not valid JSON ({_one_line(e)})") from None
+        raise ModelLoadError(f"{file}: not valid JSON ({one_line(e)})") from None
     except OSError as e:
         raise ModelLoadError(f"{file}: cannot be read ({e.strerror})") from None
     if not isinstance(config, dict):
@@ -373,17 +366,17 @@ def _tokenizer_problem(folder: Path, error: BaseException) -> str:
         try:
             json.loads(file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            return f"{file}: not valid JSON ({_one_line(e)}); save the tokenizer again (tokenizer.save_pretrained)"
+            return f"{file}: not valid JSON ({one_line(e)}); save the tokenizer again (tokenizer.save_pretrained)"
         from tokenizers import Tokenizer
 
         try:
             Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers' own parse errors are bare Exceptions
-            return (f"{file}: not a tokenizer the tokenizers library can read ({_one_line(e)}); save the tokenizer "
+            return (f"{file}: not a tokenizer the tokenizers library can read ({one_line(e)}); save the tokenizer "
                     "again (tokenizer.save_pretrained)")
-        return f"{folder}: cannot load the tokenizer ({_one_line(error)})"
+        return f"{folder}: cannot load the tokenizer ({one_line(error)})"
     if not (folder / "tokenizer.model").is_file():
         present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
         return (f"{folder} has {' and '.join(present)} but no tokenizer.json or tokenizer.model, the files that "
                 "define the vocabulary: save the tokenizer beside the model (tokenizer.save_pretrained)")
-    return f"{folder}: cannot load the tokenizer ({_one_line(error)})"
+    return f"{folder}: cannot load the tokenizer ({one_line(error)})"

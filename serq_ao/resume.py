@@ -43,6 +43,7 @@ from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.layerwise import LayerwiseState
 from serq_ao.quant.linear_plan import LinearPlan
 from serq_ao.quant.report import LinearReport
+from serq_ao.messages import one_line
 
 RUN_FILE = "run.json"
 FORMAT = 1
@@ -271,5 +272,5 @@ class PartialRun:
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ResumeError(f"the saved state in {folder} is damaged ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]}): start over with --overwrite") from None
+                              f"{one_line(e)}): start over with --overwrite") from None
         return state

@@ -46,6 +46,7 @@ from serq_ao.quant.experts import Selection, select_stored, stored_names
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.packing import StorageReport, folder_storage, is_packed_linear, pack_linear
 from serq_ao.tensor_subclass.flatten import flatten_state_dict
+from serq_ao.messages import one_line
 
 if TYPE_CHECKING:
     from serq_ao.quant.report import QuantizationReport
@@ -92,7 +93,7 @@ class CheckpointReader:
             with safe_open(str(path), framework="pt") as handle:
                 return set(handle.keys())
         except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"{path}: cannot load the model ({' '.join(str(e).split())[:160]})") from None
+            raise ModelLoadError(f"{path}: cannot load the model ({one_line(e)})") from None
 
     def keys(self) -> set[str]:
         return set(self.weight_map)
@@ -116,7 +117,7 @@ class CheckpointReader:
                         tensors[key] = handle.get_tensor(key)
             except (SafetensorError, OSError) as e:  # a shard that is missing, damaged, or lacks what the index says
                 raise ModelLoadError(f"{self.folder / file}: cannot read tensor {key!r} "
-                                     f"({' '.join(str(e).split())[:160]})") from None
+                                     f"({one_line(e)})") from None
         return tensors
 
 

@@ -59,6 +59,7 @@ from serq_ao.integrations.verify import (
     verify_files,
     verify_tensors,
 )
+from serq_ao.messages import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class SERQHfQuantizer(HfQuantizer):
                     metadata = handle.metadata() or {}
                 descriptions = {k: json.loads(t)[METADATA_MARK] for k, t in metadata.items() if METADATA_MARK in t}
             except Exception as e:  # noqa: BLE001 - safetensors and json raise their own types
-                fail_checkpoint(path, f"not a readable serq safetensors file ({' '.join(str(e).split())[:160]})")
+                fail_checkpoint(path, f"not a readable serq safetensors file ({one_line(e)})")
             self.packed_descriptions.update(descriptions)
         # before any weight is read into the model: every stored tensor is the one written,
         # and the model config.json builds expects exactly these

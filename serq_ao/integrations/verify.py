@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from serq_ao.formats.hadamard import ROTATION_SIZES
 from serq_ao.files import MANIFEST, folder_files, read_manifest, sha256_of
+from serq_ao.messages import one_line
 
 TENSOR_MANIFEST_KEY = "serq_tensors"
 _E8M0_NAN = 255
@@ -158,7 +159,7 @@ def verify_tensors(files: list[str | os.PathLike], on_tensor=None) -> dict[str, 
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            fail_checkpoint(path, f"is not a readable safetensors file ({' '.join(str(e).split())[:160]})")
+            fail_checkpoint(path, f"is not a readable safetensors file ({one_line(e)})")
         with handle:
             text = (handle.metadata() or {}).get(TENSOR_MANIFEST_KEY)
             if text is None:
