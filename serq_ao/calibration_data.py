@@ -165,7 +165,7 @@ def _windows(tokenizer, text: _Text, samples: int, seqlen: int, seed: int, sampl
             start, length, count = pieces[index]
             cache[index] = tokenize(tokenizer, text.read(start, length))
             if cache[index].numel() != count:
-                raise RuntimeError(f"a piece of {text.name} gave {cache[index].numel()} tokens, {count} when "
+                raise ValueError(f"a piece of {text.name} gave {cache[index].numel()} tokens, {count} when "
                                    "first read: the file changed meanwhile, or the tokenizer is not deterministic")
         return cache[index]
 

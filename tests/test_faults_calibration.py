@@ -260,3 +260,32 @@ def test_cuts_fall_at_a_single_space_between_words(kind):
     at = calibration_data._cut(buffer, len(buffer) - 1)
     # the last space with a non-space on both sides; none in "  it" or in the trailing blanks
     assert text[:at] == "first words\n\nsecond  part"
+
+
+def test_a_text_whose_tokens_change_between_reads_is_a_value_error(byte_tokenizer, tmp_path, monkeypatch):
+    # the windows are counted on a first read and cut from a second: a file edited meanwhile (or
+    # a tokenizer that is not deterministic) is the user's fault, a ValueError the CLI turns into
+    # one line naming --calib-text, never a RuntimeError traceback
+    from serq_ao import calibration_data
+    from serq_ao.calibration_data import text_file_calibration
+
+    monkeypatch.setattr(calibration_data, "TEXT_PIECE", 64)  # many pieces, so some are read twice
+    path = tmp_path / "notes.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog " * 40, encoding="utf-8")
+
+    class Drifting:  # the byte tokenizer, but a text it has seen before gives one token more
+        seen = set()
+
+        def __call__(self, text, **kwargs):
+            encoded = byte_tokenizer(text, **kwargs)
+            if text in self.seen:
+                encoded["input_ids"] = [*encoded["input_ids"], 1]
+            self.seen.add(text)
+            return encoded
+
+        def __getattr__(self, name):
+            return getattr(byte_tokenizer, name)
+
+    assert text_file_calibration(byte_tokenizer, path, 2, 32).shape == (2, 33)  # the honest tokenizer: fine
+    with pytest.raises(ValueError, match="changed meanwhile, or the tokenizer is not deterministic"):
+        text_file_calibration(Drifting(), path, 2, 32)
