@@ -4,6 +4,10 @@ against a static KV cache of N tokens), eager and under ``torch.compile(fullgrap
 Decode rewrites the same cache slot on every call (the cache is rewound), so every call has
 the same shapes and compiles once, as in gpt-fast. Medians of several calls after a warm-up;
 the warm-up of a compiled function, which includes compilation, is reported apart.
+
+``serq bench`` times each model in a child process of its own (:func:`run_child`, this module
+run as ``python -m serq_ao.bench --child SPEC``), so each model's peak resident memory is its
+own and every model is timed from the same fresh start.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +136,96 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+def peak_rss_bytes() -> tuple[int, str]:
+    """This process's peak resident memory so far, and where the figure comes from.
+
+    The kernel's ``VmHWM`` of this process: its address space is new since it was exec'd,
+    so the figure is this program's own. (``ru_maxrss``, which benchmarks/child_memory.py
+    reads for a child, keeps the high-water mark of the process it was forked from; that file
+    needs a standard-library-only launcher for that reason; a process that reads its own
+    ``VmHWM`` does not.) Where there is no /proc, ``ru_maxrss`` (Linux: KiB; macOS: bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "VmHWM"
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024), "ru_maxrss"
+
+
+def native_kernel_info() -> dict:
+    """Which native CPU kernel the packed ops dispatch to, where serq-ao has native kernels."""
+    try:
+        from serq_ao.kernels.cpu_native import kernel_info
+    except ImportError:
+        return {"native": None}
+    return kernel_info()
+
+
+# What a child writes on stdout starts with this, so that anything a library prints there
+# cannot be taken for a message.
+CHILD_MARK = "serq-bench-child: "
+
+
+def _tell(message: dict) -> None:
+    print(CHILD_MARK + strict_json(message), flush=True)
+
+
+def run_child(spec: dict) -> int:
+    """Load and time one model as ``spec`` says (the keys of :func:`child_spec`), telling the
+    parent each step, then its result or the one-line error a user would see, on stdout."""
+    from serq_ao.models import load_model
+
+    try:
+        if spec["threads"] is not None:
+            torch.set_num_threads(spec["threads"])
+        model = load_model(spec["model"], dtype=spec["dtype"], device=spec["device"],
+                           trust_remote_code=spec["trust_remote_code"])[0]
+        if spec["check_positions"] is not None:
+            from serq_ao.cli.common import check_positions
+
+            check_positions(model, *spec["check_positions"])
+        timings = time_model(model, batch=spec["batch"], prefill=spec["prefill"], prefill_calls=spec["prefill_calls"],
+                             decode_calls=spec["decode_calls"], modes=tuple(spec["modes"]),
+                             on_step=lambda step: _tell({"step": step}))
+    except KeyboardInterrupt:  # the parent, in the same process group, says so
+        return 130
+    except Exception as e:
+        from serq_ao.cli.main import user_error_status
+
+        status = user_error_status(e)
+        if status is None:
+            raise  # a fault of ours: the traceback goes to stderr, which the parent shows
+        _tell({"error": str(e), "status": status, "class": f"{type(e).__module__}:{type(e).__qualname__}"})
+        return status
+    peak, source = peak_rss_bytes()
+    dtype = getattr(model.config, "dtype", None) or model.dtype
+    _tell({"result": {"dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                      "peak_rss_bytes": peak, "peak_rss_source": source, "native_kernel": native_kernel_info(),
+                      "timings": [t.to_dict() for t in timings]}})
+    return 0
+
+
+def child_spec(model: str, *, dtype: str, device: str, trust_remote_code: bool, threads: int | None, batch: int,
+               prefill: int, prefill_calls: int, decode_calls: int, modes: tuple[str, ...],
+               check_positions: tuple[str, int] | None = None) -> dict:
+    """What :func:`run_child` needs: the arguments of :func:`load_model` and :func:`time_model`,
+    the thread count (None: torch's default) and ``(option, positions)`` to check first."""
+    return {"model": str(model), "dtype": dtype, "device": str(device), "trust_remote_code": trust_remote_code,
+            "threads": threads, "batch": batch, "prefill": prefill, "prefill_calls": prefill_calls,
+            "decode_calls": decode_calls, "modes": list(modes),
+            "check_positions": None if check_positions is None else list(check_positions)}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        sys.exit(run_child(json.loads(sys.argv[2])))
+    sys.exit("usage: python -m serq_ao.bench --child SPEC (serq bench runs this; run serq bench)")

@@ -355,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(export)
     export.set_defaults(handler=command("export", "cmd_export"))
 
-    bench = commands.add_parser("bench", help="prefill and decode latency, eager and compiled, next to the FP model")
+    from serq_ao.cli.bench import dtype_list  # light: no torch
+
+    bench = commands.add_parser("bench", help="prefill and decode tokens/s and peak RSS, each model in its own "
+                                              "process, next to the FP model in float32 and/or bfloat16")
     bench.add_argument("model", help=MODEL_HELP)
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True)")
     bench.add_argument("--prefill", type=positive_int, default=1024, help="prompt tokens (and the decode KV cache length)")
@@ -364,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=3, help="prefill calls to time")
     bench.add_argument("--baseline", default="auto",
                        help="model to compare with: 'auto' (a serq folder's source model), 'none', or a model")
+    bench.add_argument("--baseline-dtypes", type=dtype_list, default=None, metavar="DTYPES",
+                       help="comma-separated dtypes to time the baseline in, each in its own process, e.g. "
+                            "float32,bfloat16 (default: --dtype)")
+    bench.add_argument("--threads", type=positive_int, default=None,
+                       help="torch threads in each timed process (default: torch's own, one per core)")
     _loading_options(bench)
     _common(bench)
     bench.set_defaults(handler=command("bench", "cmd_bench"))
