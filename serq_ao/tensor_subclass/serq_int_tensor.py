@@ -7,7 +7,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from serq_ao.formats.base import Quantized
 from serq_ao.formats.integer import dequantize_int4_groups
-from serq_ao.kernels.ops import serq_linear_int
+from serq_ao.kernels.ops import linear_int
 from serq_ao.tensor_subclass.common import compact_perm, to_copy
 from serq_ao.tensor_subclass.views import check_column_range, register_views
 
@@ -146,7 +146,7 @@ def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     # the linear returns the weight's logical dtype (the model's), as F.linear would
-    return serq_linear_int(
+    return linear_int(
         x, weight.qdata, weight.scale, weight.shape[1], weight.group_size, weight.activation_bits,
         weight.correction_qdata, weight.correction_scale, weight.input_scale_inv, weight.input_perm, bias,
         rotation=weight.rotation,

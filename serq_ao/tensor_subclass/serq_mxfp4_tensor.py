@@ -7,7 +7,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from serq_ao.formats.base import Quantized
 from serq_ao.formats.mxfp4 import BLOCK_SIZE
-from serq_ao.kernels.ops import padded_in_features, serq_linear_mxfp4, split_mxfp4_weight
+from serq_ao.kernels.ops import linear_mxfp4, padded_in_features, split_mxfp4_weight
 from serq_ao.tensor_subclass.common import compact_perm, to_copy
 from serq_ao.tensor_subclass.views import check_column_range, register_views
 
@@ -135,7 +135,7 @@ def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     # the linear returns the weight's logical dtype (the model's), as F.linear would
-    return serq_linear_mxfp4(
+    return linear_mxfp4(
         x, weight.qdata, weight.scale, weight.shape[1], weight.rank, weight.scale_mode,
         weight.input_scale_inv, weight.input_perm, bias, rotation=weight.rotation,
     ).to(weight.dtype)

@@ -1,0 +1,16 @@
+// serq's CPU kernels for avx512: kernels.inc compiled for this instruction set alone.
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#define SERQ_VEC 512
+#define SERQ_VNNI 0
+#include "serq_cpu.h"
+
+namespace serq_cpu {
+namespace avx512 {
+#include "kernels.inc"
+}  // namespace avx512
+}  // namespace serq_cpu

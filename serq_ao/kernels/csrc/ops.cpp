@@ -1,0 +1,310 @@
+// The torch side of serq's CPU kernels: argument checks, buffers, threads (torch's intra-op
+// pool, so torch.set_num_threads governs them), and the ops `serq_cpu::*` that
+// serq_ao/kernels/cpu_native.py calls. Compiled for any x86-64; the instruction-set variants
+// (isa_*.cpp) are chosen per call by the `isa` argument, which Python picks once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "serq_cpu.h"
+
+namespace serq_cpu {
+namespace {
+
+const int8_t kDoubledE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+const int8_t kInt4[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+const int64_t kDecodeRows = 8;  // up to this many rows, the decode kernel (weights read as packed)
+
+int64_t cpu_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return __builtin_cpu_supports("avx512vnni") ? AVX512_VNNI : AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return AVX2;
+  return PORTABLE;
+}
+
+Kernels kernels_for(int64_t isa) {
+  TORCH_CHECK(isa >= PORTABLE && isa <= AVX512_VNNI, "serq_cpu: isa must be 0..3, got ", isa);
+  TORCH_CHECK(isa <= cpu_isa(), "serq_cpu: instruction set ", isa, " is not supported by this CPU (best: ", cpu_isa(), ")");
+  switch (isa) {
+    case AVX512_VNNI: return avx512_vnni::kernels();
+    case AVX512: return avx512::kernels();
+    case AVX2: return avx2::kernels();
+    default: return portable::kernels();
+  }
+}
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// x (..., K) as (M, K) rows of float32, bfloat16 or float16 (float64 is rounded to float32
+// first, as the reference does), and the pre-op's parts, checked; perm's values are read, so
+// that no kernel reads outside x whatever a file holds. Owns what it converted.
+struct Input {
+  at::Tensor x, scale_inv, perm;
+  ActInput in{};
+
+  Input(const at::Tensor& x_any, int64_t in_features, const c10::optional<at::Tensor>& scale_inv_arg,
+        const c10::optional<at::Tensor>& perm_arg, int64_t rotation) {
+    TORCH_CHECK(x_any.dim() >= 1 && x_any.size(-1) == in_features, "serq_cpu: x has ",
+                x_any.dim() ? x_any.size(-1) : 0, " columns, the weight ", in_features);
+    TORCH_CHECK(in_features > 0, "serq_cpu: in_features must be positive");
+    auto dtype = x_any.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+                "serq_cpu: x must be float32, bfloat16, float16 or float64, got ", dtype);
+    x = x_any.reshape({-1, in_features});
+    if (dtype == at::kDouble) x = x.to(at::kFloat);
+    if (x.stride(1) != 1 || (x.size(0) > 1 && x.stride(0) < in_features)) x = x.contiguous();
+    in.x = x.data_ptr();
+    dtype = x.scalar_type();
+    in.dtype = dtype == at::kFloat ? F32 : (dtype == at::kBFloat16 ? BF16 : F16);
+    in.row_stride = x.size(0) > 1 ? x.stride(0) : in_features;
+    in.k = in_features;
+    if (scale_inv_arg.has_value()) {
+      scale_inv = scale_inv_arg->to(at::kFloat).contiguous();
+      TORCH_CHECK(scale_inv.dim() == 1 && scale_inv.size(0) == in_features,
+                  "serq_cpu: scale_inv must have shape (", in_features, ",), got ", scale_inv.sizes());
+      in.scale_inv = scale_inv.data_ptr<float>();
+    }
+    if (perm_arg.has_value()) {
+      TORCH_CHECK(!at::isFloatingType(perm_arg->scalar_type()) && perm_arg->scalar_type() != at::kBool,
+                  "serq_cpu: perm must be an integer tensor, got ", perm_arg->scalar_type());
+      perm = perm_arg->to(at::kInt).contiguous();  // stored as int16 where it fits
+      TORCH_CHECK(perm.dim() == 1 && perm.size(0) == in_features,
+                  "serq_cpu: perm must have shape (", in_features, ",), got ", perm.sizes());
+      const int32_t* values = perm.data_ptr<int32_t>();
+      for (int64_t j = 0; j < in_features; ++j)
+        TORCH_CHECK(values[j] >= 0 && values[j] < in_features, "serq_cpu: perm[", j, "] = ", values[j],
+                    " is not a column of x (0..", in_features - 1, ")");
+      in.perm = values;
+    }
+    TORCH_CHECK(rotation >= 0 && rotation <= 4096 && (rotation & (rotation - 1)) == 0,
+                "serq_cpu: rotation must be 0 or a power of two, got ", rotation);
+    in.rotation = (int)rotation;
+  }
+};
+
+// (M, N) float32 -> (..., N) in the dtype of x (what the reference returns)
+at::Tensor shaped_output(const at::Tensor& out, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out.size(1);
+  return out.to(x.scalar_type()).view(shape);
+}
+
+// Buffers of the activation operand; `decode` adds the decode kernel's layouts.
+struct Operand {
+  at::Tensor u8, scale, zero, even, odd, scale_lane, zero_lane;
+  ActOperand op{};
+  Operand(int64_t m, int64_t k_padded, bool decode) {
+    int64_t ka = round_up(k_padded, 512);  // whole groups of 256 code bytes for the decode kernel
+    auto bytes = at::TensorOptions().dtype(at::kByte), floats = at::TensorOptions().dtype(at::kFloat);
+    u8 = at::empty({m, ka}, bytes);
+    scale = at::empty({m, ka / 32}, floats);
+    zero = at::empty({m, ka / 32}, floats);
+    op.ka = ka;
+    op.u8 = u8.data_ptr<uint8_t>();
+    op.scale = scale.data_ptr<float>();
+    op.zero = zero.data_ptr<float>();
+    if (decode) {
+      even = at::empty({m, ka / 2}, bytes);
+      odd = at::empty({m, ka / 2}, bytes);
+      scale_lane = at::empty({m, ka / 8}, floats);
+      zero_lane = at::empty({m, ka / 8}, floats);
+      op.even = even.data_ptr<uint8_t>();
+      op.odd = odd.data_ptr<uint8_t>();
+      op.scale_lane = scale_lane.data_ptr<float>();
+      op.zero_lane = zero_lane.data_ptr<float>();
+    }
+  }
+};
+
+bool use_decode(int64_t m, int64_t gemm) {
+  TORCH_CHECK(gemm >= 0 && gemm <= 2, "serq_cpu: gemm must be 0 (by rows), 1 (decode) or 2 (prefill), got ", gemm);
+  return gemm == 1 || (gemm == 0 && m <= kDecodeRows);
+}
+
+const uint8_t* checked_codes(const at::Tensor& t, int64_t rows, int64_t bytes, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.dim() == 2 && t.size(0) == rows && t.size(1) == bytes &&
+                  (bytes == 0 || t.stride(1) == 1),
+              "serq_cpu: ", name, " must be a uint8 (", rows, ", ", bytes, ") tensor with contiguous rows, got ",
+              t.sizes());
+  return t.data_ptr<uint8_t>();
+}
+
+void run_gemm(const Kernels& k, GemmProblem& p, bool decode) {
+  if (decode) {
+    at::parallel_for(0, p.n, 16, [&](int64_t n0, int64_t n1) { k.gemm_decode(p, n0, n1); });
+    return;
+  }
+  int64_t width = k.prefill_columns, panels = (p.n + width - 1) / width;
+  at::parallel_for(0, panels, 1, [&](int64_t b0, int64_t b1) {
+    k.gemm_prefill(p, b0 * width, std::min(p.n, b1 * width));
+  });
+}
+
+void quantize_rows(int64_t m, const std::function<void(int64_t, int64_t)>& body) {
+  at::parallel_for(0, m, 4, body);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_mxfp4(const at::Tensor& x, const c10::optional<at::Tensor>& scale_inv,
+                                                  const c10::optional<at::Tensor>& perm, int64_t rotation, bool rceil,
+                                                  int64_t isa) {
+  Input input(x, x.size(-1), scale_inv, perm, rotation);
+  const ActInput& in = input.in;
+  Kernels k = kernels_for(isa);
+  int64_t m = input.x.size(0), blocks = (in.k + 31) / 32;
+  auto codes = at::empty({m, blocks * 16}, at::TensorOptions().dtype(at::kByte));
+  auto scales = at::empty({m, blocks}, at::TensorOptions().dtype(at::kByte));
+  uint8_t *c = codes.data_ptr<uint8_t>(), *s = scales.data_ptr<uint8_t>();
+  quantize_rows(m, [&](int64_t m0, int64_t m1) { k.quantize_mxfp4(in, m0, m1, rceil, c, blocks * 16, s, blocks, nullptr); });
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  lead.push_back(-1);
+  return {codes.view(lead), scales.view(lead)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int(const at::Tensor& x, const c10::optional<at::Tensor>& scale_inv,
+                                                            const c10::optional<at::Tensor>& perm, int64_t rotation,
+                                                            int64_t bits, int64_t group_size, int64_t isa) {
+  Input input(x, x.size(-1), scale_inv, perm, rotation);
+  const ActInput& in = input.in;
+  TORCH_CHECK(bits == 4 || bits == 8, "serq_cpu: activation bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "serq_cpu: group_size must be a multiple of 32, got ", group_size);
+  Kernels k = kernels_for(isa);
+  int64_t m = input.x.size(0), groups = (in.k + group_size - 1) / group_size;
+  auto q = at::empty({m, groups * group_size}, at::TensorOptions().dtype(at::kByte));
+  auto scale = at::empty({m, groups}, at::TensorOptions().dtype(at::kFloat));
+  auto zero = at::empty({m, groups}, at::TensorOptions().dtype(at::kInt));
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  int32_t* zp = zero.data_ptr<int32_t>();
+  quantize_rows(m, [&](int64_t m0, int64_t m1) {
+    k.quantize_int(in, m0, m1, (int)bits, group_size, qp, groups * group_size, sp, zp, groups, nullptr);
+  });
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  lead.push_back(-1);
+  return {q.view(lead), scale.view(lead), zero.view(lead)};
+}
+
+// bias as float32 (the reference adds it in float32), into `keep`
+const float* checked_bias(const c10::optional<at::Tensor>& bias, int64_t n, at::Tensor& keep) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && at::isFloatingType(bias->scalar_type()),
+              "serq_cpu: bias must be a floating (", n, ",) tensor, got ", bias->scalar_type(), " ", bias->sizes());
+  keep = bias->to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+at::Tensor linear_mxfp4(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t in_features,
+                        int64_t rank, bool rceil, const c10::optional<at::Tensor>& scale_inv,
+                        const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias, int64_t rotation,
+                        int64_t isa, int64_t gemm) {
+  Input input(x, in_features, scale_inv, perm, rotation);
+  const ActInput& in = input.in;
+  Kernels k = kernels_for(isa);
+  int64_t kp = round_up(in_features, 32), n = qdata.size(0), m = input.x.size(0);
+  TORCH_CHECK(rank >= 0 && rank % 32 == 0 && rank <= kp, "serq_cpu: rank must be a multiple of 32 in [0, ", kp, "], got ", rank);
+  const uint8_t* codes = checked_codes(qdata, n, (kp + rank) / 2, "qdata");
+  const uint8_t* scales = checked_codes(scale, n, (kp + rank) / 32, "scale");
+  bool decode = use_decode(m, gemm);
+  Operand operand(m, kp, decode);
+  quantize_rows(m, [&](int64_t m0, int64_t m1) { k.quantize_mxfp4(in, m0, m1, rceil, nullptr, 0, nullptr, 0, &operand.op); });
+  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  GemmProblem p{};
+  p.m = m;
+  p.n = n;
+  p.segment[0] = WeightSegment{codes, qdata.stride(0), kp / 2, 0, 0};
+  p.segment[1] = WeightSegment{codes + kp / 2, qdata.stride(0), rank / 2, 0, kp};
+  p.nibble_values = kDoubledE2M1;
+  p.scale_kind = E8M0_BYTES;
+  p.e8m0 = scales;
+  p.e8m0_row_stride = scale.stride(0);
+  p.block_columns = 32;
+  p.act = &operand.op;
+  at::Tensor bias_f32;
+  p.bias = checked_bias(bias, n, bias_f32);
+  p.out = out.data_ptr<float>();
+  if (m && n) run_gemm(k, p, decode);
+  return shaped_output(out, x);
+}
+
+at::Tensor linear_int(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t in_features,
+                      int64_t group_size, int64_t activation_bits, const c10::optional<at::Tensor>& correction_qdata,
+                      const c10::optional<at::Tensor>& correction_scale, const c10::optional<at::Tensor>& scale_inv,
+                      const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias, int64_t rotation,
+                      int64_t isa, int64_t gemm) {
+  Input input(x, in_features, scale_inv, perm, rotation);
+  const ActInput& in = input.in;
+  TORCH_CHECK(activation_bits == 4 || activation_bits == 8, "serq_cpu: activation_bits must be 4 or 8, got ", activation_bits);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "serq_cpu: group_size must be a multiple of 32, got ", group_size);
+  Kernels k = kernels_for(isa);
+  int64_t kp = round_up(in_features, group_size), n = qdata.size(0), m = input.x.size(0);
+  const uint8_t* codes = checked_codes(qdata, n, kp / 2, "qdata");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(0) == n &&
+                  scale.size(1) == kp / group_size && scale.stride(1) == 1,
+              "serq_cpu: scale must be a float32 (", n, ", ", kp / group_size, ") tensor with contiguous rows");
+  TORCH_CHECK(correction_qdata.has_value() == correction_scale.has_value(),
+              "serq_cpu: correction_qdata and correction_scale come together");
+  int64_t rank = correction_qdata.has_value() ? 2 * correction_qdata->size(1) : 0;
+  TORCH_CHECK(rank <= kp, "serq_cpu: the correction has ", rank, " columns, more than the ", kp, " of the weight");
+  const uint8_t* correction = nullptr;
+  const float* correction_scales = nullptr;
+  if (rank) {
+    correction = checked_codes(*correction_qdata, n, rank / 2, "correction_qdata");
+    const auto& cs = *correction_scale;
+    TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.numel() == n && cs.size(0) == n && (n <= 1 || cs.stride(0) == 1),
+                "serq_cpu: correction_scale must be a contiguous float32 (", n, ", 1) tensor");
+    correction_scales = cs.data_ptr<float>();
+  }
+  bool decode = use_decode(m, gemm);
+  Operand operand(m, kp, decode);
+  quantize_rows(m, [&](int64_t m0, int64_t m1) {
+    k.quantize_int(in, m0, m1, (int)activation_bits, group_size, nullptr, 0, nullptr, nullptr, 0, &operand.op);
+  });
+  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  GemmProblem p{};
+  p.m = m;
+  p.n = n;
+  p.segment[0] = WeightSegment{codes, qdata.stride(0), kp / 2, 0, 0};
+  p.segment[1] = WeightSegment{correction, rank ? correction_qdata->stride(0) : 0, rank / 2, 0, kp};
+  p.nibble_values = kInt4;
+  p.scale_kind = INT_GROUPS;
+  p.group_scale = scale.data_ptr<float>();
+  p.group_scale_row_stride = scale.stride(0);
+  p.group_size = group_size;
+  p.correction_scale = correction_scales;
+  // int32 sums of a group stay exact in float32 up to 2^24 / (255 * 8) columns
+  p.block_columns = group_size <= 4096 ? group_size : 32;
+  p.act = &operand.op;
+  at::Tensor bias_f32;
+  p.bias = checked_bias(bias, n, bias_f32);
+  p.out = out.data_ptr<float>();
+  if (m && n) run_gemm(k, p, decode);
+  return shaped_output(out, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(serq_cpu, m) {
+  m.def("cpu_isa() -> int", &cpu_isa);
+  m.def("quantize_mxfp4(Tensor x, Tensor? scale_inv, Tensor? perm, int rotation, bool rceil, int isa) -> (Tensor, Tensor)");
+  m.def("quantize_int(Tensor x, Tensor? scale_inv, Tensor? perm, int rotation, int bits, int group_size, int isa)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("linear_mxfp4(Tensor x, Tensor qdata, Tensor scale, int in_features, int rank, bool rceil, Tensor? scale_inv,"
+        " Tensor? perm, Tensor? bias, int rotation, int isa, int gemm) -> Tensor");
+  m.def("linear_int(Tensor x, Tensor qdata, Tensor scale, int in_features, int group_size, int activation_bits,"
+        " Tensor? correction_qdata, Tensor? correction_scale, Tensor? scale_inv, Tensor? perm, Tensor? bias,"
+        " int rotation, int isa, int gemm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(serq_cpu, CPU, m) {
+  m.impl("quantize_mxfp4", &quantize_mxfp4);
+  m.impl("quantize_int", &quantize_int);
+  m.impl("linear_mxfp4", &linear_mxfp4);
+  m.impl("linear_int", &linear_int);
+}
+
+}  // namespace serq_cpu

@@ -1,0 +1,94 @@
+// The CPU kernels of serq's packed linears: the problem descriptions shared by the torch glue
+// (ops.cpp, compiled for any x86-64) and the instruction-set variants (isa_*.cpp, each
+// compiled for its own target and chosen at run time). Plain C++ only: the variants must not
+// include torch headers, whose inline functions the linker could otherwise take from a
+// variant built for a newer CPU than the one running it.
+#pragma once
+
+#include <stdint.h>
+
+namespace serq_cpu {
+
+// Instruction-set paths, in order of preference; values are the `isa` argument of the ops.
+enum Isa : int { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512_VNNI = 3 };
+
+enum InputDtype : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// The activation side of a linear: x (M, K) rows, the pre-op's parts (each may be absent).
+struct ActInput {
+  const void* x;
+  int dtype;            // InputDtype
+  int64_t row_stride;   // elements between rows
+  int64_t k;            // d_in
+  const float* scale_inv;  // (K,) or null
+  const int32_t* perm;     // (K,) or null, checked to lie in [0, K) by the caller
+  int rotation;            // block Hadamard size, 0: none
+};
+
+// Quantized activations in the form the GEMMs read: per row, `ka` unsigned bytes (codes moved
+// to u8: MXFP4 doubled-grid value + 12, INT the asymmetric code), zero past the quantized
+// columns; per block of 32 columns a float scale and a float zero point (the offset), so that
+// the value of column k is (u8 - zero) * scale.
+struct ActOperand {
+  int64_t ka;        // bytes per row: a multiple of 512, >= the widest activation segment read
+  uint8_t* u8;       // (M, ka)
+  float* scale;      // (M, ka / 32)
+  float* zero;       // (M, ka / 32)
+  // for the decode kernel (null otherwise): u8's even and odd columns apart, (M, ka / 2) each,
+  // as the two nibbles of a code byte hold them; scale and zero per 8 columns, (M, ka / 8)
+  uint8_t* even;
+  uint8_t* odd;
+  float* scale_lane;
+  float* zero_lane;
+};
+
+// One stretch of a weight row: bytes of two 4-bit codes each (element 2i low nibble), whose
+// element 0 multiplies activation column `act_k` and sits at column `k` of K' = Kp + r.
+struct WeightSegment {
+  const uint8_t* codes;
+  int64_t row_stride;  // bytes
+  int64_t bytes;       // per row (0: segment absent)
+  int64_t act_k;       // a multiple of 32
+  int64_t k;           // a multiple of 32
+};
+
+enum WeightScaleKind : int { E8M0_BYTES = 0, INT_GROUPS = 1 };
+
+struct GemmProblem {
+  int64_t m, n;
+  WeightSegment segment[2];  // main W^q, then the correction R
+  const int8_t* nibble_values;  // (16,) value of each 4-bit code (MXFP4: doubled E2M1 grid)
+  int scale_kind;               // WeightScaleKind
+  // E8M0_BYTES: (N, K'/32) bytes covering both segments, value 2^(byte - 127)
+  const uint8_t* e8m0;
+  int64_t e8m0_row_stride;
+  // INT_GROUPS: main scales (N, groups) float per `group_size` columns; correction (N,) float
+  const float* group_scale;
+  int64_t group_scale_row_stride;
+  int64_t group_size;
+  const float* correction_scale;
+  // columns that share one activation and one weight scale, over which the prefill kernel
+  // sums in int32: 32 (MXFP4), the group size (INT, a multiple of 32)
+  int64_t block_columns;
+  const ActOperand* act;
+  const float* bias;  // (N,) or null
+  float* out;         // (M, N) row-major
+};
+
+// The variant of one instruction set; `rows` kernels take output rows [n0, n1) for every m.
+struct Kernels {
+  void (*quantize_mxfp4)(const ActInput& in, int64_t m0, int64_t m1, bool rceil, uint8_t* codes,
+                         int64_t codes_stride, uint8_t* scales, int64_t scales_stride, const ActOperand* op);
+  void (*quantize_int)(const ActInput& in, int64_t m0, int64_t m1, int bits, int64_t group, uint8_t* q,
+                       int64_t q_stride, float* scale, int32_t* zero, int64_t groups_stride, const ActOperand* op);
+  void (*gemm_decode)(const GemmProblem& p, int64_t n0, int64_t n1);  // few rows of activations
+  void (*gemm_prefill)(const GemmProblem& p, int64_t n0, int64_t n1);  // many rows
+  int prefill_columns;  // n0, n1 of gemm_prefill are multiples of this
+};
+
+namespace portable { Kernels kernels(); }
+namespace avx2 { Kernels kernels(); }
+namespace avx512 { Kernels kernels(); }
+namespace avx512_vnni { Kernels kernels(); }
+
+}  // namespace serq_cpu
