@@ -20,15 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+# the README shows the square shape of each model family (the JSON has every shape)
+LINEAR_LATENCY_SHAPES = {"llama2-7b": (4096, 4096), "llama3-8b": (4096, 14336), "smollm2": (576, 576)}
+
+
 def linear_latency(record: dict) -> str:
-    lines = ["| model | phase | M | K | N | r | FP ms | MXFP4 ms | SERQ ms | SERQ / MXFP4 | budget 1 + r/K + 0.03 | SERQ / FP |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | K x N | r | M | threads | fp32 ms | bf16 ms | MXFP4 r=0 ms | SERQ ms | INT W4A8 ms | "
+             "SERQ / faster float | INT / faster float | SERQ / MXFP4 (budget) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["rows"]:
+        if (r["K"], r["N"]) != LINEAR_LATENCY_SHAPES.get(r["model"]):
+            continue
         s = r["seconds"]
         verdict = "" if r["within_budget"] else " **over**"
-        lines.append(f"| {r['model']} | {r['phase']} | {r['M']} | {r['K']} | {r['N']} | {r['rank']} | {s['fp'] * 1e3:.2f} | "
-                     f"{s['mxfp4'] * 1e3:.2f} | {s['serq'] * 1e3:.2f} | {r['serq_over_mxfp4']:.3f}{verdict} | "
-                     f"{1 + r['correction_budget']:.3f} | {r['serq_over_fp']:.2f} |")
+        lines.append(f"| {r['model']} | {r['K']} x {r['N']} | {r['rank']} | {r['M']} | {r['threads']} | "
+                     + " | ".join(f"{s[c] * 1e3:.2f}" for c in ("fp32", "bf16", "mxfp4", "serq", "int_w4a8"))
+                     + f" | {r['serq_over_fp']:.2f} | {r['int_over_fp']:.2f} | "
+                     f"{r['serq_over_mxfp4']:.3f}{verdict} ({1 + r['correction_budget']:.3f}) |")
     return "\n".join(lines)
 
 

@@ -48,6 +48,14 @@ def make_tiny_llama(vocab_size: int = BYTE_VOCAB + 1, seed: int = 0) -> LlamaFor
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """The packed ops on their plain-PyTorch reference (``SERQ_CPU_KERNEL=reference``), which
+    computes what the evaluation mode computes, bit for bit; the native CPU kernels agree with
+    it up to float32 summation order (tests/kernels/test_cpu_native.py)."""
+    monkeypatch.setenv("SERQ_CPU_KERNEL", "reference")
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return make_byte_tokenizer(bos=True)

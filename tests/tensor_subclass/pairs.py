@@ -32,3 +32,15 @@ def random_input(d_in, dtype, seed=1, shape=(3, 5)):
     x = torch.randn(*shape, d_in, generator=torch.Generator().manual_seed(seed)) * 3
     x[..., 7] *= 40  # a salient channel
     return x.to(dtype)
+
+
+def assert_native_within_bound(native, packed, x):
+    """``native`` (the packed linear on the native CPU kernels) is the reference up to the bound
+    of :mod:`serq_ao.kernels.cpu_native`, plus the rounding of the result to the model's dtype."""
+    from tests.kernels.native_cases import reference_and_bound
+
+    reference, bound = reference_and_bound(packed.weight, x, None if packed.bias is None else packed.bias.float())
+    dtype = native.dtype
+    half_ulp = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    allowed = bound + 2 * half_ulp * reference.double().abs()
+    assert ((native.double() - reference.to(dtype).double()).abs() <= allowed).all()

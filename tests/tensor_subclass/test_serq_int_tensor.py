@@ -9,19 +9,22 @@ from torch import nn
 from serq_ao.formats import get_format
 from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.tensor_subclass import SERQIntTensor, SERQMXFP4Tensor
-from tests.tensor_subclass.pairs import DTYPES, make_pair, random_input
+from tests.tensor_subclass.pairs import DTYPES, assert_native_within_bound, make_pair, random_input
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
 @pytest.mark.parametrize("rank, preop, d_in", [(32, True, 200), (0, False, 128), (64, True, 96)])
-def test_packed_int_weight_matches_evaluation_mode_bitwise(fmt, rank, preop, d_in, dtype):
+def test_packed_int_weight_matches_evaluation_mode_bitwise(fmt, rank, preop, d_in, dtype, monkeypatch):
     fake, packed = make_pair(fmt, d_in=d_in, rank=rank, preop=preop, dtype=dtype)
     x = random_input(d_in, dtype)
     with torch.no_grad():
-        got, expected = packed(x), fake(x)
-    # one arithmetic for both (fp32 pre-op, same matmuls): equal in every model dtype
+        native, expected = packed(x), fake(x)
+        monkeypatch.setenv("SERQ_CPU_KERNEL", "reference")
+        got = packed(x)
+    # the reference: one arithmetic for both (fp32 pre-op, same matmuls), equal in every model dtype
     assert got.dtype == expected.dtype == dtype and torch.equal(got, expected)
+    assert_native_within_bound(native, packed, x)
     weight = packed.weight
     assert isinstance(weight, SERQIntTensor) and weight.rank == rank and weight.dtype == dtype
     assert torch.equal(weight.dequantize(), fake.weight)
@@ -100,7 +103,7 @@ def test_state_dict_round_trips_through_torch_load_weights_only(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "w4a4"])
-def test_dequantizing_in_row_chunks_gives_the_same_output(fmt, monkeypatch):
+def test_dequantizing_in_row_chunks_gives_the_same_output(fmt, monkeypatch, reference_kernels):
     from serq_ao.kernels import reference
 
     fake, packed = make_pair(fmt, d_in=200, d_out=48, rank=32)

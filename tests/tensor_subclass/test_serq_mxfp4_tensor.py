@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.tensor_subclass.pairs import DTYPES, make_pair as make_any_pair, random_input
+from tests.tensor_subclass.pairs import DTYPES, assert_native_within_bound, make_pair as make_any_pair, random_input
 
 
 def make_pair(d_in=96, d_out=40, rank=32, preop=True, bias=True, seed=0, dtype=torch.float32, scale_mode="floor"):
@@ -14,12 +14,15 @@ def make_pair(d_in=96, d_out=40, rank=32, preop=True, bias=True, seed=0, dtype=t
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale_mode", ["floor", "rceil"])
 @pytest.mark.parametrize("rank, preop, d_in", [(32, True, 96), (0, False, 64), (64, True, 100)])
-def test_packed_weight_matches_evaluation_mode_bitwise(rank, preop, d_in, dtype, scale_mode):
+def test_packed_weight_matches_evaluation_mode_bitwise(rank, preop, d_in, dtype, scale_mode, monkeypatch):
     fake, packed = make_pair(d_in=d_in, rank=rank, preop=preop, dtype=dtype, scale_mode=scale_mode)
     x = random_input(d_in, dtype)
     with torch.no_grad():
-        got, expected = packed(x), fake(x)
+        native, expected = packed(x), fake(x)
+        monkeypatch.setenv("SERQ_CPU_KERNEL", "reference")
+        got = packed(x)
     assert got.dtype == expected.dtype == dtype and torch.equal(got, expected)
+    assert_native_within_bound(native, packed, x)
     weight = packed.weight
     assert weight.dtype == dtype
     assert torch.equal(weight.dequantize(), fake.weight)
