@@ -86,6 +86,8 @@ def _library() -> str:
     ops are then registered. Raises :class:`NativeKernelError` with the reason."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise NativeKernelError(f"the kernels are written for x86-64 and this CPU is {platform.machine()}")
+    if load_if_built():
+        return str(cache_folder())
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise NativeKernelError(f"no C++ compiler ({compiler!r}, from $CXX or the default) is on PATH")
@@ -123,7 +125,32 @@ def _build() -> str:
     finally:
         quiet.setLevel(level)
     _register_fakes()
+    _loaded.append(str(folder / LIBRARY_FILE))
     return str(folder)
+
+
+LIBRARY_FILE = "serq_cpu_kernels.so"
+_loaded: list[str] = []  # the library file once loaded in this process
+
+
+def load_if_built() -> bool:
+    """Load the library if this machine has built it for these sources already (never
+    compiles): code compiled ahead of time (AOTInductor) calls the ``serq_cpu`` ops, which must
+    exist in a fresh process before any packed linear runs. False if there is none yet."""
+    if _loaded:
+        return True
+    folder = cache_folder()
+    library = folder / LIBRARY_FILE
+    if not library.is_file() or (folder / "lock").exists():  # none, or another process is building it
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:
+        log.warning("serq: cannot load the built CPU kernels %s (%s); building them again", library, e)
+        return False
+    _register_fakes()
+    _loaded.append(str(library))
+    return True
 
 
 def _register_fakes() -> None:

@@ -28,6 +28,7 @@ the second is the reference's).
 from __future__ import annotations
 
 import logging
+import platform
 
 import torch
 from torch import Tensor
@@ -44,6 +45,12 @@ except ImportError:
     # triton is a dependency only on Linux; elsewhere torch would warn once per op below
     # that it found no kernels in the bodies, which is expected: they launch kernels only on CUDA
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+
+# a library this machine built already is loaded now (no compiling), so that ahead-of-time
+# compiled programs that call its ops run in a fresh process
+if platform.machine().lower() in ("x86_64", "amd64"):
+    cpu_native.load_if_built()
 
 
 def _require_triton() -> None:

@@ -206,6 +206,26 @@ def test_export_keeps_one_op_node():
     assert "serq.linear_mxfp4.default" in targets and not any("serq_cpu" in t for t in targets), targets
 
 
+def test_an_ahead_of_time_compiled_program_runs_in_a_fresh_process(tmp_path):
+    # AOTInductor lowers the serq op to the serq_cpu ops, which a fresh process must find
+    module = packed_linear(packed_weight("mxfp4", 128, 32, 32), None)
+    x = random_input((3,), 128)
+    program = torch.export.export(module, (x,))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "linear.pt2"))
+    with torch.no_grad():
+        torch.save((x, module(x)), tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        import serq_ao  # noqa: F401
+        x, expected = torch.load({str(tmp_path / "io.pt")!r})
+        got = torch._inductor.aoti_load_package({package!r})(x)
+        assert torch.equal(got, expected), (got - expected).abs().max()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 # ---- bad input is an error, never a read outside the tensors ------------------------------
 
 def test_forged_order_and_short_tensors_are_errors():

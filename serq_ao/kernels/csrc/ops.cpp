@@ -19,7 +19,7 @@ const int8_t kDoubledE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6,
 const int8_t kInt4[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
 const int64_t kDecodeRows = 8;  // up to this many rows, the decode kernel (weights read as packed)
 
-int64_t cpu_isa() {
+int64_t detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
@@ -28,10 +28,16 @@ int64_t cpu_isa() {
   return PORTABLE;
 }
 
+int64_t cpu_isa() {
+  static const int64_t best = detect_isa();
+  return best;
+}
+
+// `isa` is the most the caller allows: code compiled ahead of time carries the value of the
+// machine that compiled it, and runs on a lesser CPU with the best that CPU has.
 Kernels kernels_for(int64_t isa) {
   TORCH_CHECK(isa >= PORTABLE && isa <= AVX512_VNNI, "serq_cpu: isa must be 0..3, got ", isa);
-  TORCH_CHECK(isa <= cpu_isa(), "serq_cpu: instruction set ", isa, " is not supported by this CPU (best: ", cpu_isa(), ")");
-  switch (isa) {
+  switch (std::min(isa, cpu_isa())) {
     case AVX512_VNNI: return avx512_vnni::kernels();
     case AVX512: return avx512::kernels();
     case AVX2: return avx2::kernels();

@@ -9,7 +9,8 @@
 
 namespace serq_cpu {
 
-// Instruction-set paths, in order of preference; values are the `isa` argument of the ops.
+// Instruction-set paths, in order of preference; values are the `isa` argument of the ops
+// (the most a call may use: a CPU that lacks it runs the best it has).
 enum Isa : int { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512_VNNI = 3 };
 
 enum InputDtype : int { F32 = 0, BF16 = 1, F16 = 2 };
