@@ -85,3 +85,30 @@ def test_bench_bad_baseline_dtypes_is_one_line_naming_the_option():
     lines = ran.stderr.strip().splitlines()
     assert ran.returncode == 2 and len(lines) == 1, ran.stderr
     assert "argument --baseline-dtypes:" in lines[0] and "'float32,fp8'" in lines[0]
+
+
+def test_model_speed_rows_put_every_model_over_both_float_baselines():
+    from tests.conftest import benchmark_script
+
+    def timings(prefill_s, decode_s):
+        return [{"phase": "prefill", "mode": "eager", "seconds": prefill_s, "tokens_per_second": 128 / prefill_s},
+                {"phase": "decode", "mode": "eager", "seconds": decode_s, "tokens_per_second": 1 / decode_s}]
+
+    def process(role, dtype):
+        return {"name": "x", "role": role, "dtype": dtype, "peak_rss_bytes": 2**28, "threads": 2}
+
+    packed = {"processes": {"q": process("model", "float32"), "b32": process("baseline", "float32"),
+                            "b16": process("baseline", "bfloat16")},
+              "timings": {"q": timings(0.4, 0.02), "b32": timings(0.2, 0.01), "b16": timings(0.1, 0.04)}}
+    head = {"processes": {"h": process("model", "float32")}, "timings": {"h": timings(0.8, 0.01)}}
+    llama = {"ran": True, "version": "0.3", "prefill_tokens_per_second": 1280.0, "decode_tokens_per_second": 200.0,
+             "peak_rss_bytes": 2**27, "threads": 2}
+    with benchmark_script("model_speed") as model_speed:
+        rows = model_speed.summary_rows([("packed", packed), ("packed + head", head)], llama, ("eager",))
+    by_model = {r["model"]: r for r in rows}
+    assert list(by_model) == ["packed", "smollm2-135m float32", "smollm2-135m bfloat16", "packed + head", "llama.cpp 0.3"]
+    assert by_model["packed"]["prefill_x_float32"] == pytest.approx(0.5)
+    assert by_model["packed"]["decode_x_bfloat16"] == pytest.approx(2.0)
+    assert by_model["packed + head"]["decode_x_float32"] == pytest.approx(1.0)
+    assert by_model["llama.cpp 0.3"]["prefill_x_bfloat16"] == pytest.approx(1280 / 1280)
+    assert by_model["llama.cpp 0.3"]["decode_x_float32"] == pytest.approx(200 / 100)
