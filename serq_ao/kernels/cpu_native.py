@@ -64,6 +64,13 @@ def _source_files() -> list[Path]:
     return sorted(p for p in SOURCES.iterdir() if p.suffix in (".cpp", ".h", ".inc"))
 
 
+# -ffp-contract=off: no fused multiply-adds but the ones written, so that the pre-op and the
+# quantizers round exactly as the reference does; -fopenmp: at::parallel_for is inline OpenMP
+# code, serial without it (torch's own OpenMP pool: torch.set_num_threads governs it)
+COMPILE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp")
+LINK_FLAGS = ("-fopenmp",)
+
+
 def extra_flags() -> list[str]:
     """``$SERQ_KERNEL_CFLAGS``: compiler flags added to the build, for debugging (the
     AddressSanitizer run of the kernel tests uses ``-fsanitize=address``)."""
@@ -72,7 +79,7 @@ def extra_flags() -> list[str]:
 
 def cache_folder() -> Path:
     """Where the library is built: one folder per (sources, flags, torch, Python)."""
-    digest = hashlib.sha256(" ".join(extra_flags()).encode())
+    digest = hashlib.sha256(" ".join([*COMPILE_FLAGS, *LINK_FLAGS, *extra_flags()]).encode())
     for path in _source_files():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     key = f"{digest.hexdigest()[:16]}-torch{torch.__version__}-py{platform.python_version()}".replace("+", "_")
@@ -114,11 +121,9 @@ def _build() -> str:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        # -ffp-contract=off: no fused multiply-adds but the ones written, so that the pre-op and
-        # the quantizers round exactly as the reference does
         cpp_extension.load(name="serq_cpu_kernels", sources=sources, build_directory=str(folder),
-                           extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math", *extra_flags()],
-                           extra_ldflags=[f for f in extra_flags() if f.startswith("-fsanitize")],
+                           extra_cflags=[*COMPILE_FLAGS, *extra_flags()],
+                           extra_ldflags=[*LINK_FLAGS, *(f for f in extra_flags() if f.startswith("-fsanitize"))],
                            is_python_module=False, verbose=False)
     except Exception as e:  # a compiler error, a missing header: the reference still works
         raise NativeKernelError(f"building the kernels in {folder} failed: {str(e).strip().splitlines()[-1]}") from e
