@@ -103,7 +103,7 @@ at::Tensor shaped_output(const at::Tensor& out, const at::Tensor& x) {
 
 // Buffers of the activation operand; `decode` adds the decode kernel's layouts.
 struct Operand {
-  at::Tensor u8, scale, zero, even, odd, scale_lane, zero_lane;
+  at::Tensor u8, scale, zero, even, odd, even_in_order, odd_in_order, scale_lane, zero_lane;
   ActOperand op{};
   Operand(int64_t m, int64_t k_padded, bool decode) {
     int64_t ka = round_up(k_padded, 512);  // whole groups of 256 code bytes for the decode kernel
@@ -118,6 +118,10 @@ struct Operand {
     if (decode) {
       even = at::empty({m, ka / 2}, bytes);
       odd = at::empty({m, ka / 2}, bytes);
+      even_in_order = at::empty({m, ka / 2}, bytes);
+      odd_in_order = at::empty({m, ka / 2}, bytes);
+      op.even_in_order = even_in_order.data_ptr<uint8_t>();
+      op.odd_in_order = odd_in_order.data_ptr<uint8_t>();
       scale_lane = at::empty({m, ka / 8}, floats);
       zero_lane = at::empty({m, ka / 8}, floats);
       op.even = even.data_ptr<uint8_t>();

@@ -37,8 +37,10 @@ struct ActOperand {
   float* zero;       // (M, ka / 32)
   // for the decode kernel (null otherwise): u8's even and odd columns apart, (M, ka / 2) each,
   // as the two nibbles of a code byte hold them; scale and zero per 8 columns, (M, ka / 8)
-  uint8_t* even;
+  uint8_t* even;  // in 16-block groups transposed for AVX-512 (kernels.inc), else as even_in_order
   uint8_t* odd;
+  uint8_t* even_in_order;
+  uint8_t* odd_in_order;
   float* scale_lane;
   float* zero_lane;
 };
