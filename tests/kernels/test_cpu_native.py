@@ -111,7 +111,7 @@ MXFP4_SHAPES = [(64, 40, 0), (100, 33, 32), (576, 200, 64), (1000, 70, 96)]  # (
 @pytest.mark.parametrize("d_in, d_out, rank", MXFP4_SHAPES)
 @pytest.mark.parametrize("rows", [1, 5, 8, 37])
 def test_mxfp4_linear_within_the_bound(kernel, gemm, d_in, d_out, rank, rows):
-    for rotation, scale_mode in ((0, "floor"), (32, "rceil")):
+    for rotation, scale_mode in zip(ROTATION_SIZES, ("floor", "rceil") * len(ROTATION_SIZES)):  # every rotation
         packed = packed_weight("mxfp4", d_in, d_out, rank, rotation=rotation, scale_mode=scale_mode, seed=rows)
         bias = torch.randn(d_out) if rows % 2 else None
         x = random_input((rows,), d_in, seed=d_in + rows)
