@@ -160,7 +160,7 @@ def test_matches_the_custom_op_end_to_end():
     a_codes, a_scales = quantize_mxfp4(x)
     out = serq_mxfp4_gemm(*map(on_device, (a_codes, a_scales, w_codes, w_scales)), padded_in_features(d_in), rank,
                           on_device(bias), torch.float32).cpu()
-    expected = serq_linear_mxfp4(x, w_codes, w_scales, d_in, rank, "floor", bias=bias)  # CPU: the reference
+    expected = serq_linear_mxfp4(x, w_codes, w_scales, d_in, rank, "floor", bias=bias)  # CPU: the op's CPU kernels
     _, magnitude = float64_reference(a_codes, a_scales, w_codes, w_scales, padded_in_features(d_in), rank, bias)
     assert_close_to(out, expected, magnitude)
 

@@ -93,10 +93,10 @@ def test_tiny_model_end_to_end_through_the_kernels(monkeypatch, rotation):
                       torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0)))
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = model(ids, use_cache=False).logits  # on the CPU: the ops' reference path
+        expected = model(ids, use_cache=False).logits  # on the CPU: the native kernels (or the reference)
         if INTERPRETED:
-            # CPU tensors take the ops' reference path: force the Triton path (interpreted)
-            monkeypatch.setattr(serq_mxfp4_tensor, "serq_linear_mxfp4", ops.triton_linear_mxfp4)
+            # CPU tensors take the CPU kernels: force the Triton path (interpreted)
+            monkeypatch.setattr(serq_mxfp4_tensor, "linear_mxfp4", ops.triton_linear_mxfp4)
         # on CUDA the op itself takes its Triton path (the real backend)
         got = copy.deepcopy(model).to(DEVICE)(on_device(ids), use_cache=False).logits.cpu()
     # fp32 sums in another order can move a later activation across a 4-bit rounding
