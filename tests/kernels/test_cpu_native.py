@@ -122,6 +122,23 @@ def test_mxfp4_linear_within_the_bound(kernel, gemm, d_in, d_out, rank, rows):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("gemm", GEMMS)
+def test_every_weight_scale_byte(kernel, gemm):
+    """E8M0 weight scales 2^-127 (subnormal as floats) to 2^72, and 255 (NaN), as the reference
+    reads them: the kernels convert them a vector at a time, with a scalar tail."""
+    packed = packed_weight("mxfp4", 520, 23, 64)  # 19 blocks a row: a vector's worth and a tail
+    scale = (torch.arange(packed.scale.numel()) * 7 % 200).to(torch.uint8).view(packed.scale.shape)
+    scale[:, :3] = torch.tensor([0, 1, 2], dtype=torch.uint8)  # every subnormal exponent, in each row
+    packed.scale = scale.contiguous()
+    x = random_input((3,), 520, seed=5)
+    assert_within_bound(run_native(packed, x, None, isa_of(kernel), GEMMS[gemm]), packed, x, None)
+    packed.scale[4, 17] = packed.scale[9, 2] = 255
+    got = run_native(packed, x, None, isa_of(kernel), GEMMS[gemm])
+    reference, _ = reference_and_bound(packed, x, None)
+    assert torch.equal(got.isnan(), reference.isnan()) and got.isnan()[:, [4, 9]].all()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
 @pytest.mark.parametrize("d_in, d_out, rank", [(200, 48, 32), (128, 40, 0), (96, 33, 64), (1000, 70, 128)])
 def test_int_linear_within_the_bound(kernel, gemm, fmt, d_in, d_out, rank):
