@@ -54,10 +54,26 @@ def test_mxfp4_activation_codes_are_the_formats_bitwise(kernel, k, rotation, sca
     g = torch.Generator().manual_seed(k + rotation)
     for dtype in DTYPES:
         x = outlier_rows(5, k, dtype, seed=k)
-        for scale_inv, perm in ((None, None), (torch.rand(k, generator=g) + 0.5, torch.randperm(k, generator=g))):
+        scale_inv, perm = torch.rand(k, generator=g) + 0.5, torch.randperm(k, generator=g)
+        for scale_inv, perm in ((None, None), (scale_inv, perm), (scale_inv, None), (None, perm)):
             expected = quantize_mxfp4(apply_pre_op(x, scale_inv, perm, rotation), scale_mode)
             got = cpu_native.quantize_activation_mxfp4(x, scale_mode, scale_inv, perm, rotation, isa_of(kernel))
             assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (dtype, perm is None)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mxfp4_codes_on_the_rounding_boundaries(kernel):
+    """E2M1's thresholds (ties to even), one float either side of each, and signed zeros: the
+    vector variants compare lane by lane as the scalar code does."""
+    thresholds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    values = torch.cat([thresholds, thresholds.nextafter(torch.tensor(0.0)), thresholds.nextafter(torch.tensor(9.0)),
+                        torch.tensor([6.0, 0.0, -0.0])])  # 24 values; 6 makes the block's scale 1
+    block = torch.cat([values, -values[:8]])  # 32: a block
+    x = torch.stack([block, block.flip(0), block * 2.0**-130, block * 2.0**100])  # also subnormal, large
+    for mode in ("floor", "rceil"):
+        expected = quantize_mxfp4(x, mode)
+        got = cpu_native.quantize_activation_mxfp4(x, mode, None, None, 0, isa_of(kernel))
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), mode
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
