@@ -145,9 +145,10 @@ implements_torch_function = SERQIntTensor.implements_torch_function
 def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    # the linear returns the weight's logical dtype (the model's), as F.linear would
-    return linear_int(
-        x, weight.qdata, weight.scale, weight.shape[1], weight.group_size, weight.activation_bits,
-        weight.correction_qdata, weight.correction_scale, weight.input_scale_inv, weight.input_perm, bias,
-        rotation=weight.rotation,
-    ).to(weight.dtype)
+    # as SERQMXFP4Tensor's linear: shape and dtype read once, the weight's logical dtype out
+    with torch._C.DisableTorchFunctionSubclass():
+        in_features, dtype = weight.shape[1], weight.dtype
+    out = linear_int(x, weight.qdata, weight.scale, in_features, weight.group_size, weight.activation_bits,
+                     weight.correction_qdata, weight.correction_scale, weight.input_scale_inv, weight.input_perm, bias,
+                     rotation=weight.rotation)
+    return out if out.dtype == dtype else out.to(dtype)

@@ -134,8 +134,10 @@ implements_torch_function = SERQMXFP4Tensor.implements_torch_function
 def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    # the linear returns the weight's logical dtype (the model's), as F.linear would
-    return linear_mxfp4(
-        x, weight.qdata, weight.scale, weight.shape[1], weight.rank, weight.scale_mode,
-        weight.input_scale_inv, weight.input_perm, bias, rotation=weight.rotation,
-    ).to(weight.dtype)
+    # shape and dtype read without a torch-function round trip each (a decode step's linear
+    # costs microseconds); the linear returns the weight's logical dtype, as F.linear would
+    with torch._C.DisableTorchFunctionSubclass():
+        in_features, dtype = weight.shape[1], weight.dtype
+    out = linear_mxfp4(x, weight.qdata, weight.scale, in_features, weight.rank, weight.scale_mode,
+                       weight.input_scale_inv, weight.input_perm, bias, rotation=weight.rotation)
+    return out if out.dtype == dtype else out.to(dtype)
