@@ -112,3 +112,27 @@ def test_model_speed_rows_put_every_model_over_both_float_baselines():
     assert by_model["packed + head"]["decode_x_float32"] == pytest.approx(1.0)
     assert by_model["llama.cpp 0.3"]["prefill_x_bfloat16"] == pytest.approx(1280 / 1280)
     assert by_model["llama.cpp 0.3"]["decode_x_float32"] == pytest.approx(200 / 100)
+
+
+def test_decode_profile_times_the_linears_it_names():
+    """benchmarks/decode_profile.py: its direct kernel calls compute what the modules compute, bit
+    for bit, and the step without linears leaves every linear as it was."""
+    import torch
+
+    import serq_ao
+    from serq_ao import SERQConfig
+    from tests.conftest import benchmark_script, make_tiny_llama
+
+    model = make_tiny_llama().to(torch.bfloat16)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # a float head, untied
+    serq_ao.quantize_(model, SERQConfig(rank=32), torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)))
+    with benchmark_script("decode_profile") as decode_profile, torch.no_grad():
+        linears, inputs, kernels = decode_profile.linear_calls(model, torch.bfloat16)
+        assert len(linears) == len(inputs) == len(kernels) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        for linear, x, call in zip(linears, inputs, kernels):
+            assert torch.equal(call().to(torch.bfloat16), linear(x))
+        step = decode_profile.decode_step(model, 8)
+        expected = step().logits
+        decode_profile.without_linears(linears, step)()
+        assert all("forward" not in vars(m) for m in linears)
+        assert torch.equal(step().logits, expected)

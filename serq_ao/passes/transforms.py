@@ -99,6 +99,9 @@ class PreOpLinear(nn.Linear):
         return linear
 
 
+_GATHER_EXACT = (torch.float32, torch.bfloat16, torch.float16)  # float64 is rounded to float32 by the pre-op
+
+
 class OutputGather(nn.Module):
     """Wraps a module: multiplies its output by ``scale_inv``, then reorders the channels
     (last dim) by ``perm``; either may be None."""
@@ -111,6 +114,10 @@ class OutputGather(nn.Module):
 
     def forward(self, *args, **kwargs):
         y = self.inner(*args, **kwargs)
+        if self.scale_inv is None and self.perm is not None and y.dtype in _GATHER_EXACT:
+            # a gather alone moves values, exactly what apply_pre_op's float32 round trip gives back
+            # for these dtypes, in one op instead of four (60 of them in a decode step of the default model)
+            return y.index_select(-1, self.perm)
         return apply_pre_op(y, self.scale_inv, self.perm).to(y.dtype)
 
     def spec(self) -> dict:

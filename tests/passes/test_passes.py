@@ -246,3 +246,22 @@ def test_serq_inspect_usage_error(capsys):
 
     assert main(["inspect", "no-such-model", "--quiet"]) == 2
     assert "model must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_output_gather_of_an_order_alone_is_the_pre_op_bit_for_bit(dtype):
+    """A gather without a scale takes one op for the dtypes whose float32 round trip is exact
+    (NaNs stay NaN, signed zeros keep their sign)."""
+    from serq_ao.kernels.reference import apply_pre_op
+
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(40, generator=g)
+    wrapper = OutputGather(nn.Identity(), perm)
+    x = (torch.randn(2, 5, 40, generator=g, dtype=torch.float64) * 1e3).to(dtype)
+    x[0, 0, :3] = torch.tensor([float("nan"), -0.0, float("inf")], dtype=dtype)
+    expected = apply_pre_op(x, None, perm).to(dtype)
+    got = wrapper(x)
+    assert got.dtype == dtype and torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+    numbers = ~expected.isnan()  # a NaN's sign is whatever a conversion makes it
+    assert torch.equal(got.signbit()[numbers], expected.signbit()[numbers])
