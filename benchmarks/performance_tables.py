@@ -24,6 +24,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 LINEAR_LATENCY_SHAPES = {"llama2-7b": (4096, 4096), "llama3-8b": (4096, 14336), "smollm2": (576, 576)}
 
 
+def milliseconds(seconds: float) -> str:
+    """Three significant digits down to microseconds (decode-sized linears take tens of them)."""
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
 def linear_latency(record: dict) -> str:
     lines = ["| model | K x N | r | M | threads | fp32 ms | bf16 ms | MXFP4 r=0 ms | SERQ ms | INT W4A8 ms | "
              "SERQ / faster float | INT / faster float | SERQ / MXFP4 (budget) |",
@@ -34,21 +40,21 @@ def linear_latency(record: dict) -> str:
         s = r["seconds"]
         verdict = "" if r["within_budget"] else " **over**"
         lines.append(f"| {r['model']} | {r['K']} x {r['N']} | {r['rank']} | {r['M']} | {r['threads']} | "
-                     + " | ".join(f"{s[c] * 1e3:.2f}" for c in ("fp32", "bf16", "mxfp4", "serq", "int_w4a8"))
+                     + " | ".join(milliseconds(s[c]) for c in ("fp32", "bf16", "mxfp4", "serq", "int_w4a8"))
                      + f" | {r['serq_over_fp']:.2f} | {r['int_over_fp']:.2f} | "
                      f"{r['serq_over_mxfp4']:.3f}{verdict} ({1 + r['correction_budget']:.3f}) |")
     return "\n".join(lines)
 
 
-def compile_latency(record: dict) -> str:
-    rows = {(r["model"], r["phase"], r["mode"]): r["seconds"] for r in record["rows"]}
-    lines = ["| phase | FP eager | FP compiled | SERQ eager | SERQ compiled | compiled / eager, FP | compiled / eager, SERQ | SERQ / FP, eager | SERQ / FP, compiled |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for ratio in record["ratios"]:
-        phase = ratio["phase"]
-        ms = [f"{rows[(m, phase, mode)] * 1e3:.0f} ms" for m in ("fp", "serq") for mode in ("eager", "compiled")]
-        keys = ("fp_compiled_over_eager", "serq_compiled_over_eager", "serq_over_fp_eager", "serq_over_fp_compiled")
-        lines.append(f"| {phase} | " + " | ".join(ms) + " | " + " | ".join(f"{ratio[k]:.2f}" for k in keys) + " |")
+def model_speed(record: dict) -> str:
+    lines = ["| model | dtype | mode | prefill tok/s | decode tok/s | prefill x bf16 | decode x bf16 | "
+             "prefill x fp32 | decode x fp32 | peak RSS MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in record["rows"]:
+        ratios = " | ".join(f"{r[k]:.2f}" for k in ("prefill_x_bfloat16", "decode_x_bfloat16", "prefill_x_float32",
+                                                    "decode_x_float32"))
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['prefill_tokens_per_second']:.0f} | "
+                     f"{r['decode_tokens_per_second']:.1f} | {ratios} | {r['peak_rss_bytes'] / 2**20:.0f} |")
     return "\n".join(lines)
 
 
@@ -147,10 +153,21 @@ def zero_shot_smollm2(record: dict) -> str:
     return "\n".join(lines)
 
 
+def decode_profile(record: dict) -> str:
+    lines = ["| model | decode step ms | without the linears ms | the linears, through their modules ms | "
+             "the linears' kernels alone ms |", "|---|---:|---:|---:|---:|"]
+    for r in record["rows"]:
+        ops = "" if r["linears_ops_ms"] is None else f"{r['linears_ops_ms']:.1f}"
+        lines.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['without_linears_ms']:.1f} | "
+                     f"{r['linears_modules_ms']:.1f} | {ops} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "zero_shot_smollm2": zero_shot_smollm2,
     "linear_latency_cpu": linear_latency,
-    "compile_latency": compile_latency,
+    "model_speed": model_speed,
+    "decode_profile": decode_profile,
     "quantize_time": quantize_time,
     "kernel_resources": kernel_resources,
 }
