@@ -13,6 +13,13 @@ def compact_perm(perm: torch.Tensor | None) -> torch.Tensor | None:
     return perm.to(dtype).contiguous()
 
 
+def in_features_and_dtype(weight) -> tuple[int, torch.dtype]:
+    """A packed weight's d_in and logical dtype, read with torch functions off: on the subclass
+    each read is a __torch_function__ round trip (about 2 us; a decode-sized linear takes tens)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return weight.shape[1], weight.dtype
+
+
 def field_names(cls) -> list[str]:
     """Every tensor field a packed weight class may hold, required first."""
     return list(cls.tensor_data_names) + list(cls.optional_tensor_data_names)

@@ -8,7 +8,7 @@ from torchao.utils import TorchAOBaseTensor
 from serq_ao.formats.base import Quantized
 from serq_ao.formats.integer import dequantize_int4_groups
 from serq_ao.kernels.ops import linear_int
-from serq_ao.tensor_subclass.common import compact_perm, to_copy
+from serq_ao.tensor_subclass.common import compact_perm, in_features_and_dtype, to_copy
 from serq_ao.tensor_subclass.views import check_column_range, register_views
 
 aten = torch.ops.aten
@@ -145,9 +145,8 @@ implements_torch_function = SERQIntTensor.implements_torch_function
 def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    # as SERQMXFP4Tensor's linear: shape and dtype read once, the weight's logical dtype out
-    with torch._C.DisableTorchFunctionSubclass():
-        in_features, dtype = weight.shape[1], weight.dtype
+    # the linear returns the weight's logical dtype (the model's), as F.linear would
+    in_features, dtype = in_features_and_dtype(weight)
     out = linear_int(x, weight.qdata, weight.scale, in_features, weight.group_size, weight.activation_bits,
                      weight.correction_qdata, weight.correction_scale, weight.input_scale_inv, weight.input_perm, bias,
                      rotation=weight.rotation)

@@ -8,7 +8,7 @@ from torchao.utils import TorchAOBaseTensor
 from serq_ao.formats.base import Quantized
 from serq_ao.formats.mxfp4 import BLOCK_SIZE
 from serq_ao.kernels.ops import linear_mxfp4, padded_in_features, split_mxfp4_weight
-from serq_ao.tensor_subclass.common import compact_perm, to_copy
+from serq_ao.tensor_subclass.common import compact_perm, in_features_and_dtype, to_copy
 from serq_ao.tensor_subclass.views import check_column_range, register_views
 
 aten = torch.ops.aten
@@ -134,10 +134,8 @@ implements_torch_function = SERQMXFP4Tensor.implements_torch_function
 def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    # shape and dtype read without a torch-function round trip each (a decode step's linear
-    # costs microseconds); the linear returns the weight's logical dtype, as F.linear would
-    with torch._C.DisableTorchFunctionSubclass():
-        in_features, dtype = weight.shape[1], weight.dtype
+    # the linear returns the weight's logical dtype (the model's), as F.linear would
+    in_features, dtype = in_features_and_dtype(weight)
     out = linear_mxfp4(x, weight.qdata, weight.scale, in_features, weight.rank, weight.scale_mode,
                        weight.input_scale_inv, weight.input_perm, bias, rotation=weight.rotation)
     return out if out.dtype == dtype else out.to(dtype)
