@@ -67,18 +67,14 @@ def median_ms(fn, steps: int) -> float:
 
 
 def decode_step(model: nn.Module, prefill: int):
-    """One decode step against a static cache of ``prefill`` tokens, as serq_ao.bench times it."""
-    from transformers import StaticCache
+    """One decode step against a static cache of ``prefill`` tokens, as serq bench times it."""
+    from serq_ao.bench import prepared_decode
 
-    ids = torch.randint(0, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(0))
-    cache = StaticCache(config=model.config, max_cache_len=prefill + 1)
-    model(ids, past_key_values=cache, use_cache=True)
-    token, position = ids[:, -1:], torch.tensor([prefill])
+    _, decode_forward, rewind, token, position = prepared_decode(model, 1, prefill)
 
     def step():
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(prefill)
-        return model(token, past_key_values=cache, cache_position=position, use_cache=True)
+        rewind()
+        return decode_forward(token, position)
 
     return step
 
@@ -97,9 +93,9 @@ def linear_calls(model: nn.Module, dtype: torch.dtype):
     for linear, x in zip(linears, inputs):
         w = linear.weight
         if isinstance(w, SERQMXFP4Tensor) and isa is not None:
-            kernels.append(lambda x=x, w=w, b=linear.bias: torch.ops.serq_cpu.linear_mxfp4(
-                x, w.qdata, w.scale, w.shape[1], w.rank, w.scale_mode == "rceil", w.input_scale_inv, w.input_perm,
-                b, w.rotation, isa, cpu_native.GEMM_BY_ROWS))
+            kernels.append(lambda x=x, w=w, b=linear.bias: cpu_native.linear_mxfp4(
+                x, w.qdata, w.scale, w.shape[1], w.rank, w.scale_mode, w.input_scale_inv, w.input_perm, b, w.rotation,
+                isa))
         elif type(w) in (nn.Parameter, torch.Tensor):
             kernels.append(lambda x=x, w=w, b=linear.bias: F.linear(x, w, b))
         else:

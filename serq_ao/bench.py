@@ -52,33 +52,42 @@ def _median_seconds(fn, calls: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def prepared_decode(model: nn.Module, batch: int, prefill: int):
+    """A static KV cache holding ``prefill`` random tokens per row (seed 0), and what one decode
+    step against it needs: ``(ids, decode_forward(token, position), rewind(), token, position)``.
+    Call ``rewind()`` before each step: the cache counts what it holds, and every step rewrites
+    slot ``prefill``, so every step has the same shapes."""
+    from transformers import StaticCache
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prefill), generator=generator)
+    cache = StaticCache(config=model.config, max_cache_len=prefill + 1)
+    model(ids, past_key_values=cache, use_cache=True)  # fill positions 0..N-1
+
+    def decode_forward(token, position):
+        return model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
+    def rewind():
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(prefill)
+
+    return ids, decode_forward, rewind, ids[:, -1:], torch.tensor([prefill])
+
+
 @torch.no_grad()
 def time_model(model: nn.Module, *, batch: int = 1, prefill: int = 1024, prefill_calls: int = 3,
                decode_calls: int = 20, modes: tuple[str, ...] = ("eager", "compiled"),
                on_step=None) -> list[Timing]:
     """Timings of ``model`` for each phase and mode; ``on_step(description)`` before each."""
-    from transformers import StaticCache
-
     if batch < 1 or prefill < 1 or prefill_calls < 1 or decode_calls < 1:
         raise ValueError("batch, prefill, prefill_calls and decode_calls must be positive")
     unknown = set(modes) - {"eager", "compiled"}
     if unknown:
         raise ValueError(f"modes must be 'eager' and/or 'compiled', got {sorted(unknown)}")
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prefill), generator=generator)
-    cache = StaticCache(config=model.config, max_cache_len=prefill + 1)
-    model(ids, past_key_values=cache, use_cache=True)  # fill positions 0..N-1
-    token, position = ids[:, -1:], torch.tensor([prefill])
+    ids, decode_forward, rewind, token, position = prepared_decode(model, batch, prefill)
 
     def prefill_forward(ids):
         return model(ids, use_cache=False).logits
-
-    def decode_forward(token, position):
-        return model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
-
-    def rewind():  # the static cache counts what it holds; rewrite slot N on every call
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(prefill)
 
     timings = []
     for mode in modes:
