@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def _build() -> str:
 
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
+    wait_for_build_lock(folder)
+    if load_if_built():  # another process built it while this one waited
+        return str(folder)
     sources = [str(p) for p in _source_files() if p.suffix == ".cpp"]
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level = quiet.level
@@ -132,6 +136,33 @@ def _build() -> str:
     _register_fakes()
     _loaded.append(str(folder / LIBRARY_FILE))
     return str(folder)
+
+
+# A build takes under a minute here; torch's builder holds `lock` in the folder while it runs and
+# waits, without end, for a lock it did not take. A build killed outright (SIGKILL, power loss)
+# leaves its lock behind, which would hang every later process: one older than this is removed.
+STALE_BUILD_LOCK_SECONDS = 600
+
+
+def wait_for_build_lock(folder: Path, stale_after: float = STALE_BUILD_LOCK_SECONDS, poll: float = 1.0) -> None:
+    """Return once ``folder`` has no build lock: wait while another process builds, remove a lock
+    older than ``stale_after`` seconds (with a warning naming it)."""
+    lock = folder / "lock"
+    told = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after:
+            log.warning("serq: removing %s, left %.0f s ago by a CPU kernel build that did not finish", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        if not told:
+            log.warning("serq: waiting for another process to finish building the CPU kernels in %s (a lock "
+                        "older than %.0f s is taken as left by a killed build)", folder, stale_after)
+            told = True
+        time.sleep(poll)
 
 
 LIBRARY_FILE = "serq_cpu_kernels.so"

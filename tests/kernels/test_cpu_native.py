@@ -340,3 +340,24 @@ def test_without_a_compiler_the_reference_runs_with_one_warning(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_path, caplog):
+    """torch's builder waits without end for a lock it did not take: a build killed outright would
+    hang every later process (it did: a fresh process waited on such a lock past 25 s)."""
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - cpu_native.STALE_BUILD_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger=cpu_native.__name__):
+        cpu_native.wait_for_build_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in caplog.text
+
+    lock.touch()  # a live build: its process removes the lock when done
+    threading.Timer(0.5, lock.unlink).start()
+    start = time.monotonic()
+    cpu_native.wait_for_build_lock(tmp_path, poll=0.05)
+    assert 0.4 < time.monotonic() - start < 10 and "waiting for another process" in caplog.text
