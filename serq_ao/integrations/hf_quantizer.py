@@ -14,11 +14,8 @@ fields back into its packed weight.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
-from safetensors import safe_open
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.integrations.accelerate import load_offloaded_parameter
@@ -38,28 +35,24 @@ from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
 from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
 from serq_ao.tensor_subclass.common import field_names
-from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed, flatten_state_dict
+from serq_ao.tensor_subclass.flatten import build_packed, flatten_state_dict
 from serq_ao.integrations.checkpoint_config import (
     LEGACY_FORMAT_VERSION,
     LEGACY_QUANT_METHOD,
     SERQCheckpointConfig,
     check_format_version,
 )
+from serq_ao.integrations.packed_folder import verify_packed_folder
 from serq_ao.integrations.verify import (
     CONFIG_RECORD_KEY,
     TENSOR_MANIFEST_KEY,
     check_config_agrees,
-    check_config_record,
     check_expected_keys,
     check_output_gather,
-    check_packed,
     config_record,
     fail_checkpoint,
     tensor_manifest,
-    verify_files,
-    verify_tensors,
 )
-from serq_ao.messages import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -170,33 +163,9 @@ class SERQHfQuantizer(HfQuantizer):
         # the model is still on the meta device: re-create the wrappers so that their keys exist
         for name, spec in self.checkpoint.output_gathers.items():
             replace_module(model, name, OutputGather.from_spec(model.get_submodule(name), spec))
-        files = [str(p) for p in checkpoint_files or [] if str(p).endswith(".safetensors")]
-        if not files:
-            fail_checkpoint("checkpoint", "a packed serq checkpoint is stored as .safetensors files; found none")
-        # the folder's files against its serq manifest (config.json, the index, the tokenizer:
-        # an edited rms_norm_eps would load silently as another model), as load_quantized and
-        # the CLI check it; the weights by size here, tensor by tensor below. A folder that
-        # save_pretrained wrote has no manifest: its tensors are still checked
-        for folder in sorted({Path(p).parent for p in files}):
-            verify_files(folder, hash_weights=False)
-            check_config_record(folder, [p for p in files if Path(p).parent == folder])
-        for path in files:
-            try:
-                with safe_open(path, framework="pt") as handle:
-                    metadata = handle.metadata() or {}
-                descriptions = {k: json.loads(t)[METADATA_MARK] for k, t in metadata.items() if METADATA_MARK in t}
-            except Exception as e:  # noqa: BLE001 - safetensors and json raise their own types
-                fail_checkpoint(path, f"not a readable serq safetensors file ({one_line(e)})")
-            self.packed_descriptions.update(descriptions)
         # before any weight is read into the model: every stored tensor is the one written,
         # and the model config.json builds expects exactly these
-        stored = verify_tensors(files, on_tensor=self._packed_value_checker())
-        described = set(self.packed_descriptions)
-        declared = {f"{name}.weight" for name in self.checkpoint.packed_linears}
-        if described != declared:
-            odd = sorted(described ^ declared)[0]
-            fail_checkpoint("checkpoint", f"{odd} is {'described as packed' if odd in described else 'declared packed'} "
-                                          "in only one of the weights' metadata and config.json's packed_linears")
+        stored, self.packed_descriptions = verify_packed_folder(checkpoint_files or [], self.checkpoint.packed_linears)
         check_expected_keys(model, stored, self.packed_descriptions)
 
     def update_weight_conversions(self, weight_conversions, model):
@@ -205,27 +174,6 @@ class SERQHfQuantizer(HfQuantizer):
         if has_unfused_experts(model):
             weight_conversions = [c for c in weight_conversions if not merges_experts(c)]
         return super().update_weight_conversions(weight_conversions, model)
-
-    def _packed_value_checker(self):
-        """``on_tensor`` for :func:`verify_tensors`: gathers each packed weight's fields as they
-        are read and checks the weight once it is whole (fields are adjacent in key order)."""
-        pending: dict[str, dict] = {}
-        prefixes = {f"{key}_{field}": (key, field) for key, d in self.packed_descriptions.items() for field in d["fields"]}
-
-        def on_tensor(name, tensor):
-            if name not in prefixes:
-                return
-            key, field = prefixes[name]
-            fields = pending.setdefault(key, {})
-            fields[field] = tensor
-            if len(fields) == len(self.packed_descriptions[key]["fields"]):
-                try:
-                    packed = build_packed(self.packed_descriptions[key], pending.pop(key))
-                except (ValueError, TypeError, KeyError, AttributeError) as e:
-                    fail_checkpoint(key, f"its packed-weight metadata cannot describe a weight ({e})")
-                check_packed(key, packed)
-
-        return on_tensor
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         store_under_model_names(model)
