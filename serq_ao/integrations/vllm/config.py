@@ -145,9 +145,13 @@ class SERQVllmConfig(QuantizationConfig):
         from vllm.model_executor.layers.fused_moe import RoutedExperts
 
         if isinstance(layer, RoutedExperts):
-            if any(name.startswith(f"{prefix}.") for name in self.packed_linears):
-                raise PluginError(f"serq: {prefix} is a mixture-of-experts layer with packed experts, which the vLLM "
-                                  "plugin does not serve yet (serve it with serq_ao and transformers)")
+            # serq stores experts one linear per projection under transformers' names, which
+            # vLLM's fused expert layers do not share: any packed expert refuses the model
+            experts = [name for name in self.packed_linears if ".experts." in name]
+            if experts:
+                raise PluginError(f"serq: {prefix} is a mixture-of-experts layer and the folder packs its experts "
+                                  f"({experts[0]} and {len(experts) - 1} more), which the vLLM plugin does not serve "
+                                  "yet (serve the model with serq_ao and transformers)")
             return None
         if not isinstance(layer, (LinearBase, ParallelLMHead)):
             return None
