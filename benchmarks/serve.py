@@ -207,7 +207,7 @@ def load(port: int, concurrency: int, rounds: int, max_tokens: int) -> dict:
 
 
 def serve_and_measure(name: str, folder: Path, args) -> dict:
-    log = args.out.with_name(f"serve_{name}.log")
+    log = args.work / f"serve_{name}.log"  # vLLM's own output, beside the quantized folders (not committed)
     print(f"serving {name}: {folder}", flush=True)
     server = Server(folder, args, log)
     try:

@@ -263,18 +263,30 @@ def test_tensor_parallel_2_serves_the_packed_model(tmp_path, fmt):
     check_against_packed_model(folder, json.loads((tmp_path / "out.json").read_text()))
 
 
+def test_a_packed_head_in_a_folder_written_in_memory_serves(tmp_path):
+    """``--quantize-lm-head`` (the head packed, untied from the embeddings) and ``--in-memory``
+    (one save_pretrained file instead of streamed shards)."""
+    folder = quantize_tiny(save_tiny(tiny_llama(), tmp_path / "fp"), tmp_path / "q", "--quantize-lm-head", "--in-memory")
+    assert "lm_head" in json.loads((folder / "config.json").read_text())["quantization_config"]["quant_type"][
+        "default"]["_data"]["packed_linears"]
+    done = run_driver(folder, tmp_path / "out.json", "--eager")
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_against_packed_model(folder, json.loads((tmp_path / "out.json").read_text()))
+
+
 def refused(folder: Path, tmp_path: Path) -> str:
-    """vLLM's stderr for a folder it must refuse before its engine starts."""
+    """What vLLM printed for a folder it must refuse before it serves anything (its engine
+    process logs to stdout, the front end raises to stderr)."""
     done = run_driver(folder, tmp_path / "out.json", "--eager", timeout=600)
     assert done.returncode != 0 and not (tmp_path / "out.json").exists()
-    return done.stderr
+    return done.stdout + done.stderr
 
 
 def test_a_mixture_of_experts_is_refused_naming_the_layer(tmp_path):
     folder = quantize_tiny(save_tiny(tiny_mixtral(), tmp_path / "fp"), tmp_path / "q")
     stderr = refused(folder, tmp_path)
-    refusal = re.search(r"serq: (\S+) is a mixture-of-experts layer and the folder packs its experts", stderr)
-    assert refusal and refusal[1].startswith("model.layers.0."), stderr[-3000:]
+    assert re.search(r"serq: model\.layers\.0\.\S+ is a mixture-of-experts layer and the folder packs its "
+                     r"experts \(model\.layers\.0\.", stderr), stderr[-3000:]
 
 
 def test_a_damaged_folder_is_refused_as_serq_eval_refuses_it(folders, tmp_path):
