@@ -79,13 +79,18 @@ class GatheredPreOp(nn.Module):
 
     def __init__(self, scale_inv: torch.Tensor | None, perm: torch.Tensor | None, start: int, stop: int):
         super().__init__()
+        # only this rank's stored columns are gathered: the gather of a slice of the order is
+        # the slice of the whole gather; without an order, the stored columns are the input's
+        if perm is None:
+            perm = torch.arange(start, stop, dtype=torch.int32, device=scale_inv.device)
+        else:
+            perm = perm[start:stop].contiguous()
         self.register_buffer("scale_inv", scale_inv)
         self.register_buffer("perm", perm)
-        self.start, self.stop = start, stop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = tensor_model_parallel_all_gather(x.contiguous())  # (T, d_in / tp) -> (T, d_in)
-        return apply_pre_op(x, self.scale_inv, self.perm)[..., self.start : self.stop].contiguous()
+        return apply_pre_op(x, self.scale_inv, self.perm)  # (T, stop - start), float32
 
 
 class SERQLinearMethod(LinearMethodBase):
