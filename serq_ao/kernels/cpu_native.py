@@ -22,6 +22,14 @@ Numerics (``kernels.inc`` has the detail): the activation codes and scales are b
 :mod:`serq_ao.formats`; each output is the reference's up to the order of a float32 sum, so
 ``|native - reference| <= 2 * gamma(K' + 2) * sum_k |a_k| |w_k|`` with ``gamma(n) = n u / (1 - n u)``,
 ``u = 2**-24`` (:func:`error_bound` computes it; the tests check it on every path).
+
+Prepacked weights (:func:`prepack_weight`): a weight read many times by a long-lived server
+(vLLM) can be rearranged once, still 4 bits a value, into the panels the many-row kernel
+reads, so that no call unpacks it (``serq_cpu.h`` has the layout). The ``*_panels`` ops take
+them and run that kernel for any number of rows, with the same sums in the same order as the
+``GEMM_PREFILL`` kernel on the codes as stored: bitwise its outputs. The layout is that of one
+instruction-set path's vectors (:func:`panel_columns`: 32 output columns for AVX-512, 16 for
+AVX2; the portable path has none).
 """
 
 from __future__ import annotations
@@ -205,6 +213,15 @@ def _register_fakes() -> None:
           perm, bias, rotation, isa, gemm):
         return x.new_empty((*lead(x), qdata.shape[0]))
 
+    @lib.register_fake("serq_cpu::linear_mxfp4_panels")
+    def _(x, panels, scale, out_features, in_features, rank, rceil, scale_inv, perm, bias, rotation, isa):
+        return x.new_empty((*lead(x), out_features))
+
+    @lib.register_fake("serq_cpu::linear_int_panels")
+    def _(x, panels, scale, in_features, group_size, rank, activation_bits, correction_scale, scale_inv, perm, bias,
+          rotation, isa):
+        return x.new_empty((*lead(x), scale.shape[0]))
+
     @lib.register_fake("serq_cpu::quantize_mxfp4")
     def _(x, scale_inv, perm, rotation, rceil, isa):
         blocks = -(-x.shape[-1] // 32)
@@ -295,6 +312,52 @@ def linear_int(x: Tensor, qdata: Tensor, scale: Tensor, in_features: int, group_
     _library()
     return torch.ops.serq_cpu.linear_int(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata,
                                          correction_scale, input_scale_inv, input_perm, bias, rotation, isa, gemm)
+
+
+def panel_columns(isa: int) -> int:
+    """Output columns of one panel of the prepacked layout on path ``isa`` (1: no prepacking)."""
+    _library()
+    return torch.ops.serq_cpu.panel_columns(isa)
+
+
+def prepack_weight(main: Tensor, correction: Tensor | None, group_size: int, isa: int) -> Tensor:
+    """The codes of ``[main | correction]`` ((N, Kp/2) and (N, r/2) uint8; for MXFP4 the two
+    halves of qdata) prepacked for path ``isa``: (panels, quads, 2 * panel_columns) uint8.
+    ``group_size``: the columns that share a weight scale (32 for MXFP4)."""
+    _library()
+    return torch.ops.serq_cpu.prepack_weight(main, correction, group_size, isa)
+
+
+def prepack_e8m0(scale: Tensor, isa: int) -> Tensor:
+    """An MXFP4 weight's E8M0 scales (N, K'/32) in the panel order of path ``isa``:
+    (panels, K'/32, panel_columns) uint8 (the padding columns' scales are 1: their codes are 0)."""
+    width = panel_columns(isa)
+    if width == 1:
+        raise ValueError(f"prepack_e8m0: the {KERNELS[isa]!r} path has no prepacked GEMM")
+    n, blocks = scale.shape
+    panels = -(-n // width)
+    padded = torch.full((panels * width, blocks), 127, dtype=torch.uint8)
+    padded[:n] = scale
+    return padded.view(panels, width, blocks).transpose(1, 2).contiguous()
+
+
+def linear_mxfp4_panels(x: Tensor, panels: Tensor, panel_scale: Tensor, out_features: int, in_features: int, rank: int,
+                        scale_mode: str, input_scale_inv: Tensor | None, input_perm: Tensor | None, bias: Tensor | None,
+                        rotation: int, isa: int) -> Tensor:
+    """:func:`linear_mxfp4` on a prepacked weight: codes from :func:`prepack_weight`, scales
+    from :func:`prepack_e8m0`."""
+    _library()
+    return torch.ops.serq_cpu.linear_mxfp4_panels(x, panels, panel_scale, out_features, in_features, rank,
+                                                  scale_mode == "rceil", input_scale_inv, input_perm, bias, rotation, isa)
+
+
+def linear_int_panels(x: Tensor, panels: Tensor, scale: Tensor, in_features: int, group_size: int, rank: int,
+                      activation_bits: int, correction_scale: Tensor | None, input_scale_inv: Tensor | None,
+                      input_perm: Tensor | None, bias: Tensor | None, rotation: int, isa: int) -> Tensor:
+    """:func:`linear_int` on a prepacked weight (``rank``: the correction's columns, in the panels)."""
+    _library()
+    return torch.ops.serq_cpu.linear_int_panels(x, panels, scale, in_features, group_size, rank, activation_bits,
+                                                correction_scale, input_scale_inv, input_perm, bias, rotation, isa)
 
 
 def quantize_activation_mxfp4(x: Tensor, scale_mode: str, input_scale_inv: Tensor | None, input_perm: Tensor | None,

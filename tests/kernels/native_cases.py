@@ -55,7 +55,29 @@ def random_input(shape, d_in: int, dtype=torch.float32, seed: int = 1) -> torch.
     return x.to(dtype)
 
 
-def run_native(packed, x: torch.Tensor, bias, isa: int, gemm: int) -> torch.Tensor:
+GEMM_PANELS = "panels"  # run_native's gemm: prepack the weight, then the *_panels op
+
+
+def prepacked(packed, isa: int) -> torch.Tensor:
+    """The packed weight's codes prepacked for path ``isa``."""
+    if _is_mxfp4(packed):
+        kp = padded_in_features(packed.shape[1])
+        return cpu_native.prepack_weight(packed.qdata[:, : kp // 2], packed.qdata[:, kp // 2 :], 32, isa)
+    return cpu_native.prepack_weight(packed.qdata, packed.correction_qdata, packed.group_size, isa)
+
+
+def run_native(packed, x: torch.Tensor, bias, isa: int, gemm) -> torch.Tensor:
+    if gemm == GEMM_PANELS:
+        panels = prepacked(packed, isa)
+        if _is_mxfp4(packed):
+            return cpu_native.linear_mxfp4_panels(x, panels, cpu_native.prepack_e8m0(packed.scale, isa), packed.shape[0],
+                                                  packed.shape[1], packed.rank,
+                                                  packed.scale_mode, packed.input_scale_inv, packed.input_perm, bias,
+                                                  packed.rotation, isa)
+        rank = 0 if packed.correction_qdata is None else 2 * packed.correction_qdata.shape[1]
+        return cpu_native.linear_int_panels(x, panels, packed.scale, packed.shape[1], packed.group_size, rank,
+                                            packed.activation_bits, packed.correction_scale, packed.input_scale_inv,
+                                            packed.input_perm, bias, packed.rotation, isa)
     if _is_mxfp4(packed):
         return cpu_native.linear_mxfp4(x, packed.qdata, packed.scale, packed.shape[1], packed.rank, packed.scale_mode,
                                        packed.input_scale_inv, packed.input_perm, bias, packed.rotation, isa, gemm)

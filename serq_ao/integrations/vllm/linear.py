@@ -36,6 +36,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from serq_ao.integrations.vllm.shards import Shard, column_parallel_rows, qkv_rows, row_parallel_columns
 from serq_ao.integrations.verify import check_order, fail_checkpoint
+from serq_ao.kernels import cpu_native
 from serq_ao.kernels.ops import linear_int, linear_mxfp4
 from serq_ao.kernels.reference import apply_pre_op
 from serq_ao.passes import OutputGather
@@ -51,20 +52,59 @@ GATHER_PARAMETER = "serq_gather_{}"  # their parameters on the layer that reads 
 
 class PackedLinear(nn.Module):
     """One packed weight's fields as buffers, multiplied by serq's op with the arguments the
-    packed tensor's own ``F.linear`` passes (:mod:`serq_ao.tensor_subclass`)."""
+    packed tensor's own ``F.linear`` passes (:mod:`serq_ao.tensor_subclass`).
+
+    On a CPU whose native path has a prepacked GEMM, the weight's codes (and MXFP4 scales) are
+    prepacked once here and replace the stored ones (the same bytes, in the kernel's order:
+    :func:`serq_ao.kernels.cpu_native.prepack_weight`), and ``forward`` calls the native op
+    itself: a server multiplies the same weight millions of times, and a compiled graph calls a
+    C++ op with no Python in between. The outputs are bitwise the many-row kernel's on the
+    stored codes."""
 
     def __init__(self, weight):
         super().__init__()
         self.is_mxfp4 = isinstance(weight, SERQMXFP4Tensor)
         self.out_features, self.in_features = weight.shape
-        for name in field_names(type(weight)):
-            self.register_buffer(name, getattr(weight, name))
         for name in attribute_names(type(weight)):
             if name not in ("shape", "dtype"):
                 setattr(self, name, getattr(weight, name))
         self.rank = weight.rank
+        self.isa = self._panel_isa(weight)
+        fields = {name: getattr(weight, name) for name in field_names(type(weight))}
+        if self.isa is not None:
+            fields.update(self._prepacked(weight))
+        for name, value in fields.items():
+            self.register_buffer(name, value)
+
+    def _panel_isa(self, weight) -> int | None:
+        """The native path that runs this weight prepacked, or None: the op as for any packed
+        weight (other devices, the reference, a path without panels, INT groups the kernels lack)."""
+        if weight.qdata.device.type != "cpu":
+            return None
+        isa = cpu_native.selected_isa() if self.is_mxfp4 else cpu_native.int_isa(self.group_size)
+        return isa if isa is not None and cpu_native.panel_columns(isa) > 1 else None
+
+    def _prepacked(self, weight) -> dict:
+        """The fields that change when prepacked: codes in panels (None: dropped), the order as int32."""
+        perm = None if weight.input_perm is None else weight.input_perm.to(torch.int32)
+        if self.is_mxfp4:
+            kp = -(-self.in_features // 32) * 32
+            codes = weight.qdata
+            return {"qdata": None, "scale": None, "input_perm": perm,
+                    "panels": cpu_native.prepack_weight(codes[:, : kp // 2], codes[:, kp // 2 :], 32, self.isa),
+                    "panel_scale": cpu_native.prepack_e8m0(weight.scale, self.isa)}
+        return {"qdata": None, "correction_qdata": None, "input_perm": perm,
+                "panels": cpu_native.prepack_weight(weight.qdata, weight.correction_qdata, self.group_size, self.isa)}
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.isa is not None and self.is_mxfp4:
+            return torch.ops.serq_cpu.linear_mxfp4_panels(
+                x, self.panels, self.panel_scale, self.out_features, self.in_features, self.rank,
+                self.scale_mode == "rceil", self.input_scale_inv, self.input_perm, bias, self.rotation, self.isa)
+        if self.isa is not None:
+            return torch.ops.serq_cpu.linear_int_panels(
+                x, self.panels, self.scale, self.in_features, self.group_size, self.rank, self.activation_bits,
+                self.correction_scale, self.input_scale_inv, self.input_perm, bias, self.rotation, self.isa)
         if self.is_mxfp4:
             return linear_mxfp4(x, self.qdata, self.scale, self.in_features, self.rank, self.scale_mode,
                                 self.input_scale_inv, self.input_perm, bias, rotation=self.rotation)

@@ -16,6 +16,7 @@ namespace serq_cpu {
 namespace {
 
 const int8_t kDoubledE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+const int8_t kOffsetE2M1[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  // + 12
 const int8_t kInt4[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
 const int64_t kDecodeRows = 8;  // up to this many rows, the decode kernel (weights read as packed)
 
@@ -102,15 +103,16 @@ at::Tensor shaped_output(const at::Tensor& out, const at::Tensor& x) {
 }
 
 // Buffers of the activation operand, carved from one allocation (a decode-sized linear runs
-// in microseconds: ten allocations were a sixth of it); `decode` adds the decode kernel's layouts.
+// in microseconds: ten allocations were a sixth of it); `decode` adds the decode kernel's layouts,
+// `signed_codes` the signed ones of the prepacked MXFP4 kernel.
 struct Operand {
   at::Tensor storage;
   ActOperand op{};
-  Operand(int64_t m, int64_t k_padded, bool decode) {
+  Operand(int64_t m, int64_t k_padded, bool decode, bool signed_codes = false) {
     int64_t ka = round_up(k_padded, 512);  // whole groups of 256 code bytes for the decode kernel
     int64_t codes = round_up(m * ka, 64), halves = round_up(m * ka / 2, 64);
     int64_t blocks = round_up(m * ka / 32 * 4, 64), lanes = round_up(m * ka / 8 * 4, 64);
-    int64_t bytes = codes + 2 * blocks + (decode ? 4 * halves + 2 * lanes : 0);
+    int64_t bytes = codes + 2 * blocks + (decode ? 4 * halves + 2 * lanes : 0) + (signed_codes ? codes + blocks : 0);
     storage = at::empty({bytes + 64}, at::TensorOptions().dtype(at::kByte));
     uint8_t* next = storage.data_ptr<uint8_t>();
     next += (64 - reinterpret_cast<uintptr_t>(next) % 64) % 64;  // every piece on a cache line
@@ -126,6 +128,10 @@ struct Operand {
       op.odd_in_order = take(halves);
       op.scale_lane = reinterpret_cast<float*>(take(lanes));
       op.zero_lane = reinterpret_cast<float*>(take(lanes));
+    }
+    if (signed_codes) {
+      op.s8 = reinterpret_cast<int8_t*>(take(codes));
+      op.offset_sum = reinterpret_cast<float*>(take(blocks));
     }
   }
 };
@@ -206,32 +212,142 @@ const float* checked_bias(const c10::optional<at::Tensor>& bias, int64_t n, at::
   return keep.data_ptr<float>();
 }
 
-at::Tensor linear_mxfp4(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t in_features,
-                        int64_t rank, bool rceil, const c10::optional<at::Tensor>& scale_inv,
+// The columns over which the prefill kernel sums in int32 before scaling: an INT group (its
+// int32 sums stay exact in float32 up to 2^24 / (255 * 8) columns), else 32 (MXFP4: 32 too).
+int64_t scale_block_columns(int64_t group_size) { return group_size <= 4096 ? group_size : 32; }
+
+// A prepacked weight (prepack_weight's output for this path) checked against the problem, then
+// read by the prefill kernel in place of the segments' codes.
+void use_panels(GemmProblem& p, const at::Tensor& panels, const Kernels& k, int64_t isa) {
+  int64_t width = k.prefill_columns, columns = p.segment[1].k + 2 * p.segment[1].bytes;
+  if (!p.segment[1].bytes) columns = 2 * p.segment[0].bytes;
+  TORCH_CHECK(width > 1, "serq_cpu: the instruction-set path ", std::min(isa, cpu_isa()),
+              " has no prepacked GEMM (prepack_weight refuses it too)");
+  std::vector<int64_t> expected{(p.n + width - 1) / width, panel_quads(columns, p.block_columns), 2 * width};
+  TORCH_CHECK(panels.scalar_type() == at::kByte && panels.sizes() == at::IntArrayRef(expected) && panels.is_contiguous(),
+              "serq_cpu: panels must be a contiguous uint8 ", at::IntArrayRef(expected),
+              " tensor (prepack_weight's output for this weight and instruction-set path), got ", panels.scalar_type(),
+              " ", panels.sizes());
+  p.panels = panels.data_ptr<uint8_t>();
+}
+
+// Weight codes as stored (`codes`: qdata) or prepacked (`panels`): exactly one is given.
+at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor* qdata, const at::Tensor* panels, const at::Tensor& scale,
+                        int64_t out_features, int64_t in_features, int64_t rank, bool rceil, const c10::optional<at::Tensor>& scale_inv,
                         const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias, int64_t rotation,
                         int64_t isa, int64_t gemm) {
   Input input(x, in_features, scale_inv, perm, rotation);
   const ActInput& in = input.in;
   Kernels k = kernels_for(isa);
-  int64_t kp = round_up(in_features, 32), n = qdata.size(0), m = input.x.size(0);
+  int64_t kp = round_up(in_features, 32), m = input.x.size(0);
+  int64_t n = qdata ? qdata->size(0) : out_features;
   TORCH_CHECK(rank >= 0 && rank % 32 == 0 && rank <= kp, "serq_cpu: rank must be a multiple of 32 in [0, ", kp, "], got ", rank);
-  const uint8_t* codes = checked_codes(qdata, n, (kp + rank) / 2, "qdata");
-  const uint8_t* scales = checked_codes(scale, n, (kp + rank) / 32, "scale");
-  bool decode = use_decode(m, gemm);
-  Operand operand(m, kp, decode);
+  const uint8_t* codes = qdata ? checked_codes(*qdata, n, (kp + rank) / 2, "qdata") : nullptr;
+  const uint8_t* scales = nullptr;
+  if (panels) {  // the scales in panel order too: (N / P, K' / 32, P)
+    int64_t width = k.prefill_columns;
+    std::vector<int64_t> expected{(n + width - 1) / width, (kp + rank) / 32, width};
+    TORCH_CHECK(width > 1 && scale.scalar_type() == at::kByte && scale.sizes() == at::IntArrayRef(expected) &&
+                    scale.is_contiguous(),
+                "serq_cpu: the scales of a prepacked MXFP4 weight must be a contiguous uint8 ", at::IntArrayRef(expected),
+                " tensor (prepack_e8m0's output for this path), got ", scale.scalar_type(), " ", scale.sizes());
+    scales = scale.data_ptr<uint8_t>();
+  } else {
+    scales = checked_codes(scale, n, (kp + rank) / 32, "scale");
+  }
+  bool decode = !panels && use_decode(m, gemm);
+  Operand operand(m, kp, decode, panels != nullptr);
   quantize_rows(m, [&](int64_t m0, int64_t m1) { k.quantize_mxfp4(in, m0, m1, rceil, nullptr, 0, nullptr, 0, &operand.op); });
   auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
   GemmProblem p{};
   p.m = m;
   p.n = n;
-  p.segment[0] = WeightSegment{codes, qdata.stride(0), kp / 2, 0, 0};
-  p.segment[1] = WeightSegment{codes + kp / 2, qdata.stride(0), rank / 2, 0, kp};
+  int64_t stride = qdata ? qdata->stride(0) : 0;
+  p.segment[0] = WeightSegment{codes, stride, kp / 2, 0, 0};
+  p.segment[1] = WeightSegment{codes ? codes + kp / 2 : nullptr, stride, rank / 2, 0, kp};
   p.nibble_values = kDoubledE2M1;
+  p.offset_values = kOffsetE2M1;
   p.scale_kind = E8M0_BYTES;
-  p.e8m0 = scales;
-  p.e8m0_row_stride = scale.stride(0);
+  p.e8m0 = panels ? nullptr : scales;
+  p.panel_e8m0 = panels ? scales : nullptr;
+  p.e8m0_row_stride = panels ? 0 : scale.stride(0);
   p.block_columns = 32;
   p.act = &operand.op;
+  if (panels) use_panels(p, *panels, k, isa);
+  at::Tensor bias_f32;
+  p.bias = checked_bias(bias, n, bias_f32);
+  p.out = out.data_ptr<float>();
+  if (m && n) run_gemm(k, p, decode);
+  return shaped_output(out, x);
+}
+
+at::Tensor linear_mxfp4(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t in_features,
+                        int64_t rank, bool rceil, const c10::optional<at::Tensor>& scale_inv,
+                        const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias, int64_t rotation,
+                        int64_t isa, int64_t gemm) {
+  return mxfp4_linear(x, &qdata, nullptr, scale, 0, in_features, rank, rceil, scale_inv, perm, bias, rotation, isa, gemm);
+}
+
+at::Tensor linear_mxfp4_panels(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
+                               int64_t out_features, int64_t in_features, int64_t rank, bool rceil, const c10::optional<at::Tensor>& scale_inv,
+                               const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias,
+                               int64_t rotation, int64_t isa) {
+  TORCH_CHECK(out_features >= 0, "serq_cpu: out_features must be >= 0, got ", out_features);
+  return mxfp4_linear(x, nullptr, &panels, scale, out_features, in_features, rank, rceil, scale_inv, perm, bias, rotation, isa, 2);
+}
+
+// As mxfp4_linear; with panels, `rank` is the correction's columns (its codes are in the panels).
+at::Tensor int_linear(const at::Tensor& x, const at::Tensor* qdata, const at::Tensor* panels, const at::Tensor& scale,
+                      int64_t in_features, int64_t group_size, int64_t activation_bits, int64_t panels_rank,
+                      const c10::optional<at::Tensor>& correction_qdata, const c10::optional<at::Tensor>& correction_scale,
+                      const c10::optional<at::Tensor>& scale_inv, const c10::optional<at::Tensor>& perm,
+                      const c10::optional<at::Tensor>& bias, int64_t rotation, int64_t isa, int64_t gemm) {
+  Input input(x, in_features, scale_inv, perm, rotation);
+  const ActInput& in = input.in;
+  TORCH_CHECK(activation_bits == 4 || activation_bits == 8, "serq_cpu: activation_bits must be 4 or 8, got ", activation_bits);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "serq_cpu: group_size must be a multiple of 32, got ", group_size);
+  Kernels k = kernels_for(isa);
+  int64_t kp = round_up(in_features, group_size), n = qdata ? qdata->size(0) : scale.size(0), m = input.x.size(0);
+  const uint8_t* codes = qdata ? checked_codes(*qdata, n, kp / 2, "qdata") : nullptr;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(0) == n &&
+                  scale.size(1) == kp / group_size && scale.stride(1) == 1,
+              "serq_cpu: scale must be a float32 (", n, ", ", kp / group_size, ") tensor with contiguous rows");
+  int64_t rank = panels ? panels_rank : (correction_qdata.has_value() ? 2 * correction_qdata->size(1) : 0);
+  TORCH_CHECK(rank >= 0 && rank % 32 == 0 && rank <= kp, "serq_cpu: the correction must have a multiple of 32 columns in [0, ",
+              kp, "], got ", rank);
+  TORCH_CHECK(panels || correction_qdata.has_value() == correction_scale.has_value(),
+              "serq_cpu: correction_qdata and correction_scale come together");
+  TORCH_CHECK(!panels || (rank > 0) == correction_scale.has_value(),
+              "serq_cpu: correction_scale is given exactly when rank > 0");
+  const uint8_t* correction = nullptr;
+  const float* correction_scales = nullptr;
+  if (rank) {
+    if (!panels) correction = checked_codes(*correction_qdata, n, rank / 2, "correction_qdata");
+    const auto& cs = *correction_scale;
+    TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.numel() == n && cs.size(0) == n && (n <= 1 || cs.stride(0) == 1),
+                "serq_cpu: correction_scale must be a contiguous float32 (", n, ", 1) tensor");
+    correction_scales = cs.data_ptr<float>();
+  }
+  bool decode = !panels && use_decode(m, gemm);
+  Operand operand(m, kp, decode);
+  quantize_rows(m, [&](int64_t m0, int64_t m1) {
+    k.quantize_int(in, m0, m1, (int)activation_bits, group_size, nullptr, 0, nullptr, nullptr, 0, &operand.op);
+  });
+  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  GemmProblem p{};
+  p.m = m;
+  p.n = n;
+  p.segment[0] = WeightSegment{codes, qdata ? qdata->stride(0) : 0, kp / 2, 0, 0};
+  p.segment[1] = WeightSegment{correction, correction ? correction_qdata->stride(0) : 0, rank / 2, 0, kp};
+  p.nibble_values = kInt4;
+  p.scale_kind = INT_GROUPS;
+  p.group_scale = scale.data_ptr<float>();
+  p.group_scale_row_stride = scale.stride(0);
+  p.group_size = group_size;
+  p.correction_scale = correction_scales;
+  p.block_columns = scale_block_columns(group_size);
+  p.act = &operand.op;
+  if (panels) use_panels(p, *panels, k, isa);
   at::Tensor bias_f32;
   p.bias = checked_bias(bias, n, bias_f32);
   p.out = out.data_ptr<float>();
@@ -244,55 +360,65 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& qdata, const at::Te
                       const c10::optional<at::Tensor>& correction_scale, const c10::optional<at::Tensor>& scale_inv,
                       const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias, int64_t rotation,
                       int64_t isa, int64_t gemm) {
-  Input input(x, in_features, scale_inv, perm, rotation);
-  const ActInput& in = input.in;
-  TORCH_CHECK(activation_bits == 4 || activation_bits == 8, "serq_cpu: activation_bits must be 4 or 8, got ", activation_bits);
-  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "serq_cpu: group_size must be a multiple of 32, got ", group_size);
-  Kernels k = kernels_for(isa);
-  int64_t kp = round_up(in_features, group_size), n = qdata.size(0), m = input.x.size(0);
-  const uint8_t* codes = checked_codes(qdata, n, kp / 2, "qdata");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(0) == n &&
-                  scale.size(1) == kp / group_size && scale.stride(1) == 1,
-              "serq_cpu: scale must be a float32 (", n, ", ", kp / group_size, ") tensor with contiguous rows");
-  TORCH_CHECK(correction_qdata.has_value() == correction_scale.has_value(),
-              "serq_cpu: correction_qdata and correction_scale come together");
-  int64_t rank = correction_qdata.has_value() ? 2 * correction_qdata->size(1) : 0;
-  TORCH_CHECK(rank <= kp, "serq_cpu: the correction has ", rank, " columns, more than the ", kp, " of the weight");
-  const uint8_t* correction = nullptr;
-  const float* correction_scales = nullptr;
-  if (rank) {
-    correction = checked_codes(*correction_qdata, n, rank / 2, "correction_qdata");
-    const auto& cs = *correction_scale;
-    TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.numel() == n && cs.size(0) == n && (n <= 1 || cs.stride(0) == 1),
-                "serq_cpu: correction_scale must be a contiguous float32 (", n, ", 1) tensor");
-    correction_scales = cs.data_ptr<float>();
-  }
-  bool decode = use_decode(m, gemm);
-  Operand operand(m, kp, decode);
-  quantize_rows(m, [&](int64_t m0, int64_t m1) {
-    k.quantize_int(in, m0, m1, (int)activation_bits, group_size, nullptr, 0, nullptr, nullptr, 0, &operand.op);
-  });
-  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
-  GemmProblem p{};
-  p.m = m;
-  p.n = n;
-  p.segment[0] = WeightSegment{codes, qdata.stride(0), kp / 2, 0, 0};
-  p.segment[1] = WeightSegment{correction, rank ? correction_qdata->stride(0) : 0, rank / 2, 0, kp};
-  p.nibble_values = kInt4;
-  p.scale_kind = INT_GROUPS;
-  p.group_scale = scale.data_ptr<float>();
-  p.group_scale_row_stride = scale.stride(0);
-  p.group_size = group_size;
-  p.correction_scale = correction_scales;
-  // int32 sums of a group stay exact in float32 up to 2^24 / (255 * 8) columns
-  p.block_columns = group_size <= 4096 ? group_size : 32;
-  p.act = &operand.op;
-  at::Tensor bias_f32;
-  p.bias = checked_bias(bias, n, bias_f32);
-  p.out = out.data_ptr<float>();
-  if (m && n) run_gemm(k, p, decode);
-  return shaped_output(out, x);
+  return int_linear(x, &qdata, nullptr, scale, in_features, group_size, activation_bits, 0, correction_qdata,
+                    correction_scale, scale_inv, perm, bias, rotation, isa, gemm);
 }
+
+at::Tensor linear_int_panels(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale, int64_t in_features,
+                             int64_t group_size, int64_t rank, int64_t activation_bits,
+                             const c10::optional<at::Tensor>& correction_scale, const c10::optional<at::Tensor>& scale_inv,
+                             const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias,
+                             int64_t rotation, int64_t isa) {
+  return int_linear(x, nullptr, &panels, scale, in_features, group_size, activation_bits, rank, c10::nullopt,
+                    correction_scale, scale_inv, perm, bias, rotation, isa, 2);
+}
+
+// The codes of K' = [main | correction] (uint8, two 4-bit codes a byte, element 2i in the low
+// nibble) prepacked in panels for the prefill kernel of `isa` (serq_cpu.h has the layout).
+// group_size: the columns that share a weight scale (32 for MXFP4, the INT group size); K' is
+// padded with zeros to whole blocks of the kernel's. Once per weight, at load: plain loops,
+// parallel over panels.
+at::Tensor prepack_weight(const at::Tensor& main, const c10::optional<at::Tensor>& correction, int64_t group_size,
+                          int64_t isa) {
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "serq_cpu: group_size must be a multiple of 32, got ", group_size);
+  int64_t block_columns = scale_block_columns(group_size);
+  Kernels k = kernels_for(isa);
+  int64_t width = k.prefill_columns, half = width / 2;
+  TORCH_CHECK(width > 1, "serq_cpu: prepack_weight: the instruction-set path ", std::min(isa, cpu_isa()),
+              " has no prepacked GEMM; keep the codes as stored");
+  int64_t n = main.size(0), main_bytes = main.dim() == 2 ? main.size(1) : -1;
+  TORCH_CHECK(main_bytes >= 0 && (2 * main_bytes) % group_size == 0,
+              "serq_cpu: main must be (N, bytes) codes of a multiple of group_size (", group_size, ") columns, got ",
+              main.sizes());
+  const uint8_t* main_codes = checked_codes(main, n, main_bytes, "main");
+  int64_t correction_bytes = correction.has_value() ? correction->size(-1) : 0;
+  const uint8_t* correction_codes = correction.has_value() ? checked_codes(*correction, n, correction_bytes, "correction") : nullptr;
+  TORCH_CHECK((2 * correction_bytes) % 32 == 0, "serq_cpu: the correction must have a multiple of 32 columns, got ",
+              2 * correction_bytes);
+  int64_t columns = 2 * (main_bytes + correction_bytes), quads = panel_quads(columns, block_columns);
+  int64_t panels = (n + width - 1) / width, main_stride = main.stride(0);
+  int64_t correction_stride = correction_codes ? correction->stride(0) : 0;
+  auto out = at::zeros({panels, quads, 2 * width}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* packed = out.data_ptr<uint8_t>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t panel = p0; panel < p1; ++panel)
+      for (int64_t c = 0; c < width && panel * width + c < n; ++c) {
+        int64_t row = panel * width + c, shift = c < half ? 0 : 4, lane = c % half;
+        uint8_t* at_panel = packed + panel * quads * 2 * width;
+        for (int64_t j = 0; j < columns; ++j) {
+          bool in_main = j < 2 * main_bytes;
+          int64_t i = in_main ? j : j - 2 * main_bytes;
+          uint8_t byte = in_main ? main_codes[row * main_stride + i / 2] : correction_codes[row * correction_stride + i / 2];
+          uint8_t code = (i % 2 ? byte >> 4 : byte) & 15;
+          at_panel[j / 4 * 2 * width + 4 * lane + j % 4] |= (uint8_t)(code << shift);
+        }
+      }
+  });
+  return out;
+}
+
+// columns of one panel: what prepack_weight and the prepacked ops of `isa` use (1: none)
+int64_t panel_columns(int64_t isa) { return kernels_for(isa).prefill_columns; }
 
 }  // namespace
 
@@ -306,6 +432,13 @@ TORCH_LIBRARY(serq_cpu, m) {
   m.def("linear_int(Tensor x, Tensor qdata, Tensor scale, int in_features, int group_size, int activation_bits,"
         " Tensor? correction_qdata, Tensor? correction_scale, Tensor? scale_inv, Tensor? perm, Tensor? bias,"
         " int rotation, int isa, int gemm) -> Tensor");
+  m.def("panel_columns(int isa) -> int", &panel_columns);
+  m.def("prepack_weight(Tensor main, Tensor? correction, int group_size, int isa) -> Tensor");
+  m.def("linear_mxfp4_panels(Tensor x, Tensor panels, Tensor scale, int out_features, int in_features, int rank, bool rceil,"
+        " Tensor? scale_inv, Tensor? perm, Tensor? bias, int rotation, int isa) -> Tensor");
+  m.def("linear_int_panels(Tensor x, Tensor panels, Tensor scale, int in_features, int group_size, int rank,"
+        " int activation_bits, Tensor? correction_scale, Tensor? scale_inv, Tensor? perm, Tensor? bias, int rotation,"
+        " int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(serq_cpu, CPU, m) {
@@ -313,6 +446,9 @@ TORCH_LIBRARY_IMPL(serq_cpu, CPU, m) {
   m.impl("quantize_int", &quantize_int);
   m.impl("linear_mxfp4", &linear_mxfp4);
   m.impl("linear_int", &linear_int);
+  m.impl("prepack_weight", &prepack_weight);
+  m.impl("linear_mxfp4_panels", &linear_mxfp4_panels);
+  m.impl("linear_int_panels", &linear_int_panels);
 }
 
 }  // namespace serq_cpu

@@ -43,6 +43,11 @@ struct ActOperand {
   uint8_t* odd_in_order;
   float* scale_lane;
   float* zero_lane;
+  // MXFP4 for the prepacked kernel (null otherwise): the codes' values (the doubled grid) as
+  // signed bytes, (M, ka), and 12 times their sum per block of 32, (M, ka / 32): the kernel
+  // multiplies them by the weight's values + 12 (unsigned), so that no weight sums are needed
+  int8_t* s8;
+  float* offset_sum;
 };
 
 // One stretch of a weight row: bytes of two 4-bit codes each (element 2i low nibble), whose
@@ -76,7 +81,24 @@ struct GemmProblem {
   const ActOperand* act;
   const float* bias;  // (N,) or null
   float* out;         // (M, N) row-major
+  // the codes of both segments prepacked in panels (prepack_panels below), or null: the
+  // segments' codes as stored. Read by gemm_prefill alone.
+  const uint8_t* panels;
+  // with act->s8: (16,) each 4-bit weight code's value + 12, unsigned
+  const int8_t* offset_values;
+  // with panels, MXFP4: the E8M0 bytes in panel order, (N / P, K' / 32, P), or null: e8m0
+  const uint8_t* panel_e8m0;
 };
+
+// Prepacked weights (the `prepack_weight` op): the codes of K' = Kp + r, zeros up to whole
+// groups of block_columns, rearranged once into the order the prefill kernel reads, still 4 bits
+// a value. Per panel of P = prefill_columns output columns (N padded to a multiple of P with
+// zeros), per quad q of 4 columns of K', 2P bytes: byte 4c + i holds (column n0 + c, k = 4q + i)
+// in its low nibble and (column n0 + P/2 + c, same k) in its high nibble. A table lookup of the
+// two nibbles of one vector load gives the two vectors the kernel multiplies, with no store.
+inline int64_t panel_quads(int64_t columns, int64_t block_columns) {  // quads per panel, K' = columns
+  return (columns + block_columns - 1) / block_columns * block_columns / 4;
+}
 
 // The variant of one instruction set; `rows` kernels take output rows [n0, n1) for every m.
 struct Kernels {
@@ -86,7 +108,7 @@ struct Kernels {
                        int64_t q_stride, float* scale, int32_t* zero, int64_t groups_stride, const ActOperand* op);
   void (*gemm_decode)(const GemmProblem& p, int64_t n0, int64_t n1);  // few rows of activations
   void (*gemm_prefill)(const GemmProblem& p, int64_t n0, int64_t n1);  // many rows
-  int prefill_columns;  // n0, n1 of gemm_prefill are multiples of this
+  int prefill_columns;  // n0, n1 of gemm_prefill are multiples of this (1: no panels, no prepacking)
 };
 
 namespace portable { Kernels kernels(); }
