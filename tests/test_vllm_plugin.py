@@ -322,3 +322,50 @@ def test_an_evaluation_mode_folder_is_refused_with_what_to_do(tmp_path):
     folder = quantize_tiny(save_tiny(tiny_llama(), tmp_path / "fp"), tmp_path / "q", "--method", "lqer")
     stderr = refused(folder, tmp_path)
     assert "serq: this is an evaluation-mode serq folder" in stderr, stderr[-3000:]
+
+
+def test_the_linear_benchmark_runs_serqs_prepacked_module_beside_vllms_bf16(tmp_path):
+    out = tmp_path / "linear.json"
+    done = subprocess.run([str(VLLM_PYTHON), str(ROOT / "benchmarks" / "vllm_linear.py"), "--m", "3", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=vllm_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert [r["layer"] for r in record["rows"]] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert all(r["prepacked"] and r["m"] == 3 and r["ms"]["bf16"] > 0 and r["ms"]["serq"] > 0 for r in record["rows"])
+    assert record["kernel"]["native"]
+
+
+PACKED_LINEAR_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from serq_ao.integrations.vllm.linear import PackedLinear
+from serq_ao.kernels import cpu_native
+from tests.kernels.native_cases import packed_weight, random_input, run_native
+for fmt in ("mxfp4", "w4a8", "w4a4"):
+    weight = packed_weight(fmt, 200, 70, 64)
+    module = PackedLinear(weight)
+    x = random_input((5,), 200).to(torch.bfloat16)
+    bias = torch.randn(70)
+    got = module(x, bias)
+    isa = cpu_native.selected_isa()
+    expected = run_native(weight, x, bias, isa, "panels" if module.isa is not None else cpu_native.GEMM_BY_ROWS)
+    assert torch.equal(got, expected), fmt
+    assert (module.isa is not None) == (cpu_native.panel_columns(isa) > 1), (fmt, module.isa)
+    assert module.qdata is None if module.isa is not None else module.qdata is not None
+print("ok", module.isa)
+"""
+
+
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+def test_the_served_linear_prepacks_where_the_cpu_path_has_panels_and_runs_the_op_elsewhere(kernel):
+    env = {**vllm_env(), "SERQ_CPU_KERNEL": kernel}
+    done = subprocess.run([str(VLLM_PYTHON), "-c", PACKED_LINEAR_CHECK, str(ROOT)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
+    assert done.stdout.split()[1] == ("None" if kernel == "portable" else str(cpu_native_best_isa()))
+
+
+def cpu_native_best_isa() -> int:
+    from serq_ao.kernels import cpu_native
+
+    return cpu_native.KERNELS.index(cpu_native.cpu_best())
