@@ -400,19 +400,28 @@ at::Tensor prepack_weight(const at::Tensor& main, const c10::optional<at::Tensor
   int64_t correction_stride = correction_codes ? correction->stride(0) : 0;
   auto out = at::zeros({panels, quads, 2 * width}, at::TensorOptions().dtype(at::kByte));
   uint8_t* packed = out.data_ptr<uint8_t>();
+  // a byte of the output holds column `lane` (low nibble) and column `lane + half` (high) of the
+  // panel at one k: built from one code byte of each row (two k), two output bytes at a time
+  auto row_byte = [&](int64_t row, int64_t byte) -> uint8_t {
+    if (row >= n) return 0;  // past N: zeros
+    return byte < main_bytes ? main_codes[row * main_stride + byte]
+                             : correction_codes[row * correction_stride + byte - main_bytes];
+  };
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t panel = p0; panel < p1; ++panel)
-      for (int64_t c = 0; c < width && panel * width + c < n; ++c) {
-        int64_t row = panel * width + c, shift = c < half ? 0 : 4, lane = c % half;
-        uint8_t* at_panel = packed + panel * quads * 2 * width;
-        for (int64_t j = 0; j < columns; ++j) {
-          bool in_main = j < 2 * main_bytes;
-          int64_t i = in_main ? j : j - 2 * main_bytes;
-          uint8_t byte = in_main ? main_codes[row * main_stride + i / 2] : correction_codes[row * correction_stride + i / 2];
-          uint8_t code = (i % 2 ? byte >> 4 : byte) & 15;
-          at_panel[j / 4 * 2 * width + 4 * lane + j % 4] |= (uint8_t)(code << shift);
+    for (int64_t panel = p0; panel < p1; ++panel) {
+      uint8_t* at_panel = packed + panel * quads * 2 * width;
+      for (int64_t lane = 0; lane < half; ++lane) {
+        int64_t low_row = panel * width + lane, high_row = low_row + half;
+        if (low_row >= n) break;
+        for (int64_t byte = 0; byte < columns / 2; ++byte) {
+          uint8_t low = row_byte(low_row, byte), high = row_byte(high_row, byte);
+          int64_t j = 2 * byte;  // k of the byte's low nibble; j and j + 1 share a quad
+          uint8_t* at = at_panel + j / 4 * 2 * width + 4 * lane + j % 4;
+          at[0] = (uint8_t)((low & 15) | (high << 4));
+          at[1] = (uint8_t)((low >> 4) | (high & 0xF0));
         }
       }
+    }
   });
   return out;
 }
