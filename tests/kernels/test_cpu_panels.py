@@ -121,3 +121,18 @@ def test_prepacked_weights_of_another_path_or_shape_are_refused():
         cpu_native.linear_int_panels(x, int_panels, integer.scale, 96, 128, 32, 8, None, None, None, None, 0, isa)
     with pytest.raises(RuntimeError, match="group_size must be a multiple of 32"):
         cpu_native.prepack_weight(integer.qdata, None, 48, isa)
+
+
+@pytest.mark.parametrize("kernel", PANEL_KERNELS)
+def test_int_groups_wider_than_the_exact_int32_span(kernel):
+    """Groups over 4096 columns are summed 32 columns at a time (an int32 sum of a whole group
+    could pass 2^24, where float32 stops being exact); each 32 keeps its group's scale."""
+    packed = packed_weight("w4a8", 8300, 20, 64, group_size=8192, seed=3)
+    x = random_input((7,), 8300, seed=4)
+    bias = torch.randn(20)
+    got = run_native(packed, x, bias, isa_of(kernel), GEMM_PANELS)
+    assert torch.equal(got, run_native(packed, x, bias, isa_of(kernel), cpu_native.GEMM_PREFILL))
+    reference, bound = reference_and_bound(packed, x, bias)
+    assert ((got.double() - reference.double()).abs() <= bound).all()
+    decode = run_native(packed, x[:2], bias, isa_of(kernel), cpu_native.GEMM_DECODE)
+    assert ((decode.double() - reference[:2].double()).abs() <= bound[:2]).all()
