@@ -37,7 +37,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from serq_ao.integrations.vllm.shards import Shard, column_parallel_rows, qkv_rows, row_parallel_columns
 from serq_ao.integrations.verify import check_order, fail_checkpoint
 from serq_ao.kernels import cpu_native
-from serq_ao.kernels.ops import linear_int, linear_mxfp4
+from serq_ao.kernels.ops import linear_int, linear_mxfp4, padded_in_features
 from serq_ao.kernels.reference import apply_pre_op
 from serq_ao.passes import OutputGather
 from serq_ao.tensor_subclass.common import attribute_names, compact_perm, field_names, rebuild
@@ -88,7 +88,7 @@ class PackedLinear(nn.Module):
         """The fields that change when prepacked: codes in panels (None: dropped), the order as int32."""
         perm = None if weight.input_perm is None else weight.input_perm.to(torch.int32)
         if self.is_mxfp4:
-            kp = -(-self.in_features // 32) * 32
+            kp = padded_in_features(self.in_features)  # [W^q | R] splits there
             codes = weight.qdata
             return {"qdata": None, "scale": None, "input_perm": perm,
                     "panels": cpu_native.prepack_weight(codes[:, : kp // 2], codes[:, kp // 2 :], 32, self.isa),
