@@ -70,7 +70,7 @@ test-fast: setup
 asan: setup
 	SERQ_KERNEL_CACHE=/tmp/serq-kernels-asan SERQ_KERNEL_CFLAGS="-fsanitize=address -fno-omit-frame-pointer" \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
-	$(BIN)/python -m pytest -ra tests/kernels/test_cpu_native.py tests/kernels/test_cpu_panels.py -k "not compiler"
+	$(BIN)/python -m pytest -ra tests/kernels/test_cpu_native.py tests/kernels/test_cpu_panels.py tests/kernels/test_cpu_int8_weights.py -k "not compiler"
 
 # Re-pin constraints.txt to what .venv holds (after moving a version and running the tests):
 # its header (up to the first blank line) is kept, the assets and serq-ao itself left out.

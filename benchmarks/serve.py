@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/serve.py --concurrency 4 --max-tokens 8 --calib-windows 2   # a quick look
 
 The default model (smollm2-135m) is quantized with ``serq quantize`` (MXFP4, the default
-recipe; ``--format`` for INT) into ``--work`` once, then each model is served in turn by a real
+recipe; ``--format`` for INT) into ``--work`` once per ``--embeddings`` choice (the table as the
+model has it, "serq", and int8 per row, "serq+int8 table"), then each model is served in turn by a real
 ``vllm serve`` process on 127.0.0.1 (bf16: the float folder; serq: the packed folder, both with
 ``--dtype bfloat16``). At each ``--concurrency`` level, that many clients each send
 ``--rounds`` completion requests one after another (streamed, greedy, ``ignore_eos`` so that
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--format", default="mxfp4", choices=["mxfp4", "w4a8", "w4a4"])
+    parser.add_argument("--embeddings", nargs="+", default=["float", "int8"], choices=["float", "int8"],
+                        help="serq folders to serve, by how the embedding table is stored")
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--work", type=Path, default=RESULTS / ".cache")
     parser.add_argument("--kv-cache-gib", type=int, default=2)
@@ -66,14 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quantized(work: Path, fmt: str, windows: int) -> Path:
+def quantized(work: Path, fmt: str, windows: int, embeddings: str) -> Path:
     """The default model quantized by ``serq quantize`` (default recipe), made once per setting."""
     from serq_ao.integrations.serialization import is_quantized_folder
 
-    out = work / f"{MODEL}-serq-{fmt}-{windows}w"
+    out = work / f"{MODEL}-serq-{fmt}-{windows}w{'-int8-table' if embeddings == 'int8' else ''}"
     if not is_quantized_folder(out):
         command = [sys.executable, "-m", "serq_ao.cli.main", "quantize", MODEL, "--format", fmt, "--out", str(out),
-                   "--calib-windows", str(windows)]
+                   "--calib-windows", str(windows), "--embeddings", embeddings]
         print("running", " ".join(command[2:]), flush=True)
         if subprocess.run(command, cwd=ROOT).returncode != 0:
             sys.exit("serve.py: serq quantize failed")
@@ -98,7 +101,7 @@ def weight_bytes(folder: Path, dtype_bytes: int) -> int:
                 if stored in ("F32", "F16", "BF16") and not packed_scale:
                     total += count * dtype_bytes
                 else:
-                    total += count * {"F32": 4, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "F16": 2, "BF16": 2}[stored]
+                    total += count * {"F32": 4, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "F16": 2, "BF16": 2}[stored]
     return total
 
 
@@ -251,11 +254,14 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    folders = {"bf16": resolve_model_folder(MODEL), "serq": quantized(args.work, args.format, args.calib_windows)}
+    folders = {"bf16": resolve_model_folder(MODEL)}
+    for embeddings in args.embeddings:
+        name = "serq" if embeddings == "float" else "serq+int8 table"
+        folders[name] = quantized(args.work, args.format, args.calib_windows, embeddings)
     models = {name: serve_and_measure(name, folder, args) for name, folder in folders.items()}
     from serq_ao.bench import machine_info, write_json
 
-    record = {"model": MODEL, "format": args.format, "machine": machine_info(), "concurrency": args.concurrency, "rounds": args.rounds,
+    record = {"model": MODEL, "format": args.format, "embeddings": args.embeddings, "machine": machine_info(), "concurrency": args.concurrency, "rounds": args.rounds,
               "max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib, "models": models}
     write_json(args.out, record)
     print_table(record)

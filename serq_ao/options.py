@@ -50,7 +50,15 @@ class WeightScales(enum.StrEnum):
     SEARCH = "search"  # per block, FLOOR's exponent or one above, by reconstruction error
 
 
+class EmbeddingFormat(enum.StrEnum):
+    """How the input embedding table is stored (``SERQConfig.embeddings``)."""
+
+    FLOAT = "float"  # as the model has it
+    INT8 = "int8"  # int8 per row, one float32 scale per row (serq_ao.formats.int8_rows)
+
+
 FORMATS = tuple(f.value for f in FormatName)
+EMBEDDING_FORMATS = tuple(e.value for e in EmbeddingFormat)
 SCALE_MODES = tuple(m.value for m in ScaleMode)
 WEIGHT_SCALES = tuple(w.value for w in WeightScales)
 MXFP4_BLOCK_SIZE = 32  # OCP MX: one shared E8M0 exponent per 32 elements

@@ -42,6 +42,7 @@ from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.activations import ActivationCache
 from serq_ao.quant.calibration import NonFiniteError, check_finite_weights
 from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.embeddings import quantized_embedding_names
 from serq_ao.quant.experts import Selection, select_stored, stored_names
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.packing import StorageReport, folder_storage, is_packed_linear, pack_linear
@@ -299,8 +300,8 @@ class PackedShardWriter:
                describe: Callable[[StorageReport], dict]) -> ShardedOutput:
         """Into ``staging``: the layer shards (linked from the work folder, which stays
         whole until the output is committed), the last shard (``rest``: the tensors outside
-        the layers, a quantized head packed), config.json with the quantization_config, the index, generation config,
-        tokenizer and serq_report.json."""
+        the layers, a quantized head packed, a quantized embedding table), config.json with the
+        quantization_config, the index, generation config, tokenizer and serq_report.json."""
         if staging != self.folder:
             for name in self.written:
                 os.link(self.folder / name, staging / name)
@@ -312,13 +313,17 @@ class PackedShardWriter:
             self.linears.append(name)
             rest = {**{k: v for k, v in rest.items() if not k.startswith(name + ".")},
                     **model.get_submodule(name).state_dict(prefix=name + ".")}
+        # a quantized embedding table (SERQConfig.embeddings) in place of the float one read
+        tables = quantized_embedding_names(model)
+        for name in tables:
+            rest[f"{name}.weight"] = model.get_submodule(name).weight.detach()
         # the last shard records every tensor of the model, as each shard save_pretrained writes
         # does: a layer shard swapped in from another output of the same model (same size, its
         # own record consistent) then disagrees with it
         self._write(self.shards, rest, staging, records=self._layer_records(),
                     metadata={CONFIG_RECORD_KEY: config_record(model.config)})
         storage = folder_storage(staging, self.linears, files=sorted(self.written))
-        model.config.quantization_config = packed_folder_config(config, self.gathers, self.linears)
+        model.config.quantization_config = packed_folder_config(config, self.gathers, self.linears, tables)
         model.config.save_pretrained(self.folder)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(self.folder)

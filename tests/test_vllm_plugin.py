@@ -244,12 +244,14 @@ def quantize_tiny(source: Path, out: Path, *options: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "w4a8"])
-def test_tensor_parallel_2_serves_the_packed_model(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, options", [("mxfp4", ("--embeddings", "int8")), ("w4a8", ())],
+                         ids=["mxfp4-int8-table", "w4a8"])
+def test_tensor_parallel_2_serves_the_packed_model(tmp_path, fmt, options):
     """Two CPU workers, one core each (vLLM binds one NUMA node's threads per worker unless
     told which cores: VLLM_CPU_OMP_THREADS_BIND). q, k, v, gate and up are split by rows, o_proj
-    and down_proj by columns; o_proj's saliency order makes each rank all-gather its input."""
-    folder = quantize_tiny(save_tiny(tiny_llama(), tmp_path / "fp"), tmp_path / "q", "--format", fmt)
+    and down_proj by columns; o_proj's saliency order makes each rank all-gather its input. An
+    int8 embedding table is split by vocabulary rows, for the lookup and the tied head."""
+    folder = quantize_tiny(save_tiny(tiny_llama(), tmp_path / "fp"), tmp_path / "q", "--format", fmt, *options)
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     o_proj = "model.layers.0.self_attn.o_proj.weight_input_"
     assert f"{o_proj}perm" in index or f"{o_proj}scale_inv" in index  # the all-gathered pre-op is exercised
@@ -264,12 +266,24 @@ def test_tensor_parallel_2_serves_the_packed_model(tmp_path, fmt):
 
 
 def test_a_packed_head_in_a_folder_written_in_memory_serves(tmp_path):
-    """``--quantize-lm-head`` (the head packed, untied from the embeddings) and ``--in-memory``
-    (one save_pretrained file instead of streamed shards)."""
-    folder = quantize_tiny(save_tiny(tiny_llama(), tmp_path / "fp"), tmp_path / "q", "--quantize-lm-head", "--in-memory")
-    assert "lm_head" in json.loads((folder / "config.json").read_text())["quantization_config"]["quant_type"][
-        "default"]["_data"]["packed_linears"]
+    """``--quantize-lm-head`` (the head packed, untied from the embeddings, which are int8: the
+    table serves lookups only) and ``--in-memory`` (one save_pretrained file instead of
+    streamed shards)."""
+    folder = quantize_tiny(save_tiny(tiny_llama(), tmp_path / "fp"), tmp_path / "q", "--quantize-lm-head", "--in-memory",
+                           "--embeddings", "int8")
+    fields = json.loads((folder / "config.json").read_text())["quantization_config"]["quant_type"]["default"]["_data"]
+    assert "lm_head" in fields["packed_linears"] and fields["packed_embeddings"] == ["model.embed_tokens"]
     done = run_driver(folder, tmp_path / "out.json", "--eager")
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_against_packed_model(folder, json.loads((tmp_path / "out.json").read_text()))
+
+
+def test_an_int8_table_serves_as_embeddings_and_tied_head_in_the_compiled_graph(tmp_path):
+    """``--embeddings int8`` with the head tied: vLLM's lookups and logits read the int8 table
+    through serq's op, inside vLLM's compiled graph."""
+    folder = quantize_tiny(save_tiny(tiny_llama(), tmp_path / "fp"), tmp_path / "q", "--embeddings", "int8")
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    done = run_driver(folder, tmp_path / "out.json")
     assert done.returncode == 0, done.stderr[-3000:]
     check_against_packed_model(folder, json.loads((tmp_path / "out.json").read_text()))
 

@@ -256,7 +256,8 @@ def config_from_args(args: argparse.Namespace, method: str | None = None, method
             fields.pop("gptq_order", None)  # serq's GPTQ order, where serq's recipe gave the GPTQ
     try:
         return SERQConfig(method=method, format=args.format, ignore=tuple(args.ignore),
-                          quantize_lm_head=args.quantize_lm_head, **fields)
+                          quantize_lm_head=args.quantize_lm_head,
+                          embeddings=getattr(args, "embeddings", "float"), **fields)
     except ValueError as e:
         raise UsageError(str(e)) from e
 

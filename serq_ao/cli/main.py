@@ -28,6 +28,8 @@ from serq_ao.options import (
     DEFAULT_SEQLEN,
     DEVICE_HELP,
     DTYPE_NAMES,
+    EMBEDDING_FORMATS,
+    EmbeddingFormat,
     FORMATS,
     GPTQ_ORDERS,
     METHODS,
@@ -237,7 +239,11 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
                              "such as '*.down_proj', or 're:' and a regular expression of the whole name")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="quantize the output head too (a head tied to the embeddings is untied; the "
-                             "embeddings stay in floating point)")
+                             "embeddings stay as --embeddings says)")
+    parser.add_argument("--embeddings", choices=EMBEDDING_FORMATS, default=EmbeddingFormat.FLOAT.value,
+                        help="how the input embedding table is stored: float (as the model has it) or int8 (int8 "
+                             "per row with a float32 scale; a tied head computes its logits from it); default "
+                             "%(default)s; methods with a packed format only")
     parser.add_argument("--residual-order", choices=RESIDUAL_ORDERS, default=None,
                         help="SERQ's channel order for norm-fed linears: per_group (a gather after each norm), "
                              "global (one order for the residual stream, no gathers) or auto (global where exact, "

@@ -51,6 +51,9 @@ class SERQCheckpointConfig(AOBaseConfig):
       (or other producer) wrapped in an :class:`~serq_ao.passes.OutputGather` holding a
       folded order.
     - ``packed_linears``: names of the linears whose weights are packed.
+    - ``packed_embeddings``: names of the embeddings whose tables are quantized
+      (``SERQConfig.embeddings``; a head tied to one reads it too). Absent in folders written
+      before the option existed: none.
 
     Describes a folder; it quantizes nothing (use :class:`~serq_ao.SERQLinearConfig` or
     :func:`serq_ao.quantize_` for that).
@@ -60,11 +63,13 @@ class SERQCheckpointConfig(AOBaseConfig):
     output_gathers: dict = dataclasses.field(default_factory=dict)
     packed_linears: list = dataclasses.field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    packed_embeddings: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         check_format_version(self.format_version, FORMAT_VERSION)
-        if not isinstance(self.output_gathers, dict) or not isinstance(self.packed_linears, list):
-            raise ValueError("output_gathers must be a dict and packed_linears a list of module names")
+        if not isinstance(self.output_gathers, dict) or not isinstance(self.packed_linears, list) \
+                or not isinstance(self.packed_embeddings, list):
+            raise ValueError("output_gathers must be a dict, packed_linears and packed_embeddings lists of module names")
         self.serq_config = SERQConfig.from_dict(self.serq_config or {}).to_dict()  # validates
 
 

@@ -30,10 +30,11 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin, TorchAoConfig
 
 from serq_ao.quant.config import SERQConfig
+from serq_ao.quant.embeddings import quantized_embedding_names
 from serq_ao.quant.experts import has_unfused_experts, merges_experts, unfuse_experts
 from serq_ao.passes import OutputGather
 from serq_ao.passes.transforms import replace_module
-from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES
+from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, TABLE_TENSOR_CLASSES
 from serq_ao.tensor_subclass.common import field_names
 from serq_ao.tensor_subclass.flatten import build_packed, flatten_state_dict
 from serq_ao.integrations.checkpoint_config import (
@@ -73,6 +74,7 @@ class SERQHfConfig(QuantizationConfigMixin):
         self.serq_config = SERQConfig.from_dict(serq_config or {}).to_dict()  # validates
         self.output_gathers = dict(output_gathers or {})
         self.packed_linears = list(packed_linears or [])
+        self.packed_embeddings = []  # format 3 predates quantized tables
 
 
 def checkpoint_config(model: nn.Module, config: SERQConfig) -> TorchAoConfig:
@@ -83,12 +85,14 @@ def checkpoint_config(model: nn.Module, config: SERQConfig) -> TorchAoConfig:
             gathers[name] = module.spec()
         elif isinstance(module, nn.Linear) and isinstance(module.weight, PACKED_TENSOR_CLASSES):
             linears.append(name)
-    return packed_folder_config(config, gathers, linears)
+    return packed_folder_config(config, gathers, linears, quantized_embedding_names(model))
 
 
-def packed_folder_config(config: SERQConfig, output_gathers: dict, packed_linears: list) -> TorchAoConfig:
+def packed_folder_config(config: SERQConfig, output_gathers: dict, packed_linears: list,
+                         packed_embeddings: list) -> TorchAoConfig:
     """config.json's ``quantization_config`` of a packed folder."""
-    return TorchAoConfig(SERQCheckpointConfig(config.to_dict(), dict(output_gathers), list(packed_linears)))
+    return TorchAoConfig(SERQCheckpointConfig(config.to_dict(), dict(output_gathers), list(packed_linears),
+                                              packed_embeddings=list(packed_embeddings)))
 
 
 def store_under_model_names(model: nn.Module) -> None:
@@ -97,6 +101,17 @@ def store_under_model_names(model: nn.Module) -> None:
     transformers' load-time renames and merges (Mixtral's mlp -> block_sparse_moe, experts
     fused on load) nor our converters: it gets nothing to revert."""
     model._weight_conversions = []
+
+
+def without_tied_tables(model: nn.Module, state: dict) -> dict:
+    """``state`` without the tied names of a quantized table (a tied head's ``lm_head.weight``):
+    the table is stored and described once, under the embedding, as transformers stores a tied
+    float weight (which it finds by storage pointer, and a tensor subclass has none)."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    held = model.state_dict(keep_vars=True)
+    kept = {id(t) for name, t in held.items() if isinstance(t, TABLE_TENSOR_CLASSES) and name not in tied}
+    return {k: v for k, v in state.items()
+            if not (k in tied and isinstance(held.get(k), TABLE_TENSOR_CLASSES) and id(held[k]) in kept)}
 
 
 class SERQDeserialize(ConversionOps):
@@ -134,7 +149,7 @@ class SERQHfQuantizer(HfQuantizer):
 
     @property
     def checkpoint(self) -> SERQCheckpointConfig | SERQHfConfig:
-        """The serq fields (serq_config, output_gathers, packed_linears) of either config."""
+        """The serq fields (serq_config, output_gathers, packed_linears, packed_embeddings) of either config."""
         if isinstance(self.quantization_config, TorchAoConfig):
             return self.quantization_config.quant_type
         return self.quantization_config
@@ -154,18 +169,20 @@ class SERQHfQuantizer(HfQuantizer):
         unfuse_experts(model)  # serq stores MoE experts one linear per projection, as it quantized them
         # config.json's quantization_config must name modules of the model config.json builds
         modules = dict(model.named_modules())
-        for what, names in (("output_gathers", self.checkpoint.output_gathers),
-                            ("packed_linears", self.checkpoint.packed_linears)):
-            unknown = [n for n in names if not isinstance(modules.get(n), nn.Module)]
+        for what, names, kind in (("output_gathers", self.checkpoint.output_gathers, nn.Module),
+                                  ("packed_linears", self.checkpoint.packed_linears, nn.Module),
+                                  ("packed_embeddings", self.checkpoint.packed_embeddings, nn.Embedding)):
+            unknown = [n for n in names if not isinstance(modules.get(n), kind)]
             if unknown:
                 fail_checkpoint("config.json", f"quantization_config.{what} names {unknown[0]}, which the model "
-                                               "it describes does not have")
+                                               f"it describes does not have (as an {kind.__name__})")
         # the model is still on the meta device: re-create the wrappers so that their keys exist
         for name, spec in self.checkpoint.output_gathers.items():
             replace_module(model, name, OutputGather.from_spec(model.get_submodule(name), spec))
         # before any weight is read into the model: every stored tensor is the one written,
         # and the model config.json builds expects exactly these
-        stored, self.packed_descriptions = verify_packed_folder(checkpoint_files or [], self.checkpoint.packed_linears)
+        stored, self.packed_descriptions = verify_packed_folder(checkpoint_files or [], self.checkpoint.packed_linears,
+                                                                packed_embeddings=self.checkpoint.packed_embeddings)
         check_expected_keys(model, stored, self.packed_descriptions)
 
     def update_weight_conversions(self, weight_conversions, model):
@@ -179,9 +196,13 @@ class SERQHfQuantizer(HfQuantizer):
         store_under_model_names(model)
         missing = [n for n in self.checkpoint.packed_linears
                    if not isinstance(model.get_submodule(n).weight, PACKED_TENSOR_CLASSES)]
+        missing += [n for n in self.checkpoint.packed_embeddings
+                    if not isinstance(model.get_submodule(n).weight, TABLE_TENSOR_CLASSES)]
         if missing:
-            raise ValueError(f"the checkpoint did not provide packed weights for {missing[:3]} ({len(missing)} linears)")
+            raise ValueError(f"the checkpoint did not provide packed weights for {missing[:3]} ({len(missing)} modules)")
         config = SERQConfig.from_dict(self.checkpoint.serq_config)
+        for name in self.checkpoint.packed_embeddings:
+            model.get_submodule(name).weight.requires_grad_(False)
         for name in self.checkpoint.packed_linears:
             # transformers makes every floating parameter trainable; packed weights are not
             # (and AOTInductor refuses to lift their uint8 parts if they claim to be)
@@ -196,10 +217,11 @@ class SERQHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name, **kwargs):
         module, _, param = param_name.rpartition(".")
-        return param == "weight" and module in self.checkpoint.packed_linears
+        return param == "weight" and (module in self.checkpoint.packed_linears
+                                      or module in self.checkpoint.packed_embeddings)
 
     def get_state_dict_and_metadata(self, model):
-        tensors, metadata = flatten_state_dict(model.state_dict())
+        tensors, metadata = flatten_state_dict(without_tied_tables(model, model.state_dict()))
         # the tensors as they will be stored: transformers drops tied duplicates before writing
         # (save_pretrained reads the offloaded ones itself, shard by shard)
         metadata[TENSOR_MANIFEST_KEY] = tensor_manifest(remove_tied_weights_from_state_dict(dict(tensors), model),

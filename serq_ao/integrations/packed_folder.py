@@ -22,7 +22,10 @@ from serq_ao.integrations.verify import (
     verify_tensors,
 )
 from serq_ao.messages import one_line
+from serq_ao.tensor_subclass import TABLE_TENSOR_CLASSES
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed
+
+TABLE_CLASS_NAMES = {cls.__name__ for cls in TABLE_TENSOR_CLASSES}
 
 
 def read_packed_descriptions(files: list[str]) -> dict[str, dict]:
@@ -58,17 +61,18 @@ def packed_value_checker(descriptions: dict[str, dict], on_weight=None):
             except (ValueError, TypeError, KeyError, AttributeError) as e:
                 fail_checkpoint(key, f"its packed-weight metadata cannot describe a weight ({e})")
             check_packed(key, packed)
-            if on_weight is not None:
+            if on_weight is not None and not isinstance(packed, TABLE_TENSOR_CLASSES):
                 on_weight(key, packed)
 
     return on_tensor
 
 
-def verify_packed_folder(files: list[str], packed_linears: list[str], on_weight=None) -> tuple[dict, dict]:
+def verify_packed_folder(files: list[str], packed_linears: list[str], on_weight=None, *,
+                         packed_embeddings: list[str] = ()) -> tuple[dict, dict]:
     """Run every check on the safetensors ``files`` of a packed folder whose config.json
-    declares ``packed_linears``; returns (the tensor records, name -> [shape, dtype, sha256];
+    declares ``packed_linears`` and ``packed_embeddings``; returns (the tensor records, name -> [shape, dtype, sha256];
     the packed descriptions, ``<linear>.weight`` -> description). ``on_weight(name, packed)``
-    sees each packed weight once its fields have passed."""
+    sees each packed linear's weight once its fields have passed."""
     files = [str(p) for p in files if str(p).endswith(".safetensors")]
     if not files:
         fail_checkpoint("checkpoint", "a packed serq checkpoint is stored as .safetensors files; found none")
@@ -82,9 +86,15 @@ def verify_packed_folder(files: list[str], packed_linears: list[str], on_weight=
     descriptions = read_packed_descriptions(files)
     stored = verify_tensors(files, on_tensor=packed_value_checker(descriptions, on_weight))
     described = set(descriptions)
-    declared = {f"{name}.weight" for name in packed_linears}
+    declared = {f"{name}.weight" for name in [*packed_linears, *packed_embeddings]}
     if described != declared:
         odd = sorted(described ^ declared)[0]
         fail_checkpoint("checkpoint", f"{odd} is {'described as packed' if odd in described else 'declared packed'} "
-                                      "in only one of the weights' metadata and config.json's packed_linears")
+                                      "in only one of the weights' metadata and config.json's packed_linears "
+                                      "and packed_embeddings")
+    tables = {f"{name}.weight" for name in packed_embeddings}
+    for key in sorted(described):
+        if (descriptions[key]["class"] in TABLE_CLASS_NAMES) != (key in tables):
+            fail_checkpoint(key, f"is stored as a {descriptions[key]['class']}, which config.json does not declare "
+                                 f"it as ({'an embedding' if key in tables else 'a linear'})")
     return stored, descriptions

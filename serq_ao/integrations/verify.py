@@ -279,9 +279,18 @@ def check_packed(name: str, weight) -> None:
     """The fields of a packed weight against its attributes and its format's rules."""
     from serq_ao.kernels.ops import padded_in_features
     from serq_ao.tensor_subclass.serq_int_tensor import SERQIntTensor
+    from serq_ao.tensor_subclass.int8_rows_tensor import Int8RowsTensor
     from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
     rows, d_in = weight.shape
+    if isinstance(weight, Int8RowsTensor):  # an embedding table: codes and row scales, no pre-op
+        _check_shape(name, "qdata", weight.qdata, (rows, d_in), torch.int8)
+        _check_shape(name, "scale", weight.scale, (rows,), torch.float32)
+        if bool((weight.qdata == -128).any()):
+            fail_checkpoint(name, "has the code -128, which quantization never writes (|q| <= 127)")
+        if not bool(torch.isfinite(weight.scale).all()) or bool((weight.scale <= 0).any()):
+            fail_checkpoint(name, "scale has a non-finite or non-positive value")
+        return
     if type(weight.rotation) is not int or weight.rotation not in ROTATION_SIZES:  # 32.0 or "32" too
         fail_checkpoint(name, f"rotation {weight.rotation!r} is not one of {ROTATION_SIZES}")
     if isinstance(weight, SERQMXFP4Tensor):

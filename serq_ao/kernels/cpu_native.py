@@ -30,6 +30,11 @@ them and run that kernel for any number of rows, with the same sums in the same 
 ``GEMM_PREFILL`` kernel on the codes as stored: bitwise its outputs. The layout is that of one
 instruction-set path's vectors (:func:`panel_columns`: 32 output columns for AVX-512, 16 for
 AVX2; the portable path has none).
+
+Float activations times int8 weights (:func:`linear_int8_weights`, a tied LM head or embedding
+table stored as int8 with one float scale per row): the codes are exact as floats and each output
+is one float32 sum, so ``|native - exact| <= gamma(K + 2) (scale_n sum_k |x_k| |q_k| + |bias_n|)``
+(:func:`int8_weights_error_bound`), x taken as the float32 values the op reads.
 """
 
 from __future__ import annotations
@@ -222,6 +227,10 @@ def _register_fakes() -> None:
           rotation, isa):
         return x.new_empty((*lead(x), scale.shape[0]))
 
+    @lib.register_fake("serq_cpu::linear_int8_weights")
+    def _(x, qdata, scale, bias, isa):
+        return x.new_empty((*lead(x), qdata.shape[0]))
+
     @lib.register_fake("serq_cpu::quantize_mxfp4")
     def _(x, scale_inv, perm, rotation, rceil, isa):
         blocks = -(-x.shape[-1] // 32)
@@ -372,6 +381,24 @@ def quantize_activation_int(x: Tensor, bits: int, group_size: int, input_scale_i
     """Pre-op, then asymmetric codes (..., Kp) uint8, scales and zero points (..., Kp/g)."""
     _library()
     return torch.ops.serq_cpu.quantize_int(x, input_scale_inv, input_perm, rotation, bits, group_size, isa)
+
+
+def linear_int8_weights(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None, isa: int) -> Tensor:
+    """``(x qdata^T) * scale + bias`` on the native kernels: x (..., K) float32, bfloat16, float16
+    or float64; qdata (N, K) int8 with contiguous rows (any row stride); scale (N,) one float per
+    row; bias (N,) or None. Returns (..., N) in x's dtype. Within
+    :func:`int8_weights_error_bound` of the exact result of x's float32 values (see the module doc)."""
+    _library()
+    return torch.ops.serq_cpu.linear_int8_weights(x, qdata, scale, bias, isa)
+
+
+def int8_weights_error_bound(abs_products_sum: Tensor, k: int) -> Tensor:
+    """The largest ``|native - exact|`` of :func:`linear_int8_weights`, from
+    ``scale_n sum_k |x_k| |q_k| + |bias_n|`` (float64) over K columns: ``gamma(K + 2)`` times it
+    (K roundings of the float32 sum, one of the scale, one of the bias)."""
+    u = 2.0**-24
+    n = k + 2
+    return (n * u / (1 - n * u)) * abs_products_sum
 
 
 def error_bound(abs_products_sum: Tensor, columns: int) -> Tensor:

@@ -12,6 +12,10 @@ where the group's transform was folded into its producer, H, the block Hadamard 
   ``group_size`` (N, Kp/group_size), Kp being d_in padded to the group size; R as INT4 codes
   (N, r/2) with one fp32 scale per row (N, 1). Activations are quantized asymmetrically per
   token in groups of ``group_size`` to ``activation_bits``.
+- ``serq::linear_int8_weights``: ``(x qdata^T) * scale + bias`` with float activations and an
+  int8 weight (N, K) with one float scale per row (N,): a tied LM head / embedding table stored
+  as int8. No pre-op, no activation quantization; on an x86-64 CPU the native kernel, elsewhere
+  the reference in float32, a slice of rows of the weight at a time.
 
 The MXFP4 ops are ``torch.library.triton_op``s: on CUDA their bodies launch the Triton
 kernels (:mod:`serq_ao.kernels.triton_quantize`, :mod:`serq_ao.kernels.triton_gemm`), which
@@ -247,3 +251,43 @@ def linear_int(x, qdata, scale, in_features, group_size, activation_bits, correc
                                      correction_scale, input_scale_inv, input_perm, bias, rotation, isa)
     return serq_linear_int(x, qdata, scale, in_features, group_size, activation_bits, correction_qdata,
                            correction_scale, input_scale_inv, input_perm, bias, rotation)
+
+
+# rows of the int8 weight the reference widens to float32 at a time (a tied 49152 x 4096 head
+# would be 800 MB as floats)
+INT8_REFERENCE_ROWS = 4096
+
+
+def int8_weights_reference(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(F.linear(x.float(), qdata.float()) * scale.float() + bias).to(x.dtype)``, the weight
+    widened :data:`INT8_REFERENCE_ROWS` rows at a time."""
+    x32 = x.float()
+    out = x32.new_empty((*x.shape[:-1], qdata.shape[0]))
+    for start in range(0, qdata.shape[0], INT8_REFERENCE_ROWS):
+        stop = start + INT8_REFERENCE_ROWS
+        out[..., start:stop] = torch.nn.functional.linear(x32, qdata[start:stop].float())
+    out = out * scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("serq::linear_int8_weights", mutates_args=())
+def serq_linear_int8_weights(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(x qdata^T) * scale + bias``: x (..., K) float, qdata (N, K) int8, scale (N,) per row."""
+    if x.device.type == "cpu" and (isa := cpu_native.selected_isa()) is not None:
+        return cpu_native.linear_int8_weights(x, qdata, scale, bias, isa)
+    return int8_weights_reference(x, qdata, scale, bias)
+
+
+@serq_linear_int8_weights.register_fake
+def _(x, qdata, scale, bias=None):
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+def linear_int8_weights(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``serq::linear_int8_weights``, called as :func:`linear_mxfp4` is (the native kernel directly
+    in eager CPU runs, the op otherwise: compile and export keep one node)."""
+    if (isa := _eager_cpu_isa(x)) is not None:
+        return cpu_native.linear_int8_weights(x, qdata, scale, bias, isa)
+    return serq_linear_int8_weights(x, qdata, scale, bias)

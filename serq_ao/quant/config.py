@@ -28,6 +28,7 @@ from serq_ao.options import (  # noqa: E402
     CONFIG_DEFAULTS,
     DEFAULT_RANK,
     DEFAULT_RESIDUAL_ORDER,
+    EmbeddingFormat,
     RANK_ALLOCATIONS,
     RANK_MULTIPLE,
     RESIDUAL_ORDERS,
@@ -49,8 +50,8 @@ def check_format_rank_scale_mode(fmt, rank: int, scale_mode) -> tuple[FormatName
 
 @dataclasses.dataclass(frozen=True)
 class SERQConfig:
-    """How to quantize every linear inside the decoder layers (and lm_head if asked; the
-    embeddings stay in floating point).
+    """How to quantize every linear inside the decoder layers (and lm_head and the embedding
+    table if asked).
 
     The defaults are SERQ as published (recipe ``"paper"``); :func:`serq_ao.recipe_config`
     builds the named recipes, among them the command line's default ``"rotated-gptq"``
@@ -119,7 +120,13 @@ class SERQConfig:
       A pattern that matches no linear is reported with a warning.
     - ``quantize_lm_head``: quantize the output head too, as the last stage after the
       decoder layers (:mod:`serq_ao.quant.lm_head`); a head tied to the embeddings is untied
-      first (the embeddings stay in floating point). Off by default, as in the paper.
+      first (the embeddings stay as ``embeddings`` says). Off by default, as in the paper.
+    - ``embeddings``: how the input embedding table is stored: ``"float"`` (as the model has
+      it, the paper) or ``"int8"`` (int8 codes with one float32 scale per row,
+      :mod:`serq_ao.formats.int8_rows`; a head tied to the table, not quantized with
+      ``quantize_lm_head``, then computes its logits from the same int8 table). The table is
+      quantized last, after every transform that folds into it. Methods with a packed format
+      only (the table is stored packed).
 
     ``method``, ``format``, ``scale_mode``, ``weight_scales``, ``rank_allocation`` and ``saliency_unit`` accept strings or the enums
     (:class:`~serq_ao.quant.methods.Method`, :class:`~serq_ao.formats.FormatName`,
@@ -144,6 +151,7 @@ class SERQConfig:
     residual_order: ResidualOrder = CONFIG_DEFAULTS["residual_order"]
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
+    embeddings: EmbeddingFormat = EmbeddingFormat.FLOAT
 
     def __post_init__(self):
         object.__setattr__(self, "method", enum_value(Method, self.method, "method"))
@@ -180,6 +188,10 @@ class SERQConfig:
         if self.quantize_lm_head and self.rank_allocation is not RankAllocation.UNIFORM:
             raise ValueError(f"rank_allocation={self.rank_allocation.value!r} shares ranks among the decoder layers' "
                              "linears only: use it with quantize_lm_head=False, or rank_allocation='uniform'")
+        object.__setattr__(self, "embeddings", enum_value(EmbeddingFormat, self.embeddings, "embeddings"))
+        if self.embeddings is not EmbeddingFormat.FLOAT and not self.spec.packs:
+            raise ValueError(f"embeddings={self.embeddings.value!r} stores the table packed, and method "
+                             f"{self.method.value!r} has no packed format: use embeddings='float'")
         object.__setattr__(self, "residual_order", enum_value(ResidualOrder, self.residual_order, "residual_order"))
         object.__setattr__(self, "saliency_unit", enum_value(SaliencyUnit, self.saliency_unit, "saliency_unit"))
         if self.saliency_unit is SaliencyUnit.BLOCK and (

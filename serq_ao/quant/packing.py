@@ -19,7 +19,7 @@ from torch import nn
 
 from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.fake_quant import FakeQuantLinear
-from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, stored_bits_per_weight, stored_bytes
+from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, TABLE_TENSOR_CLASSES, stored_bits_per_weight, stored_bytes
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed
 
 
@@ -87,7 +87,7 @@ class LinearStorage:
 class StorageReport:
     linears: list[LinearStorage]
     model_bytes: int  # every parameter and buffer, packed weights at their stored size
-    unquantized_bytes: int  # of which the tensors that stay in full precision
+    unquantized_bytes: int  # of which the tensors that stay in full precision (not packed, not a quantized table)
 
     def to_dict(self) -> dict:
         return {
@@ -122,7 +122,7 @@ def storage_report(model: nn.Module) -> StorageReport:
         seen.add(id(tensor))
         size = stored_bytes(tensor)
         total += size
-        if not isinstance(tensor, PACKED_TENSOR_CLASSES):
+        if not isinstance(tensor, (*PACKED_TENSOR_CLASSES, *TABLE_TENSOR_CLASSES)):
             unquantized += size
     return StorageReport(linears, total, unquantized)
 
@@ -162,6 +162,8 @@ def folder_storage(folder: str | os.PathLike, linear_order: list[str] | None = N
             unquantized += size
     linears = {}
     for key, description in packed.items():
+        if description["class"] in TABLE_CLASS_NAMES:  # a quantized embedding table, not a linear
+            continue
         # the weight on the meta device: its fields' shapes and dtypes, no data, so the same
         # formulas as storage_report give its figures
         fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
@@ -172,6 +174,7 @@ def folder_storage(folder: str | os.PathLike, linear_order: list[str] | None = N
     return StorageReport([linears[n] for n in order], total, unquantized)
 
 
+TABLE_CLASS_NAMES = {cls.__name__ for cls in TABLE_TENSOR_CLASSES}
 # bytes per element of each safetensors dtype name
 _SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                       "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}

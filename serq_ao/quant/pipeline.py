@@ -40,6 +40,8 @@ from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.gptq import gptq_quantize
 from serq_ao.quant.linear_plan import LinearPlan, linear_plans
 from serq_ao.quant.methods import CorrectionKind, RankAllocation, ResidualOrder, TransformKind
+from serq_ao.options import EmbeddingFormat
+from serq_ao.quant.embeddings import quantize_embeddings
 from serq_ao.quant.packing import is_packed_linear, pack_model
 from serq_ao.quant.rank_allocation import allocate_ranks, measure_rank_curves
 from serq_ao.formats.hadamard import rotate_hessian, rotate_weight
@@ -317,6 +319,9 @@ def run_quantization(
             logger.warning("residual order: per group (the layers of a model placed by accelerate are quantized one "
                            "at a time, so they cannot share one order)")
 
+    if config.embeddings is not EmbeddingFormat.FLOAT and isinstance(weights, AcceleratedWeights):
+        raise ValueError(f"embeddings={config.embeddings.value!r} is not supported for a model placed by accelerate "
+                         "with a device map (its table may live in accelerate's hooks): use embeddings='float'")
     head = None
     if config.quantize_lm_head:  # the head untied
         head = prepare_head(model, find_decoder_layers(model)[1],
@@ -420,6 +425,8 @@ def run_quantization(
         logger.warning("not quantized, kept in the model's dtype (serq-ao quantizes nn.Linear modules and gated, "
                        "bias-free MoE experts): %s",
                        ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in unquantized.items()))
+    if not transform_only:  # last: the table as every transform left it
+        quantize_embeddings(model, config.embeddings)
     unused = [p for p in config.ignore if not any(matches_pattern(p, n) for n in result.plans)]
     if unused:
         logger.warning("ignore: %s matched none of the quantizable linears (e.g. %s)", ", ".join(map(repr, unused)),

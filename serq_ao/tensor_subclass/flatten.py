@@ -1,6 +1,6 @@
 """Packed weights as plain tensors and string metadata, for safetensors and transformers.
 
-safetensors stores plain tensors only. A packed weight under the key ``prefix.weight`` is
+safetensors stores plain tensors only. A packed weight (or a quantized embedding table) under the key ``prefix.weight`` is
 stored as one plain tensor per field, ``prefix.weight_qdata``, ``prefix.weight_scale``, ...
 (absent optional fields are not stored), and its class and non-tensor attributes go into the
 metadata under the key ``prefix.weight`` as JSON. :mod:`serq_ao.integrations.hf_quantizer` reads the
@@ -14,10 +14,11 @@ import json
 import torch
 
 from serq_ao.tensor_subclass.common import attribute_names, field_names
+from serq_ao.tensor_subclass.int8_rows_tensor import Int8RowsTensor
 from serq_ao.tensor_subclass.serq_int_tensor import SERQIntTensor
 from serq_ao.tensor_subclass.serq_mxfp4_tensor import SERQMXFP4Tensor
 
-CLASSES = {cls.__name__: cls for cls in (SERQMXFP4Tensor, SERQIntTensor)}
+CLASSES = {cls.__name__: cls for cls in (SERQMXFP4Tensor, SERQIntTensor, Int8RowsTensor)}
 METADATA_MARK = "serq_packed"
 
 

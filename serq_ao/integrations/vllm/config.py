@@ -16,6 +16,9 @@ What the packed transformers model computes, vLLM computes:
   A norm whose reader vLLM's model code does not name the same way is refused at load;
 - lm_head (``quantize_lm_head``): packed like any linear (serq unties it from the
   embeddings, and config.json says so);
+- an int8 embedding table (``embeddings="int8"``, config.json's ``packed_embeddings``):
+  :class:`~serq_ao.integrations.vllm.embedding.SERQEmbeddingMethod`, for the embedding and for
+  a head tied to it;
 - MoE experts: refused, in one line naming the layer.
 
 Before the model is built, :meth:`maybe_update_config` runs the checks serq's own loader
@@ -40,7 +43,7 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 from serq_ao.integrations.checkpoint_config import (
     EVALUATION_TYPE,
@@ -54,6 +57,7 @@ from serq_ao.integrations.checkpoint_config import (
 )
 from serq_ao.integrations.packed_folder import verify_packed_folder
 from serq_ao.integrations.verify import check_config_agrees
+from serq_ao.integrations.vllm.embedding import SERQEmbeddingMethod
 from serq_ao.integrations.vllm.linear import GATHER_FIELDS, GATHER_PARAMETER, SERQLinearMethod
 from serq_ao.quant.config import SERQConfig
 
@@ -71,8 +75,11 @@ class PluginError(ValueError):
 class SERQVllmConfig(QuantizationConfig):
     """The "serq" method: a packed serq folder's ``quantization_config``, read by vLLM."""
 
-    def __init__(self, serq_config: dict, output_gathers: dict, packed_linears: list):
+    def __init__(self, serq_config: dict, output_gathers: dict, packed_linears: list,
+                 packed_embeddings: list | None = None):
         super().__init__()
+        self.packed_embeddings = list(packed_embeddings or [])
+        self.tied_head = False  # config.json's tie_word_embeddings, read in maybe_update_config
         self.serq_config = SERQConfig.from_dict(serq_config)  # validates
         self.output_gathers = dict(output_gathers)
         self.packed_linears = list(packed_linears)
@@ -108,7 +115,7 @@ class SERQVllmConfig(QuantizationConfig):
         check_format_version(fields.get("format_version"),
                              LEGACY_FORMAT_VERSION if kind == LEGACY_QUANT_METHOD else FORMAT_VERSION)
         return cls(fields.get("serq_config") or {}, fields.get("output_gathers") or {},
-                   fields.get("packed_linears") or [])
+                   fields.get("packed_linears") or [], fields.get("packed_embeddings") or [])
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
@@ -127,7 +134,10 @@ class SERQVllmConfig(QuantizationConfig):
         else:
             files = sorted(str(p) for p in folder.glob("*.safetensors"))
         _, self.descriptions = verify_packed_folder(
-            files, self.packed_linears, on_weight=lambda name, weight: check_config_agrees(name, weight, self.serq_config))
+            files, self.packed_linears, on_weight=lambda name, weight: check_config_agrees(name, weight, self.serq_config),
+            packed_embeddings=self.packed_embeddings)
+        text_config = hf_config.get_text_config() if hf_config is not None else None
+        self.tied_head = bool(getattr(text_config, "tie_word_embeddings", False))
 
     def get_checkpoint_weight_mapper(self):
         """The wrapped norms' tensors to where vLLM's model has them: ``<norm>.inner.weight``
@@ -153,6 +163,19 @@ class SERQVllmConfig(QuantizationConfig):
                                   f"({experts[0]} and {len(experts) - 1} more), which the vLLM plugin does not serve "
                                   "yet (serve the model with serq_ao and transformers)")
             return None
+        if isinstance(layer, VocabParallelEmbedding) and not isinstance(layer, ParallelLMHead):
+            # vLLM's models build their token embedding without a prefix (Llama: ""), so an
+            # unnamed one is the folder's one table; a second unnamed table would fail to load
+            # (its float weight is not stored), never serve wrong
+            named = prefix in self.packed_embeddings or (not prefix and len(self.packed_embeddings) == 1)
+            return SERQEmbeddingMethod() if named else None
+        if isinstance(layer, ParallelLMHead) and prefix not in self.packed_linears and self.packed_embeddings:
+            if not self.tied_head:
+                return None  # a head of its own, in floating point
+            if len(self.packed_embeddings) != 1:
+                raise PluginError(f"serq: {prefix} is tied to the input embeddings, and the folder quantizes "
+                                  f"{len(self.packed_embeddings)} embedding tables; the plugin serves one")
+            return SERQEmbeddingMethod()  # reads the embedding's int8 table (tie_weights)
         if not isinstance(layer, (LinearBase, ParallelLMHead)):
             return None
         linears = self._checkpoint_linears(layer, prefix)

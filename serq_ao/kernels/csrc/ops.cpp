@@ -426,6 +426,44 @@ at::Tensor prepack_weight(const at::Tensor& main, const c10::optional<at::Tensor
   return out;
 }
 
+// out = (x q^T) * scale + bias with q int8 (N, K) and one float scale per row of q: a tied LM
+// head / embedding table stored as int8. x is small (M * K floats): converted to float32 rows
+// once; the kernel reads the weight as stored (rows contiguous, any row stride).
+at::Tensor linear_int8_weights(const at::Tensor& x_any, const at::Tensor& qdata, const at::Tensor& scale_any,
+                               const c10::optional<at::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(qdata.scalar_type() == at::kChar && qdata.dim() == 2,
+              "serq_cpu: linear_int8_weights: qdata must be a 2-D int8 (N, K) tensor, got ", qdata.scalar_type(), " ",
+              qdata.sizes());
+  int64_t n = qdata.size(0), k = qdata.size(1);
+  TORCH_CHECK(qdata.stride(1) == 1 || k <= 1 || n == 0,
+              "serq_cpu: linear_int8_weights: qdata's rows must be contiguous (stride(1) == 1), got strides ",
+              qdata.strides());
+  TORCH_CHECK(x_any.dim() >= 1 && x_any.size(-1) == k, "serq_cpu: linear_int8_weights: x has ",
+              x_any.dim() ? x_any.size(-1) : 0, " columns, qdata ", k);
+  auto dtype = x_any.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+              "serq_cpu: linear_int8_weights: x must be float32, bfloat16, float16 or float64, got ", dtype);
+  TORCH_CHECK(at::isFloatingType(scale_any.scalar_type()) && scale_any.dim() == 1 && scale_any.size(0) == n,
+              "serq_cpu: linear_int8_weights: scale must be a floating (", n, ",) tensor, got ",
+              scale_any.scalar_type(), " ", scale_any.sizes());
+  Kernels kernels = kernels_for(isa);
+  at::Tensor x = x_any.reshape({-1, k}).to(at::kFloat).contiguous();
+  at::Tensor scale = scale_any.to(at::kFloat).contiguous(), bias_f32;
+  int64_t m = x.size(0);
+  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  Int8WeightsProblem p{m, n, k, x.data_ptr<float>(), k, qdata.data_ptr<int8_t>(), qdata.stride(0),
+                       scale.data_ptr<float>(), checked_bias(bias, n, bias_f32), out.data_ptr<float>()};
+  if (m && n) {
+    // threads take whole tiles of 4 columns; a chunk holds at least ~64k multiply-adds, so that
+    // a small head is not split into slices cheaper than waking a thread
+    int64_t quads = (n + 3) / 4, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, m * k));
+    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
+      kernels.gemm_int8_weights(p, 4 * q0, std::min(n, 4 * q1));
+    });
+  }
+  return shaped_output(out, x_any);
+}
+
 // columns of one panel: what prepack_weight and the prepacked ops of `isa` use (1: none)
 int64_t panel_columns(int64_t isa) { return kernels_for(isa).prefill_columns; }
 
@@ -448,6 +486,7 @@ TORCH_LIBRARY(serq_cpu, m) {
   m.def("linear_int_panels(Tensor x, Tensor panels, Tensor scale, int in_features, int group_size, int rank,"
         " int activation_bits, Tensor? correction_scale, Tensor? scale_inv, Tensor? perm, Tensor? bias, int rotation,"
         " int isa) -> Tensor");
+  m.def("linear_int8_weights(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(serq_cpu, CPU, m) {
@@ -458,6 +497,7 @@ TORCH_LIBRARY_IMPL(serq_cpu, CPU, m) {
   m.impl("prepack_weight", &prepack_weight);
   m.impl("linear_mxfp4_panels", &linear_mxfp4_panels);
   m.impl("linear_int_panels", &linear_int_panels);
+  m.impl("linear_int8_weights", &linear_int8_weights);
 }
 
 }  // namespace serq_cpu

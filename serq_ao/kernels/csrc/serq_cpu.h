@@ -100,6 +100,23 @@ inline int64_t panel_quads(int64_t columns, int64_t block_columns) {  // quads p
   return (columns + block_columns - 1) / block_columns * block_columns / 4;
 }
 
+// A float activation times an int8 weight with one float scale per weight row (a tied LM head /
+// embedding table stored as int8): out[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] + bias[n].
+// Numerics: the codes are exact as floats; the sum is float32 (vector variants: per-lane fused
+// multiply-adds, a reduction, then the k past the last whole vector in order; portable: in
+// order), then the scale and the bias, so |out - exact| <= gamma(K + 2) (scale sum_k |x| |w| +
+// |bias|), gamma(n) = n u / (1 - n u), u = 2^-24.
+struct Int8WeightsProblem {
+  int64_t m, n, k;
+  const float* x;        // (M, K) rows
+  int64_t x_row_stride;  // elements
+  const int8_t* w;       // (N, K) rows
+  int64_t w_row_stride;  // bytes
+  const float* scale;    // (N,)
+  const float* bias;     // (N,) or null
+  float* out;            // (M, N) row-major
+};
+
 // The variant of one instruction set; `rows` kernels take output rows [n0, n1) for every m.
 struct Kernels {
   void (*quantize_mxfp4)(const ActInput& in, int64_t m0, int64_t m1, bool rceil, uint8_t* codes,
@@ -109,6 +126,7 @@ struct Kernels {
   void (*gemm_decode)(const GemmProblem& p, int64_t n0, int64_t n1);  // few rows of activations
   void (*gemm_prefill)(const GemmProblem& p, int64_t n0, int64_t n1);  // many rows
   int prefill_columns;  // n0, n1 of gemm_prefill are multiples of this (1: no panels, no prepacking)
+  void (*gemm_int8_weights)(const Int8WeightsProblem& p, int64_t n0, int64_t n1);  // columns [n0, n1), every row
 };
 
 namespace portable { Kernels kernels(); }
