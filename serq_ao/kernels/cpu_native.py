@@ -34,7 +34,10 @@ AVX2; the portable path has none).
 Float activations times int8 weights (:func:`linear_int8_weights`, a tied LM head or embedding
 table stored as int8 with one float scale per row): the codes are exact as floats and each output
 is one float32 sum, so ``|native - exact| <= gamma(K + 2) (scale_n sum_k |x_k| |q_k| + |bias_n|)``
-(:func:`int8_weights_error_bound`), x taken as the float32 values the op reads.
+(:func:`int8_weights_error_bound`), x taken as the float32 values the op reads. bfloat16
+activations on a CPU with AVX512_BF16 (and an ``isa`` of AVX-512) take ``vdpbf16ps``: the
+same exact products, twice as many per instruction, summed in another order within the same
+bound (plus subnormals flushed to zero, which that instruction does).
 """
 
 from __future__ import annotations
@@ -392,13 +395,15 @@ def linear_int8_weights(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | 
     return torch.ops.serq_cpu.linear_int8_weights(x, qdata, scale, bias, isa)
 
 
-def int8_weights_error_bound(abs_products_sum: Tensor, k: int) -> Tensor:
+def int8_weights_error_bound(abs_products_sum: Tensor, k: int, scale: Tensor | float = 0.0) -> Tensor:
     """The largest ``|native - exact|`` of :func:`linear_int8_weights`, from
     ``scale_n sum_k |x_k| |q_k| + |bias_n|`` (float64) over K columns: ``gamma(K + 2)`` times it
-    (K roundings of the float32 sum, one of the scale, one of the bias)."""
+    (K roundings of the float32 sum, one of the scale, one of the bias), plus, for the
+    bfloat16 dot products of AVX512_BF16 CPUs, which treat subnormals as zero, at most
+    ``127 * 2^-126`` per product and partial sum, times the row's ``scale`` (tiny, but not zero)."""
     u = 2.0**-24
     n = k + 2
-    return (n * u / (1 - n * u)) * abs_products_sum
+    return (n * u / (1 - n * u)) * abs_products_sum + (2 * k + 1) * 127 * 2.0**-126 * scale
 
 
 def error_bound(abs_products_sum: Tensor, columns: int) -> Tensor:

@@ -41,7 +41,7 @@ def check(got, x, qdata, scale, bias):
     if bias is not None:
         exact = exact + bias.double()
         products = products + bias.double().abs()
-    bound = cpu_native.int8_weights_error_bound(products, qdata.shape[1])
+    bound = cpu_native.int8_weights_error_bound(products, qdata.shape[1], sd)
     if x.dtype in LOW_PRECISION_BITS:
         expected = exact.to(x.dtype).double()
         ulp = torch.maximum(got.double().abs(), expected.abs()) * 2.0 ** (1 - LOW_PRECISION_BITS[x.dtype])

@@ -34,6 +34,11 @@ int64_t cpu_isa() {
   return best;
 }
 
+bool has_avx512_bf16() {
+  static const bool has = cpu_isa() >= AVX512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 // `isa` is the most the caller allows: code compiled ahead of time carries the value of the
 // machine that compiled it, and runs on a lesser CPU with the best that CPU has.
 Kernels kernels_for(int64_t isa) {
@@ -447,19 +452,23 @@ at::Tensor linear_int8_weights(const at::Tensor& x_any, const at::Tensor& qdata,
               "serq_cpu: linear_int8_weights: scale must be a floating (", n, ",) tensor, got ",
               scale_any.scalar_type(), " ", scale_any.sizes());
   Kernels kernels = kernels_for(isa);
-  at::Tensor x = x_any.reshape({-1, k}).to(at::kFloat).contiguous();
+  // bfloat16 activations on a CPU with AVX512_BF16 (where the caller allows AVX-512): two
+  // products per lane and instruction, the same exact products (isa_avx512_bf16.cpp)
+  bool bf16_dots = dtype == at::kBFloat16 && std::min(isa, cpu_isa()) >= AVX512 && has_avx512_bf16();
+  at::Tensor x = x_any.reshape({-1, k}).to(bf16_dots ? at::kBFloat16 : at::kFloat).contiguous();
   at::Tensor scale = scale_any.to(at::kFloat).contiguous(), bias_f32;
   int64_t m = x.size(0);
   auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
-  Int8WeightsProblem p{m, n, k, x.data_ptr<float>(), k, qdata.data_ptr<int8_t>(), qdata.stride(0),
-                       scale.data_ptr<float>(), checked_bias(bias, n, bias_f32), out.data_ptr<float>()};
+  Int8WeightsProblem p{m, n, k, bf16_dots ? nullptr : x.data_ptr<float>(),
+                       bf16_dots ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr, k,
+                       qdata.data_ptr<int8_t>(), qdata.stride(0), scale.data_ptr<float>(),
+                       checked_bias(bias, n, bias_f32), out.data_ptr<float>()};
+  auto gemm = bf16_dots ? avx512_bf16::gemm_int8_weights_bf16 : kernels.gemm_int8_weights;
   if (m && n) {
     // threads take whole tiles of 4 columns; a chunk holds at least ~64k multiply-adds, so that
     // a small head is not split into slices cheaper than waking a thread
     int64_t quads = (n + 3) / 4, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, m * k));
-    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
-      kernels.gemm_int8_weights(p, 4 * q0, std::min(n, 4 * q1));
-    });
+    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) { gemm(p, 4 * q0, std::min(n, 4 * q1)); });
   }
   return shaped_output(out, x_any);
 }

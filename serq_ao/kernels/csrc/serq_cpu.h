@@ -108,7 +108,8 @@ inline int64_t panel_quads(int64_t columns, int64_t block_columns) {  // quads p
 // |bias|), gamma(n) = n u / (1 - n u), u = 2^-24.
 struct Int8WeightsProblem {
   int64_t m, n, k;
-  const float* x;        // (M, K) rows
+  const float* x;        // (M, K) rows, or null: x_bf16
+  const uint16_t* x_bf16;  // (M, K) bfloat16 rows (the AVX512_BF16 kernel reads these), or null
   int64_t x_row_stride;  // elements
   const int8_t* w;       // (N, K) rows
   int64_t w_row_stride;  // bytes
@@ -133,5 +134,7 @@ namespace portable { Kernels kernels(); }
 namespace avx2 { Kernels kernels(); }
 namespace avx512 { Kernels kernels(); }
 namespace avx512_vnni { Kernels kernels(); }
+// for bfloat16 activations where the CPU has AVX512_BF16 (isa_avx512_bf16.cpp)
+namespace avx512_bf16 { void gemm_int8_weights_bf16(const Int8WeightsProblem& p, int64_t n0, int64_t n1); }
 
 }  // namespace serq_cpu
