@@ -76,7 +76,9 @@ def quantize(source: str, out: Path, *options: str) -> Path:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
-    return {fmt: quantize("smollm2-135m", root / fmt, "--format", fmt) for fmt in ("mxfp4", "w4a8")}
+    built = {fmt: quantize("smollm2-135m", root / fmt, "--format", fmt) for fmt in ("mxfp4", "w4a8")}
+    built["mxfp4-int8-table"] = quantize("smollm2-135m", root / "mxfp4-int8-table", "--embeddings", "int8")
+    return built
 
 
 def token_logprobs(model, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,7 +125,8 @@ def check_against_packed_model(folder: Path, results: list[dict]) -> None:
             assert gap <= tolerance, f"step {k}: vLLM chose {token}, serq {int(row.argmax())} by {gap:.2e} {where}"
 
 
-@pytest.mark.parametrize("fmt, extra", [("mxfp4", ()), ("w4a8", ("--eager",))], ids=["mxfp4-compiled", "w4a8-eager"])
+@pytest.mark.parametrize("fmt, extra", [("mxfp4", ()), ("w4a8", ("--eager",)), ("mxfp4-int8-table", ())],
+                         ids=["mxfp4-compiled", "w4a8-eager", "mxfp4-int8-table-compiled"])
 def test_greedy_generation_matches_the_packed_model(folders, tmp_path, fmt, extra):
     done = run_driver(folders[fmt], tmp_path / "out.json", *extra)
     assert done.returncode == 0, done.stderr[-3000:]
