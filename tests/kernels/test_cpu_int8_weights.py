@@ -178,3 +178,21 @@ def test_bad_input_is_refused():
         cpu_native.linear_int8_weights(x.to(torch.int32), qdata, scale, bias, isa)
     with pytest.raises(RuntimeError, match="isa must be 0..3"):
         cpu_native.linear_int8_weights(x, qdata, scale, bias, 7)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float16_outputs_are_the_float32_results_rounded(kernel):
+    """The kernel rounds as it stores: bitwise its float32 output for the same values
+    .to(float16), over ordinary, subnormal, overflowing and NaN outputs (float16 activations are
+    read as float32, so both calls make the same sums)."""
+    x, qdata, scale, _ = random_case(5, 37, 100, torch.float32, seed=11)
+    x[1] *= 2.0**-20  # float16 subnormal outputs
+    scale[0] = 1e3  # column 0 past float16's range
+    x[3, 7] = float("nan")
+    x = x.to(torch.float16)
+    isa = cpu_native.KERNELS.index(kernel)
+    got = cpu_native.linear_int8_weights(x, qdata, scale, None, isa)
+    expected = cpu_native.linear_int8_weights(x.float(), qdata, scale, None, isa).to(torch.float16)
+    nan = expected.isnan()
+    assert nan[3].all() and got.isinf().any() and ((got.abs() < 2.0**-14) & (got != 0)).any()
+    assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))

@@ -18,7 +18,7 @@ from serq_ao.kernels import cpu_native
 from serq_ao.kernels.reference import apply_pre_op
 from serq_ao.options import ROTATION_SIZES
 from serq_ao.quant.packing import packed_linear
-from tests.kernels.native_cases import available_kernels, packed_weight, random_input, reference_and_bound, run_native
+from tests.kernels.native_cases import GEMM_PANELS, available_kernels, packed_weight, random_input, reference_and_bound, run_native
 
 KERNELS = available_kernels()
 GEMMS = {"decode": cpu_native.GEMM_DECODE, "prefill": cpu_native.GEMM_PREFILL}
@@ -180,6 +180,45 @@ def test_dtypes_batch_dimensions_and_strided_inputs(kernel, fmt):
         # the op rounds its float32 result to x's dtype, as the reference does: one more half ulp
         half_ulp = reference.abs() * (2.0**-8 if dtype == torch.bfloat16 else 2.0**-11 if dtype == torch.float16 else 0)
         assert ((got.double() - reference.to(dtype).double()).abs() <= bound + 2 * half_ulp.double()).all()
+
+
+def same_bits_or_both_nan(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Bitwise equal where not NaN (torch itself encodes a NaN differently by code path)."""
+    nan = expected.isnan()
+    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def magnitudes_rows(k: int, dtype) -> torch.Tensor:
+    """Rows whose outputs are ordinary, tiny (float16 subnormals), large, NaN."""
+    x = random_input((6,), k, torch.float32, seed=k)
+    x[1] *= 2.0**-16
+    x[2] *= 2.0**-24
+    x[3] *= 2.0**6
+    x[4, 9] = float("nan")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("gemm", [*GEMMS, "panels"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "w4a8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_outputs_are_the_float32_results_rounded(kernel, gemm, fmt, dtype):
+    """The kernels round their float32 sums to x's dtype as they store them: bitwise the
+    float32 output of the same values .to(dtype), over ordinary, subnormal, overflowing (a
+    bias past float16's range) and NaN outputs."""
+    if gemm == "panels" and cpu_native.panel_columns(isa_of(kernel)) == 1:
+        pytest.skip("this path has no prepacked GEMM")
+    packed = packed_weight(fmt, 160, 40, 32)
+    bias = torch.zeros(40)  # leaves the tiny rows tiny
+    bias[5], bias[6] = 7.0e4, -3.0
+    x = magnitudes_rows(160, dtype)
+    how = GEMM_PANELS if gemm == "panels" else GEMMS[gemm]
+    got = run_native(packed, x, bias, isa_of(kernel), how)
+    expected = run_native(packed, x.float(), bias, isa_of(kernel), how).to(dtype)
+    assert got.dtype == dtype and same_bits_or_both_nan(got, expected)
+    assert got.isinf().any() == (dtype == torch.float16) and got.isnan()[4].all()
+    if dtype == torch.float16:
+        assert ((got.abs() < 2.0**-14) & (got != 0)).any()  # subnormals were written
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -63,7 +63,7 @@ void tile(const Int8WeightsProblem& p, int64_t m, int64_t n, const uint16_t* wid
       for (int64_t k = vector_k; k < p.k; ++k) sum += bf16_float(x[i][k]) * (float)w[j][k];  // exact product
       float value = sum * p.scale[n + j];
       if (p.bias) value = value + p.bias[n + j];
-      p.out[(m + i) * p.n + n + j] = value;
+      write_output(p.out, p.out_dtype, (m + i) * p.n + n + j, value);
     }
 }
 

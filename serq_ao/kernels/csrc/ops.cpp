@@ -100,12 +100,26 @@ struct Input {
   }
 };
 
-// (M, N) float32 -> (..., N) in the dtype of x (what the reference returns)
-at::Tensor shaped_output(const at::Tensor& out, const at::Tensor& x) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out.size(1);
-  return out.to(x.scalar_type()).view(shape);
-}
+// A GEMM's (M, N) result in the dtype of x, as the reference returns it: the kernels round
+// their float32 sums to bfloat16 / float16 as they store them (one pass, no float32 copy);
+// float64 is computed in float32 (the reference's rounding) and widened.
+struct Output {
+  at::Tensor tensor;
+  Output(int64_t m, int64_t n, const at::Tensor& x) {
+    auto dtype = x.scalar_type() == at::kDouble ? at::kFloat : x.scalar_type();
+    tensor = at::empty({m, n}, at::TensorOptions().dtype(dtype));
+  }
+  void* data() { return tensor.data_ptr(); }
+  int dtype() const {
+    auto t = tensor.scalar_type();
+    return t == at::kFloat ? F32 : (t == at::kBFloat16 ? BF16 : F16);
+  }
+  at::Tensor shaped(const at::Tensor& x) const {  // (..., N) as x's leading shape
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = tensor.size(1);
+    return tensor.to(x.scalar_type()).view(shape);  // .to: a no-op but for float64
+  }
+};
 
 // Buffers of the activation operand, carved from one allocation (a decode-sized linear runs
 // in microseconds: ten allocations were a sixth of it); `decode` adds the decode kernel's layouts,
@@ -136,7 +150,7 @@ struct Operand {
     }
     if (signed_codes) {
       op.s8 = reinterpret_cast<int8_t*>(take(codes));
-      op.offset_sum = reinterpret_cast<float*>(take(blocks));
+      op.offset_sum = reinterpret_cast<int32_t*>(take(blocks));
     }
   }
 };
@@ -263,7 +277,7 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor* qdata, const at::
   bool decode = !panels && use_decode(m, gemm);
   Operand operand(m, kp, decode, panels != nullptr);
   quantize_rows(m, [&](int64_t m0, int64_t m1) { k.quantize_mxfp4(in, m0, m1, rceil, nullptr, 0, nullptr, 0, &operand.op); });
-  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  Output out(m, n, x);
   GemmProblem p{};
   p.m = m;
   p.n = n;
@@ -281,9 +295,10 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor* qdata, const at::
   if (panels) use_panels(p, *panels, k, isa);
   at::Tensor bias_f32;
   p.bias = checked_bias(bias, n, bias_f32);
-  p.out = out.data_ptr<float>();
+  p.out = out.data();
+  p.out_dtype = out.dtype();
   if (m && n) run_gemm(k, p, decode);
-  return shaped_output(out, x);
+  return out.shaped(x);
 }
 
 at::Tensor linear_mxfp4(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t in_features,
@@ -338,7 +353,7 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor* qdata, const at::Te
   quantize_rows(m, [&](int64_t m0, int64_t m1) {
     k.quantize_int(in, m0, m1, (int)activation_bits, group_size, nullptr, 0, nullptr, nullptr, 0, &operand.op);
   });
-  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  Output out(m, n, x);
   GemmProblem p{};
   p.m = m;
   p.n = n;
@@ -355,9 +370,10 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor* qdata, const at::Te
   if (panels) use_panels(p, *panels, k, isa);
   at::Tensor bias_f32;
   p.bias = checked_bias(bias, n, bias_f32);
-  p.out = out.data_ptr<float>();
+  p.out = out.data();
+  p.out_dtype = out.dtype();
   if (m && n) run_gemm(k, p, decode);
-  return shaped_output(out, x);
+  return out.shaped(x);
 }
 
 at::Tensor linear_int(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t in_features,
@@ -458,11 +474,11 @@ at::Tensor linear_int8_weights(const at::Tensor& x_any, const at::Tensor& qdata,
   at::Tensor x = x_any.reshape({-1, k}).to(bf16_dots ? at::kBFloat16 : at::kFloat).contiguous();
   at::Tensor scale = scale_any.to(at::kFloat).contiguous(), bias_f32;
   int64_t m = x.size(0);
-  auto out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  Output out(m, n, x_any);
   Int8WeightsProblem p{m, n, k, bf16_dots ? nullptr : x.data_ptr<float>(),
                        bf16_dots ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr, k,
                        qdata.data_ptr<int8_t>(), qdata.stride(0), scale.data_ptr<float>(),
-                       checked_bias(bias, n, bias_f32), out.data_ptr<float>()};
+                       checked_bias(bias, n, bias_f32), out.data(), out.dtype()};
   auto gemm = bf16_dots ? avx512_bf16::gemm_int8_weights_bf16 : kernels.gemm_int8_weights;
   if (m && n) {
     // threads take whole tiles of 4 columns; a chunk holds at least ~64k multiply-adds, so that
@@ -470,7 +486,7 @@ at::Tensor linear_int8_weights(const at::Tensor& x_any, const at::Tensor& qdata,
     int64_t quads = (n + 3) / 4, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, m * k));
     at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) { gemm(p, 4 * q0, std::min(n, 4 * q1)); });
   }
-  return shaped_output(out, x_any);
+  return out.shaped(x_any);
 }
 
 // columns of one panel: what prepack_weight and the prepacked ops of `isa` use (1: none)

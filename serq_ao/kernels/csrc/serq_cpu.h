@@ -13,7 +13,40 @@ namespace serq_cpu {
 // (the most a call may use: a CPU that lacks it runs the best it has).
 enum Isa : int { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512_VNNI = 3 };
 
-enum InputDtype : int { F32 = 0, BF16 = 1, F16 = 2 };
+enum InputDtype : int { F32 = 0, BF16 = 1, F16 = 2 };  // of activations and outputs
+
+// float32 to bfloat16 and float16 bits, rounded to nearest even as torch's .to() rounds (NaN:
+// the quiet NaN of the sign, 0x7FC0 as torch's bfloat16; float16 overflows to infinity).
+inline uint16_t bfloat16_bits(float f) {
+  uint32_t x;
+  __builtin_memcpy(&x, &f, 4);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1)) >> 16);
+}
+
+inline uint16_t float16_bits(float f) {
+  uint32_t x;
+  __builtin_memcpy(&x, &f, 4);
+  uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+  x &= 0x7FFFFFFFu;
+  if (x > 0x7F800000u) return sign | 0x7E00;  // NaN
+  if (x >= 0x477FF000u) return sign | 0x7C00;  // 65520 and up round to infinity
+  if (x < 0x38800000u) {  // below 2^-14: a subnormal (or zero), f * 2^24 rounded to an integer
+    float scaled, magic = 8388608.0f;  // + 2^23 rounds to nearest even integer in the last place
+    __builtin_memcpy(&scaled, &x, 4);
+    float rounded = scaled * 16777216.0f + magic;
+    uint32_t bits;
+    __builtin_memcpy(&bits, &rounded, 4);
+    return sign | (uint16_t)(bits - 0x4B000000u);  // 1024 is the smallest normal, encoded alike
+  }
+  return sign | (uint16_t)((x - 0x38000000u + 0xFFFu + ((x >> 13) & 1)) >> 13);  // rebias, round 13 bits
+}
+
+// Output element `at` of a GEMM's (M, N) result, in `dtype` (InputDtype).
+inline void write_output(void* out, int dtype, int64_t at, float y) {
+  if (dtype == F32) ((float*)out)[at] = y;
+  else ((uint16_t*)out)[at] = dtype == BF16 ? bfloat16_bits(y) : float16_bits(y);
+}
 
 // The activation side of a linear: x (M, K) rows, the pre-op's parts (each may be absent).
 struct ActInput {
@@ -47,7 +80,7 @@ struct ActOperand {
   // signed bytes, (M, ka), and 12 times their sum per block of 32, (M, ka / 32): the kernel
   // multiplies them by the weight's values + 12 (unsigned), so that no weight sums are needed
   int8_t* s8;
-  float* offset_sum;
+  int32_t* offset_sum;  // the kernel starts its int32 sums there, negated
 };
 
 // One stretch of a weight row: bytes of two 4-bit codes each (element 2i low nibble), whose
@@ -80,7 +113,8 @@ struct GemmProblem {
   int64_t block_columns;
   const ActOperand* act;
   const float* bias;  // (N,) or null
-  float* out;         // (M, N) row-major
+  void* out;          // (M, N) row-major, in out_dtype (InputDtype: x's, as torch's linear returns)
+  int out_dtype;
   // the codes of both segments prepacked in panels (prepack_panels below), or null: the
   // segments' codes as stored. Read by gemm_prefill alone.
   const uint8_t* panels;
@@ -115,7 +149,8 @@ struct Int8WeightsProblem {
   int64_t w_row_stride;  // bytes
   const float* scale;    // (N,)
   const float* bias;     // (N,) or null
-  float* out;            // (M, N) row-major
+  void* out;             // (M, N) row-major, in out_dtype (InputDtype)
+  int out_dtype;
 };
 
 // The variant of one instruction set; `rows` kernels take output rows [n0, n1) for every m.
