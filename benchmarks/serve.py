@@ -7,7 +7,9 @@ The default model (smollm2-135m) is quantized with ``serq quantize`` (MXFP4, the
 recipe; ``--format`` for INT) into ``--work`` once per ``--embeddings`` choice (the table as the
 model has it, "serq", and int8 per row, "serq+int8 table"), then each model is served in turn by a real
 ``vllm serve`` process on 127.0.0.1 (bf16: the float folder; serq: the packed folder, both with
-``--dtype bfloat16``). At each ``--concurrency`` level, that many clients each send
+``--dtype bfloat16``), ``--cycles`` times over, the order rotated each cycle: a shared machine's
+speed drifts by more than the differences measured, so each serq figure is compared with the
+bf16 server of its own cycle, and the table gives the median of those ratios with their range. At each ``--concurrency`` level, that many clients each send
 ``--rounds`` completion requests one after another (streamed, greedy, ``ignore_eos`` so that
 every request produces ``--max-tokens`` tokens), all on the same prompts. Measured per level:
 output tokens/s (all requests' tokens over the level's wall time) and time to first token
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument("--cycles", type=int, default=3, help="times every model is served, in rotated order")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--format", default="mxfp4", choices=["mxfp4", "w4a8", "w4a4"])
     parser.add_argument("--embeddings", nargs="+", default=["float", "int8"], choices=["float", "int8"],
@@ -224,22 +227,49 @@ def serve_and_measure(name: str, folder: Path, args) -> dict:
             "levels": levels}
 
 
+def summarize(cycles: list[dict[str, dict]], concurrency: list[int]) -> dict:
+    """Per model: its cycles, the median of each level's figures over them, and (not bf16) the
+    ratio of its output tokens/s to the same cycle's bf16 server, per cycle and their median."""
+    models = {}
+    for name in cycles[0]:
+        runs = [cycle[name] for cycle in cycles]
+        levels = []
+        for i, level in enumerate(concurrency):
+            entry = {"concurrency": level}
+            for key in ("output_tokens_per_s", "ttft_median_s", "ttft_p90_s"):
+                entry[key] = statistics.median(run["levels"][i][key] for run in runs)
+            if name != "bf16":
+                ratios = [cycle[name]["levels"][i]["output_tokens_per_s"] / cycle["bf16"]["levels"][i]["output_tokens_per_s"]
+                          for cycle in cycles]
+                entry["over_bf16_per_cycle"] = ratios
+                entry["over_bf16_median"] = statistics.median(ratios)
+            levels.append(entry)
+        models[name] = {"folder": runs[0]["folder"], "weight_bytes": runs[0]["weight_bytes"],
+                        "server_peak_rss_bytes": max(run["server_peak_rss_bytes"] for run in runs),
+                        "levels": levels, "cycles": runs}
+    return models
+
+
 def print_table(record: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"vLLM (CPU) serving {MODEL}, bf16 vs serq {record['format']}, "
                   f"{record['machine']['processor']}, {record['machine']['cpus']} cores")
-    for column in ("concurrency", "model", "output tok/s", "x bf16", "TTFT median", "TTFT p90", "weights", "x bf16 ",
-                   "server peak RSS"):
+    for column in ("concurrency", "model", "output tok/s", "x bf16 (per cycle)", "TTFT median", "TTFT p90", "weights",
+                   "x bf16", "server peak RSS"):
         table.add_column(column, justify="right")
     models = record["models"]
     for i, concurrency in enumerate(record["concurrency"]):
-        base = models["bf16"]["levels"][i]["output_tokens_per_s"]
         for name, measured in models.items():
             level = measured["levels"][i]
-            table.add_row(str(concurrency), name, f"{level['output_tokens_per_s']:.0f}",
-                          f"{level['output_tokens_per_s'] / base:.2f}", f"{level['ttft_median_s'] * 1000:.0f} ms",
+            if name == "bf16":
+                ratio = "1"
+            else:
+                low, high = min(level["over_bf16_per_cycle"]), max(level["over_bf16_per_cycle"])
+                ratio = f"{level['over_bf16_median']:.2f} ({low:.2f}-{high:.2f})"
+            table.add_row(str(concurrency), name, f"{level['output_tokens_per_s']:.0f}", ratio,
+                          f"{level['ttft_median_s'] * 1000:.0f} ms",
                           f"{level['ttft_p90_s'] * 1000:.0f} ms", f"{measured['weight_bytes'] / 2**20:.0f} MiB",
                           f"{measured['weight_bytes'] / models['bf16']['weight_bytes']:.2f}",
                           f"{measured['server_peak_rss_bytes'] / GIB:.2f} GiB")
@@ -248,6 +278,8 @@ def print_table(record: dict) -> None:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.cycles < 1:
+        sys.exit(f"serve.py: --cycles must be at least 1, got {args.cycles}")
     if not VLLM.exists():
         sys.exit("serve.py: needs .venv-vllm (make vllm-env)")
     from serq_ao.models import resolve_model_folder
@@ -258,11 +290,16 @@ def main() -> None:
     for embeddings in args.embeddings:
         name = "serq" if embeddings == "float" else "serq+int8 table"
         folders[name] = quantized(args.work, args.format, args.calib_windows, embeddings)
-    models = {name: serve_and_measure(name, folder, args) for name, folder in folders.items()}
+    names, cycles = list(folders), []
+    for c in range(args.cycles):
+        order = names[c % len(names):] + names[: c % len(names)]
+        cycles.append({name: serve_and_measure(name, folders[name], args) for name in order})
     from serq_ao.bench import machine_info, write_json
 
-    record = {"model": MODEL, "format": args.format, "embeddings": args.embeddings, "machine": machine_info(), "concurrency": args.concurrency, "rounds": args.rounds,
-              "max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib, "models": models}
+    record = {"model": MODEL, "format": args.format, "embeddings": args.embeddings, "machine": machine_info(),
+              "concurrency": args.concurrency, "rounds": args.rounds, "cycles": args.cycles,
+              "max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib,
+              "models": summarize(cycles, args.concurrency)}
     write_json(args.out, record)
     print_table(record)
 

@@ -142,9 +142,30 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "serq_ao": serq_ao.__version__}
+    info.update(cpu_model())
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+# the instruction sets a CPU figure depends on (serq's kernels, oneDNN's bf16 and AMX paths)
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_model() -> dict:
+    """The CPU's model name and which of CPU_FEATURES it has (Linux's /proc/cpuinfo; empty
+    elsewhere): this project's machine changes CPU between sessions."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "flags") and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", "unknown"), "cpu_features": [f for f in CPU_FEATURES if f in flags]}
 
 
 def peak_rss_bytes() -> tuple[int, str]:

@@ -258,3 +258,14 @@ def test_a_file_in_the_way_of_the_parent_is_named(tmp_path):
     with pytest.raises(OutputError, match=f"--out: {tmp_path / 'afile'} is a file, so .*m.pt2 cannot be made inside it"):
         with claim_output(tmp_path / "afile" / "sub" / "m.pt2", folder=False):
             pass
+
+
+def test_machine_info_names_the_cpu_and_its_instruction_sets():
+    from serq_ao.bench import CPU_FEATURES, machine_info
+    from serq_ao.kernels import cpu_native
+
+    info = machine_info()
+    assert info["cpu_model"] and set(info["cpu_features"]) <= set(CPU_FEATURES)
+    best = cpu_native.cpu_best()  # the kernels' own run-time detection agrees with the record
+    assert ("avx512_vnni" in info["cpu_features"]) == (best == "avx512_vnni")
+    assert ("avx2" in info["cpu_features"]) == (best != "portable")
