@@ -136,3 +136,21 @@ def test_decode_profile_times_the_linears_it_names():
         decode_profile.without_linears(linears, step)()
         assert all("forward" not in vars(m) for m in linears)
         assert torch.equal(step(), expected)
+
+
+def test_serve_compares_each_serq_run_with_its_own_cycles_bf16():
+    from tests.conftest import benchmark_script
+
+    def run(*tokens_per_s):
+        return {"folder": "f", "weight_bytes": 1, "server_peak_rss_bytes": 2,
+                "levels": [{"output_tokens_per_s": t, "ttft_median_s": 0.1, "ttft_p90_s": 0.2} for t in tokens_per_s]}
+
+    cycles = [{"bf16": run(100, 200), "serq": run(110, 180)},   # a slow cycle for both
+              {"serq": run(150, 300), "bf16": run(120, 330)},
+              {"bf16": run(90, 200), "serq": run(99, 220)}]
+    with benchmark_script("serve") as serve:
+        models = serve.summarize(cycles, [16, 64])
+    level = models["serq"]["levels"][0]
+    assert level["over_bf16_per_cycle"] == pytest.approx([1.1, 1.25, 1.1]) and level["over_bf16_median"] == pytest.approx(1.1)
+    assert models["serq"]["levels"][1]["over_bf16_median"] == pytest.approx(300 / 330)  # of 0.9, 300/330, 1.1
+    assert models["bf16"]["levels"][0]["output_tokens_per_s"] == 100 and "over_bf16_median" not in models["bf16"]["levels"][0]
