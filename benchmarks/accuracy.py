@@ -1,4 +1,4 @@
-"""Accuracy of every method and format on the default model, per ../shared/protocol.md.
+"""Accuracy of every method and format on the default model, per docs/protocol.md.
 
     .venv/bin/python benchmarks/accuracy.py                      # everything (hours on 2 cores)
     .venv/bin/python benchmarks/accuracy.py --formats mxfp4 --methods rtn,serq --ranks 64
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = load_cells(cells_path)
     summary = {
         "model": MODEL,
-        "protocol": "../shared/protocol.md: wiki evaluation split, 32 windows of 1024 + BOS, fp32",
+        "protocol": "docs/protocol.md: wiki evaluation split, 32 windows of 1024 + BOS, fp32",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "processor": platform.machine()},
         "cells": cells,
     }

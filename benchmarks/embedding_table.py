@@ -1,6 +1,6 @@
-"""What ``--embeddings int8`` costs in accuracy and saves in bytes, per ../shared/protocol.md.
+"""What ``--embeddings int8`` costs in accuracy and saves in bytes, per docs/protocol.md.
 
-    .venv/bin/python benchmarks/embedding_table.py                 # README's table
+    .venv/bin/python benchmarks/embedding_table.py                 # docs/usage.md's table
     .venv/bin/python benchmarks/embedding_table.py --windows 4     # a quick look (not protocol)
 
 For the float model and each (recipe, format) row: the default model (smollm2-135m, tied

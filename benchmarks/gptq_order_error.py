@@ -41,7 +41,7 @@ from serq_ao.quant.reconstruct import residual_after, salient_correction  # noqa
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"
-WINDOWS = 32  # protocol.md's calibration and evaluation window counts
+WINDOWS = 32  # docs/protocol.md's calibration and evaluation window counts
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Prefill and decode tokens/s and peak RSS of the default model: fp32, bf16, packed, packed + head, llama.cpp.
 
-    .venv/bin/python benchmarks/model_speed.py                                  # README's numbers
+    .venv/bin/python benchmarks/model_speed.py                                  # docs/packed-model.md's numbers
     .venv/bin/python benchmarks/model_speed.py --llama-python /tmp/venv-llama/bin/python   # + llama.cpp
     .venv/bin/python benchmarks/model_speed.py --prefill 16 --decode 2 --calib-windows 2   # a quick look
 

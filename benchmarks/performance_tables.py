@@ -1,9 +1,9 @@
-"""Render the Performance tables of README.md from the benchmark JSON files.
+"""Render the performance tables of the docs (docs/*.md, README.md) from the benchmark JSON files.
 
-    .venv/bin/python benchmarks/performance_tables.py          # rewrites README.md in place
+    .venv/bin/python benchmarks/performance_tables.py          # rewrites the pages in place
 
-Each table sits between ``<!-- perf:NAME -->`` and ``<!-- /perf:NAME -->`` in README.md and
-is rebuilt from benchmarks/results/NAME.json, so the README never disagrees with the results.
+Each table sits between ``<!-- perf:NAME -->`` and ``<!-- /perf:NAME -->`` in a page and
+is rebuilt from benchmarks/results/NAME.json, so the docs never disagree with the results.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-# the README shows the square shape of each model family (the JSON has every shape)
+# the docs show the square shape of each model family (the JSON has every shape)
 LINEAR_LATENCY_SHAPES = {"llama2-7b": (4096, 4096), "llama3-8b": (4096, 14336), "smollm2": (576, 576)}
 
 
@@ -174,16 +174,20 @@ RENDERERS = {
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = {page: page.read_text() for page in pages}
     for name, render in RENDERERS.items():
         pattern = re.compile(rf"(<!-- perf:{name} -->\n)(?:.*?\n)?(<!-- /perf:{name} -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- perf:{name} --> block")
+        holders = [page for page, text in texts.items() if pattern.search(text)]
+        if not holders:
+            raise SystemExit(f"no page (README.md, docs/*.md) has a <!-- perf:{name} --> block")
         table = render(json.loads((RESULTS / f"{name}.json").read_text()))
-        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
-    write_text(readme, text)
-    print(f"rewrote {len(RENDERERS)} tables in {readme}")
+        for page in holders:
+            texts[page] = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), texts[page])
+    for page in pages:
+        if texts[page] != page.read_text():
+            write_text(page, texts[page])
+    print(f"rewrote {len(RENDERERS)} tables in {', '.join(str(p.relative_to(ROOT)) for p in pages)}")
 
 
 if __name__ == "__main__":

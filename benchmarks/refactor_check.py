@@ -1,4 +1,4 @@
-"""Do the accuracy cells move? A refactor's check, per ../shared/protocol.md with fewer windows.
+"""Do the accuracy cells move? A refactor's check, per docs/protocol.md with fewer windows.
 
     .venv/bin/python benchmarks/refactor_check.py --label before          # on the old code
     .venv/bin/python benchmarks/refactor_check.py --label after           # on the new code

@@ -1,6 +1,6 @@
 """The default model served by vLLM (its CPU build, .venv-vllm): bf16 against serq, side by side.
 
-    .venv/bin/python benchmarks/serve.py                       # README's numbers
+    .venv/bin/python benchmarks/serve.py                       # README's and docs/serving.md's numbers
     .venv/bin/python benchmarks/serve.py --concurrency 4 --max-tokens 8 --calib-windows 2   # a quick look
 
 The default model (smollm2-135m) is quantized with ``serq quantize`` (MXFP4, the default

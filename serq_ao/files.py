@@ -1,6 +1,6 @@
 """Everything serq writes to disk goes through here, so that no output can destroy anything.
 
-The rules (README, "Safety"):
+The rules (docs/safety.md):
 
 - A destination is checked before any work (:func:`claim_output`): an empty name, the current
   folder or one that contains it, a symbolic link, a file where a folder is wanted (or the

@@ -86,7 +86,7 @@ GPTQ_ORDERS = tuple(o.value for o in GPTQOrder)
 RANK_MULTIPLE = 32  # R is quantized in blocks (MXFP4) of 32 columns
 # The paper uses r = 128 for 4k-wide models (3% of d_in). For small models a smaller rank
 # buys most of the gain: on smollm2-135m (d_in 576) the SERQ authors' code gives MXFP4
-# perplexity 38.94 / 37.97 / 36.66 at r = 32 / 64 / 128 (protocol.md), so 64 (11% of 576)
+# perplexity 38.94 / 37.97 / 36.66 at r = 32 / 64 / 128 (docs/protocol.md), so 64 (11% of 576)
 # is the knee, at 4.72 effective bits.
 DEFAULT_RANK = 64
 RESIDUAL_ORDERS = tuple(o.value for o in ResidualOrder)

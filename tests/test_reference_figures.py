@@ -1,4 +1,4 @@
-"""protocol.md's reference figures on the real default model (slow: about a minute)."""
+"""docs/protocol.md's reference figures on the real default model (slow: about a minute)."""
 
 import pytest
 

@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     ppl = evaluations.add_parser(
         "ppl", help="perplexity: the corpus' test text tokenized once, without special tokens, cut into "
-                    "non-overlapping windows of --seqlen tokens (README: Data and protocol)")
+                    "non-overlapping windows of --seqlen tokens (docs/accuracy.md: Data and protocol)")
     ppl.add_argument("model", help=MODEL_HELP)
     _evaluation_options(ppl)
     ppl.add_argument("--text", metavar="FILE", default=None,

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity per ../shared/protocol.md, zero-shot tasks through lm-eval."""
+"""Evaluation: perplexity per docs/protocol.md, zero-shot tasks through lm-eval."""
 
 from serq_ao.eval.perplexity import PerplexityResult, perplexity
 from serq_ao.eval.tasks import SHIPPED_TASKS, TaskResult, TaskResults, evaluate_tasks

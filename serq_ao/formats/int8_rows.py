@@ -10,7 +10,7 @@ Why per row: a lookup reads one row, so a row's scale is the one number it needs
 codes; rows of an embedding table differ in norm (frequent tokens' rows are small), so one
 scale per table would waste the grid on most rows. Why 8 bits: the table is also the tied
 output head, whose logits every token's choice depends on; 8 bits per row keeps the head's
-error far below the 4-bit linears' (the accuracy table in the README measures it).
+error far below the 4-bit linears' (docs/usage.md, The embedding table, measures it).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 Both keep SERQ's order by max|x| and its correction matrix R of rank ``rank`` on the first
 (most salient) columns, so both cost the same bits. ``paper`` is SERQ as published, and
 ``SERQConfig()``'s own defaults; the command line's default is ``rotated-gptq``, the best
-configuration measured (README, Accuracy).
+configuration measured (docs/accuracy.md).
 
 Why ``rotated-gptq`` is built so, each part by a mechanism rather than by one model's score:
 - A block Hadamard of the size of the weight's scale group spreads an input outlier over
@@ -17,7 +17,7 @@ Why ``rotated-gptq`` is built so, each part by a mechanism rather than by one mo
 - The rotation mixes the channels of a block, so it needs ordinary channels around an
   outlier to spread it over. Sorting single channels by max|x| puts the outliers together
   in the first blocks, where the rotation has nothing to spread them over (measured: the
-  channel order with a rotation of 32 is worse than no rotation, README). So the order moves
+  channel order with a rotation of 32 is worse than no rotation, docs/accuracy.md). So the order moves
   whole blocks of the model's own channels, most salient block first, and R covers the most
   salient blocks.
 - With the rotation taking care of activation outliers, flattening would only move each
@@ -32,15 +32,15 @@ Why ``rotated-gptq`` is built so, each part by a mechanism rather than by one mo
   order, measured). Yet per linear the static order's output error is 1.5% lower, on the
   calibration tokens and on held-out ones alike (benchmarks/gptq_order_error.py), so this
   is a candidate mechanism, not a proof; on the model, SERQ's order measured better in every
-  setting tried (MXFP4 with either of protocol.md's calibration sets, INT W4A8 and W4A4;
-  README), so the recipe takes it.
+  setting tried (MXFP4 with either of docs/protocol.md's calibration sets, INT W4A8 and W4A4;
+  docs/accuracy.md), so the recipe takes it.
 - At the INT formats, each INT4 group's scale is chosen by its error (``weight_scales=
   "search"``): the rotation makes a group of 128 weights bell-shaped, so its largest value
   sits far out in the tail and the max-based scale leaves most of the 16 levels unused;
   clipping the maximum (to about 0.8 of it, typically) rounds the other 127 on a finer grid.
 
 Not in it: ``rank_allocation="error"``. On top of the recipe it did not help at MXFP4
-(README), and it measures every layer before it quantizes any, so a run with it loads the
+(docs/accuracy.md), and it measures every layer before it quantizes any, so a run with it loads the
 whole model, where the recipe alone streams the checkpoint layer by layer; a default must
 work on hosts with less memory than the model.
 """
