@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import serq_ao  # noqa: E402,F401
 from serq_ao.bench import write_json, write_text  # noqa: E402
 from serq_ao.benchmark_cells import CELL_SETTINGS, cell_setting, is_default_cell  # noqa: E402
-from serq_ao.quant.calibration import CalibrationStats, calibrate  # noqa: E402
+from serq_ao.quant.calibration import calibrate  # noqa: E402
+from serq_ao.quant.statistics import CalibrationStats  # noqa: E402
 from serq_ao.quant.config import FORMATS, METHODS, SERQConfig  # noqa: E402
 from serq_ao.data import calibration_batches, evaluation_windows  # noqa: E402
 from serq_ao.eval import perplexity  # noqa: E402

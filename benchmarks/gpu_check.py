@@ -285,12 +285,13 @@ def packed_weight(n: int, k: int, rank: int, seed: int, scale_inv=None, perm=Non
     import torch
 
     from serq_ao.formats import MXFP4Format
+    from serq_ao.tensor_subclass import pack_weight
     from serq_ao.quant.reconstruct import serq_reconstruct
 
     g = torch.Generator().manual_seed(seed + 2)
     weight = torch.randn(n, k, generator=g) * torch.exp(torch.randn(1, k, generator=g))
     main, correction = serq_reconstruct(weight, rank, MXFP4Format())
-    return MXFP4Format().pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32)
+    return pack_weight(MXFP4Format(), main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32)
 
 
 def gemm_magnitude(a_codes, a_scales, w_codes, w_scales, kp: int, rank: int, bias):

@@ -96,6 +96,7 @@ def interleaved_medians(fns: dict, repeats: int, device: str, min_sample: float 
 def linears(k: int, n: int, rank: int, device: str) -> dict[str, nn.Module]:
     """The five linears of one shape, from one random weight, in :data:`COLUMNS` order."""
     from serq_ao.formats import MXFP4Format, get_format
+    from serq_ao.tensor_subclass import pack_weight
     from serq_ao.quant.packing import packed_linear
     from serq_ao.quant.reconstruct import serq_reconstruct
 
@@ -111,7 +112,7 @@ def linears(k: int, n: int, rank: int, device: str) -> dict[str, nn.Module]:
     mxfp4, int_w4a8 = MXFP4Format(), get_format("w4a8")
     for name, fmt, r in (("mxfp4", mxfp4, 0), ("serq", mxfp4, rank), ("int_w4a8", int_w4a8, rank)):
         main, correction = serq_reconstruct(weight, r, fmt)
-        packed = fmt.pack(main, correction, input_scale_inv=None, input_perm=None, dtype=packed_dtype)
+        packed = pack_weight(fmt, main, correction, input_scale_inv=None, input_perm=None, dtype=packed_dtype)
         made[name] = packed_linear(packed, None).to(device)
     return made
 

@@ -62,13 +62,14 @@ def serq_linear(weight):
     import torch
 
     from serq_ao.formats import MXFP4Format
+    from serq_ao.tensor_subclass import pack_weight
     from serq_ao.integrations.vllm.linear import PackedLinear
     from serq_ao.quant.reconstruct import serq_reconstruct
 
     fmt = MXFP4Format()
     main, correction = serq_reconstruct(weight, RANK, fmt)
     perm = torch.randperm(weight.shape[1], generator=torch.Generator().manual_seed(1))
-    packed = fmt.pack(main, correction, input_scale_inv=None, input_perm=perm, dtype=torch.bfloat16)
+    packed = pack_weight(fmt, main, correction, input_scale_inv=None, input_perm=perm, dtype=torch.bfloat16)
     module = PackedLinear(packed)
     return module, module.isa is not None
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from serq_ao.files import OutputError, atomic_path, strict_json
+from serq_ao.messages import user_error_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +227,6 @@ def run_child(spec: dict) -> int:
     except KeyboardInterrupt:  # the parent, in the same process group, says so
         return 130
     except Exception as e:
-        from serq_ao.cli.main import user_error_status
-
         status = user_error_status(e)
         if status is None:
             raise  # a fault of ours: the traceback goes to stderr, which the parent shows

@@ -43,6 +43,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# a Hugging Face folder holds a tokenizer when it has one of these
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 MANIFEST = "serq-manifest.json"
 MANIFEST_FORMAT = "serq-ao output"
 _HASH_CHUNK = 1 << 24

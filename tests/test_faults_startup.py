@@ -157,7 +157,7 @@ def test_lazy_public_api_is_the_defining_modules_objects():
 def test_every_user_error_names_an_exception_class():
     import importlib
 
-    from serq_ao.cli.main import USER_ERRORS, user_error_status
+    from serq_ao.messages import USER_ERRORS, user_error_status
 
     for name, status in USER_ERRORS.items():
         module, cls = name.split(":")

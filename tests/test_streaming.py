@@ -17,7 +17,8 @@ from serq_ao.integrations.serialization import load_quantized
 from serq_ao.models import ModelLoadError
 from serq_ao.passes import ResidualOrderError, analyze
 from serq_ao.quant.activations import ActivationCache
-from serq_ao.quant.calibration import NonFiniteError, calibrate
+from serq_ao.quant.calibration import calibrate
+from serq_ao.quant.input_checks import NonFiniteError
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.pipeline import quantize_model
 from serq_ao.streaming import CheckpointLayers, quantize_checkpoint

@@ -9,6 +9,7 @@ from serq_ao.formats import get_format
 from serq_ao.integrations.vllm.shards import column_parallel_rows, qkv_rows, row_parallel_columns
 from serq_ao.kernels.reference import apply_pre_op
 from serq_ao.tensor_subclass.common import rebuild
+from serq_ao.tensor_subclass import pack_weight
 
 
 def test_column_parallel_rows_tile_the_output():
@@ -37,7 +38,7 @@ def packed(fmt: str, rows: int, columns: int, rank: int, generator) -> torch.Ten
     weight = torch.randn(rows, columns, generator=generator)
     weight[:, :8] *= 20
     correction = quant_format.quantize_correction(0.1 * torch.randn(rows, rank, generator=generator))
-    return quant_format.pack(quant_format.quantize_weight(weight), correction, dtype=torch.float32,
+    return pack_weight(quant_format, quant_format.quantize_weight(weight), correction, dtype=torch.float32,
                              input_scale_inv=torch.rand(columns, generator=generator) + 0.5,
                              input_perm=torch.randperm(columns, generator=generator))
 

@@ -273,7 +273,7 @@ def recipe_name(args: argparse.Namespace, config) -> str | None:
 def check_positions(model, option: str, positions: int) -> None:
     """``positions`` tokens in one sequence must fit the ``max_position_embeddings`` of
     ``model`` (or of a model config): the library's rule, as a usage error naming ``option``."""
-    from serq_ao.quant.calibration import positions_error
+    from serq_ao.quant.input_checks import positions_error
 
     message = positions_error(model, option, positions)
     if message:
@@ -356,7 +356,7 @@ def check_token_ids(batches, model) -> None:
     """The tokenizer's ids (calibration or evaluation windows) must fit the model's vocabulary:
     a folder whose tokenizer is not its model's is the user's mistake, told here rather than as
     an IndexError deep inside the model."""
-    from serq_ao.quant.calibration import check_input_ids
+    from serq_ao.quant.input_checks import check_input_ids
 
     for window in [batches] if hasattr(batches, "shape") else batches:
         try:

@@ -16,8 +16,9 @@ import sys
 # Only light modules here: building the parser (--help, --version, usage errors) must not import
 # torch, transformers or torchao (seconds); each command imports what it needs when it runs.
 from serq_ao import __version__
-from serq_ao.cli.common import UsageError, non_negative_float, non_negative_int, positive_int, unit_float
+from serq_ao.cli.common import non_negative_float, non_negative_int, positive_int, unit_float
 from serq_ao.cli.inspect import DEFAULT_SWEEP
+from serq_ao.messages import user_error_status
 from serq_ao.options import (
     CONFIG_DEFAULTS,
     CORPORA,
@@ -43,34 +44,6 @@ from serq_ao.options import (
     WEIGHT_SCALES,
     recipe_options,
 )
-
-# The errors that are the user's to fix, by "module:class", and serq's exit status for each: one
-# line, no traceback (unless --debug). Named, not imported: importing them would cost seconds
-# (torch) on every start, and an exception can only be of a class whose module is loaded.
-USER_ERRORS = {
-    "serq_ao.cli.common:UsageError": 2,
-    "serq_ao.models:ModelNotFoundError": 2,
-    "serq_ao.models:ModelLoadError": 2,
-    "serq_ao.passes.trace:UnsupportedModelError": 2,
-    "serq_ao.files:OutputError": 2,
-    "serq_ao.resume:ResumeError": 2,
-    "serq_ao.quant.pipeline:ConfigMismatchError": 2,
-    "serq_ao.models:ModelAssetMissingError": 1,
-    "serq_ao.data:CorpusMissingError": 1,
-    "serq_ao.extras:MissingExtraError": 1,
-    "serq_ao.quant.calibration:NonFiniteError": 1,
-    "serq_ao.integrations.verify:CheckpointError": 1,
-}
-
-
-def user_error_status(error: BaseException) -> int | None:
-    """The exit status for ``error`` if it is one of :data:`USER_ERRORS`, else None."""
-    for name, status in USER_ERRORS.items():
-        module, cls = name.split(":")
-        if module in sys.modules and isinstance(error, getattr(sys.modules[module], cls)):
-            return status
-    return None
-
 
 MODEL_HELP = (f"a model name ({DEFAULT_MODEL}), a Hugging Face folder, a Hub id (org/name: from the Hugging Face "
               "cache, or downloaded), a .gguf file or a serq output folder")

@@ -100,19 +100,5 @@ class QuantFormat(abc.ABC):
     def effective_bits(self, d_in: int, rank: int) -> float:
         """Stored bits per original weight of a linear with d_in inputs and rank r, scales included."""
 
-    @abc.abstractmethod
-    def pack(
-        self,
-        main: Quantized,
-        correction: Quantized | None,
-        *,
-        input_scale_inv: Tensor | None,
-        input_perm: Tensor | None,
-        dtype: torch.dtype,
-        rotation: int = 0,
-    ) -> Tensor:
-        """The packed weight tensor (a torchao tensor subclass) of these records and pre-op
-        (``rotation``: the block size of its Hadamard rotation, 0 for none)."""
-
     def to_dict(self) -> dict:
         return {"format": self.name.value}

@@ -99,13 +99,6 @@ class IntFormat(QuantFormat):
         correction = (WEIGHT_BITS * rank + (SCALE_BITS if rank else 0)) / d_in
         return main + correction
 
-    def pack(self, main, correction, *, input_scale_inv, input_perm, dtype, rotation=0):
-        from serq_ao.tensor_subclass import SERQIntTensor
-
-        return SERQIntTensor.from_quantized(main, correction, activation_bits=self.activation_bits,
-                                            input_scale_inv=input_scale_inv, input_perm=input_perm, dtype=dtype,
-                                            rotation=rotation)
-
     def to_dict(self) -> dict:
         return {"format": self.name.value, "activation_bits": self.activation_bits, "group_size": self.group_size,
                 "weight_scales": self.weight_scales.value}

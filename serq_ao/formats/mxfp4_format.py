@@ -90,13 +90,6 @@ class MXFP4Format(QuantFormat):
     def effective_bits(self, d_in: int, rank: int) -> float:
         return BITS_PER_ELEMENT * (d_in + rank) / d_in
 
-    def pack(self, main, correction, *, input_scale_inv, input_perm, dtype, rotation=0):
-        from serq_ao.tensor_subclass import SERQMXFP4Tensor
-
-        return SERQMXFP4Tensor.from_quantized(main, correction, scale_mode=self.scale_mode.value,
-                                              input_scale_inv=input_scale_inv, input_perm=input_perm, dtype=dtype,
-                                              rotation=rotation)
-
     def to_dict(self) -> dict:
         return {"format": self.name.value, "scale_mode": self.scale_mode.value,
                 "weight_scales": self.weight_scales.value}

@@ -37,7 +37,7 @@ from serq_ao.formats import get_format
 from serq_ao.formats.hadamard import check_rotation
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.experts import unfuse_experts
-from serq_ao.files import Output, claim_output, strict_json
+from serq_ao.files import TOKENIZER_FILES, Output, claim_output, strict_json
 from serq_ao.integrations.checkpoint_config import (
     LEGACY_QUANT_METHOD,
     PACKED_TYPE,
@@ -216,8 +216,6 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
 
 def _tokenizer(path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
-
-    from serq_ao.models import TOKENIZER_FILES
 
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None

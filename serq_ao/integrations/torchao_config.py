@@ -20,8 +20,9 @@ from serq_ao.formats import WeightScales, enum_value, get_format
 from serq_ao.formats.hadamard import check_rotation, rotate_weight
 from serq_ao.quant.config import DEFAULT_RANK, check_flattening_strength, check_format_rank_scale_mode
 from serq_ao.quant.methods import SaliencyUnit, saliency_block
-from serq_ao.quant.calibration import NonFiniteError
+from serq_ao.quant.input_checks import NonFiniteError
 from serq_ao.quant.reconstruct import flattening_scales, salient_order, serq_reconstruct
+from serq_ao.tensor_subclass import pack_weight
 
 
 @dataclasses.dataclass
@@ -113,7 +114,7 @@ def _serq_linear_transform(module: nn.Module, config: SERQLinearConfig) -> nn.Mo
     weight = rotate_weight(weight, config.rotation)  # W~[:, pi] H
     fmt = get_format(config.format, config.scale_mode, config.weight_scales)
     main, correction = serq_reconstruct(weight, config.rank, fmt)
-    packed = fmt.pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=module.weight.dtype,
+    packed = pack_weight(fmt, main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=module.weight.dtype,
                       rotation=config.rotation)
     module.weight = nn.Parameter(packed, requires_grad=False)
     return module

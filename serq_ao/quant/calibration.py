@@ -1,106 +1,26 @@
-"""Calibration statistics: per linear group, max |x| and mean |x| of every input channel.
+"""Calibration: collecting the statistics (quant/statistics.py) of a model on calibration ids.
 
 Forward pre-hooks on the first linear of each group see the group's input; any batch size
-and sequence length works. The statistics are a small object that saves and loads.
+and sequence length works. Inputs are checked first (quant/input_checks.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 from serq_ao.passes import ModelPlan
-
-
-@dataclasses.dataclass
-class CalibrationStats:
-    """Per group name, (d_in,) float32 over ``tokens`` tokens: ``amax`` max |x| per input
-    channel (SERQ, SmoothQuant), ``abs_mean`` mean |x| (L2QER)."""
-
-    amax: dict[str, torch.Tensor]
-    tokens: int
-    seconds: float = 0.0
-    abs_mean: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-    def scales(self, group: str) -> torch.Tensor:
-        """Flattening scales s = max |x|; a channel that was zero on every token gets 1."""
-        amax = self.amax[group]
-        return torch.where(amax > 0, amax, torch.ones_like(amax))
-
-    def permuted(self, groups: set[str], order: torch.Tensor) -> "CalibrationStats":
-        """The statistics after the input channels of ``groups`` are reordered by ``order``
-        (new channel c is old channel order[c]), as a global residual order does."""
-        def reorder(table):
-            return {g: (v.index_select(0, order.to(v.device)) if g in groups else v) for g, v in table.items()}
-
-        return CalibrationStats(reorder(self.amax), self.tokens, self.seconds, reorder(self.abs_mean))
-
-    def save(self, path: str | Path) -> None:
-        torch.save({"amax": self.amax, "abs_mean": self.abs_mean, "tokens": self.tokens, "seconds": self.seconds}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CalibrationStats":
-        data = torch.load(path, weights_only=True)
-        return cls(data["amax"], data["tokens"], data.get("seconds", 0.0), data.get("abs_mean", {}))
-
-
-class NonFiniteError(ValueError):
-    """NaN or inf where quantization needs finite numbers (weights, calibration activations)."""
-
-
-def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
-    """Refuse a model with a NaN or inf in any floating-point parameter or buffer, naming it
-    (``prefix`` + its name): quantizing it would give NaN codes or scales without a word."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if tensor.is_floating_point() and tensor.device.type != "meta":
-                bad = int((~torch.isfinite(tensor)).sum())
-                if bad:
-                    raise NonFiniteError(f"{kind} {prefix}{name} has {bad} NaN or inf value(s) of {tensor.numel()}: "
-                                         "a model with non-finite weights cannot be quantized")
-
-
-def positions_error(model, what: str, positions: int) -> str | None:
-    """Why sequences of ``positions`` tokens do not fit ``model`` (or a model config), or None.
-    The one rule the library's calibration checks and the CLI's options share: a model has
-    position embeddings (or RoPE tables trained) for ``max_position_embeddings`` positions;
-    past them it still runs, but on positions it never saw, and its statistics mean nothing."""
-    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
-    if isinstance(limit, int) and positions > limit:
-        return (f"{what} needs {positions} positions per sequence, the model has "
-                f"max_position_embeddings {limit}")
-    return None
-
-
-def check_input_ids(ids, model: nn.Module, option: str = "calibration") -> None:
-    """Calibration input ids must be an integer tensor (n, L), n, L >= 1, of token ids the
-    vocabulary of ``model`` (or of a model config) has, L within its positions; anything else
-    is an error naming ``option``."""
-    if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"{option} must be a tensor of input ids (n, L), got {type(ids).__name__}")
-    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-        raise ValueError(f"{option} must be input ids of shape (n, L) with n, L >= 1, got shape {tuple(ids.shape)}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(f"{option} must hold integer token ids, got dtype {ids.dtype}")
-    vocab = getattr(getattr(model, "config", model), "vocab_size", None)  # a model, or a model config
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or (vocab is not None and high >= vocab):
-        raise ValueError(f"{option} holds token ids in [{low}, {high}], outside the model's vocabulary "
-                         f"[0, {vocab if vocab is not None else '?'})")
-    too_long = positions_error(model, option, ids.shape[1])
-    if too_long:
-        raise ValueError(too_long)
+from serq_ao.quant.calibration_input import calibration_windows, check_windows
+from serq_ao.quant.input_checks import NonFiniteError, check_finite_weights, check_input_ids
+from serq_ao.quant.offload import offloaded_tensor_names
+from serq_ao.quant.statistics import CalibrationStats
 
 
 def check_materialized(model: nn.Module) -> None:
     """Refuse weights on the meta device (a model built without its checkpoint's values)."""
-    from serq_ao.quant.offload import offloaded_tensor_names  # offload imports this module
-
     offloaded = offloaded_tensor_names(model)  # accelerate holds their values
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta" and name not in offloaded:
@@ -166,8 +86,6 @@ def calibrate(
     """Run ``batches`` of input ids (a tensor (n, L), or as
     :mod:`~serq_ao.quant.calibration_input` takes them: then one window at a time) through
     ``model`` and record per-group statistics."""
-    from serq_ao.quant.calibration_input import calibration_windows, check_windows
-
     if isinstance(batches, torch.Tensor) and batches.dim() == 2:
         check_model_and_ids(model, batches)
     else:

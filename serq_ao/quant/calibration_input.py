@@ -20,6 +20,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from serq_ao.quant.input_checks import check_input_ids
+from serq_ao.quant.statistics import CalibrationStats
+
 Windows = list[torch.Tensor]  # each (1, L_i), integer token ids
 
 
@@ -81,7 +84,6 @@ def _as_rows(value, where: str) -> torch.Tensor:
 
 def check_windows(windows: Windows, model: nn.Module, option: str = "calibration") -> None:
     """Every window: integer ids, at least one token, inside the model's vocabulary."""
-    from serq_ao.quant.calibration import check_input_ids
 
     for index, window in enumerate(windows):
         check_input_ids(window, model, option if len(windows) == 1 else f"{option} window {index}")
@@ -94,7 +96,6 @@ def window_tokens(windows: Windows) -> int:
 def prepare_calibration(calibration, model: nn.Module, option: str = "calibration"):
     """What the public entry points do with ``calibration``: statistics or None pass through;
     input ids are checked against ``model`` and returned as windows."""
-    from serq_ao.quant.calibration import CalibrationStats, check_input_ids
 
     if calibration is None or isinstance(calibration, CalibrationStats):
         return calibration

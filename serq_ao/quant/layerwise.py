@@ -49,7 +49,8 @@ from serq_ao.passes.analysis import analyze_layer
 from serq_ao.passes.planner import _prefixed_group
 from serq_ao.passes.trace import example_input_ids, find_decoder_layers, structure_signature
 from serq_ao.quant.activations import ActivationCache, ActivationStream
-from serq_ao.quant.calibration import CalibrationStats, StatisticsObserver
+from serq_ao.quant.calibration import StatisticsObserver
+from serq_ao.quant.statistics import CalibrationStats
 from serq_ao.quant.linear_plan import LinearPlan
 
 logger = logging.getLogger(__name__)

@@ -18,42 +18,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-
-class Method(enum.StrEnum):
-    RTN = "rtn"
-    SMOOTHQUANT = "smoothquant"
-    LQER = "lqer"
-    L2QER = "l2qer"
-    SERQ = "serq"
+# the option enums live with the other options (importable without torch); re-exported here
+from serq_ao.options import METHODS, Method, RankAllocation, ResidualOrder, SaliencyUnit, enum_value  # noqa: F401
 
 
 class TransformKind(enum.StrEnum):
     NONE = "none"
     FLATTEN = "flatten"  # s = max |x|, channels ordered by s (SERQ)
     SMOOTH = "smooth"  # SmoothQuant's scales, channel order kept
-
-
-class ResidualOrder(enum.StrEnum):
-    """How SERQ orders the channels of linears fed by a norm on the residual stream."""
-
-    PER_GROUP = "per_group"  # each group its own saliency order: a gather after each norm
-    GLOBAL = "global"  # one order for the whole stream, folded into embeddings and norms; an
-    # error where the passes cannot prove the permutation exact
-    AUTO = "auto"  # GLOBAL where the passes prove it exact, PER_GROUP elsewhere (logged)
-
-
-class RankAllocation(enum.StrEnum):
-    """How SERQ's correction rank is set per linear (:mod:`serq_ao.quant.rank_allocation`)."""
-
-    UNIFORM = "uniform"  # every linear gets SERQConfig.rank
-    ERROR = "error"  # per linear, by measured output error, within the storage of the uniform rank
-
-
-class SaliencyUnit(enum.StrEnum):
-    """What SERQ's saliency order moves (:func:`~serq_ao.quant.reconstruct.salient_order`)."""
-
-    CHANNEL = "channel"  # each channel by its max |x| (the paper)
-    BLOCK = "block"  # whole blocks of SERQConfig.rotation channels, by their largest max |x|
 
 
 def saliency_block(unit: SaliencyUnit | str, rotation: int) -> int:
@@ -94,11 +66,8 @@ METHOD_SPECS: dict[Method, MethodSpec] = {
     )
 }
 
-METHODS = tuple(m.value for m in Method)
 
 
 def method_spec(method: str | Method) -> MethodSpec:
     """The spec of ``method``; a clear error naming the allowed methods otherwise."""
-    from serq_ao.options import enum_value
-
     return METHOD_SPECS[enum_value(Method, method, "method")]

@@ -27,7 +27,7 @@ import logging
 import torch
 from torch import nn
 
-from serq_ao.quant.calibration import check_finite_weights
+from serq_ao.quant.input_checks import check_finite_weights
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,13 @@ from torch import nn
 
 from serq_ao.passes.transforms import replace_module
 from serq_ao.quant.fake_quant import FakeQuantLinear
-from serq_ao.tensor_subclass import PACKED_TENSOR_CLASSES, TABLE_TENSOR_CLASSES, stored_bits_per_weight, stored_bytes
+from serq_ao.tensor_subclass import (
+    PACKED_TENSOR_CLASSES,
+    TABLE_TENSOR_CLASSES,
+    pack_weight,
+    stored_bits_per_weight,
+    stored_bytes,
+)
 from serq_ao.tensor_subclass.flatten import METADATA_MARK, build_packed
 
 
@@ -52,10 +58,8 @@ def pack_linear(module: FakeQuantLinear) -> nn.Linear:
         )
     main, correction = module.quantized
     device = module.weight.device
-    weight = module.quant_format.pack(
-        main, correction, input_scale_inv=module.input_scale_inv, input_perm=module.input_perm, dtype=module.model_dtype,
-        rotation=module.rotation,
-    )
+    weight = pack_weight(module.quant_format, main, correction, input_scale_inv=module.input_scale_inv,
+                         input_perm=module.input_perm, dtype=module.model_dtype, rotation=module.rotation)
     bias = None if module.bias is None else module.bias.to(module.model_dtype)
     return packed_linear(weight.to(device), bias)
 

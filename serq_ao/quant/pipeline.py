@@ -30,7 +30,8 @@ from serq_ao.passes import (
 from serq_ao.passes.trace import find_decoder_layers
 from serq_ao.passes.transforms import PreOpLinear, replace_module
 from serq_ao.quant.activations import ActivationCache
-from serq_ao.quant.calibration import CalibrationStats, check_model_and_ids
+from serq_ao.quant.calibration import check_model_and_ids
+from serq_ao.quant.statistics import CalibrationStats
 from serq_ao.quant.calibration_input import as_windows, prepare_calibration, window_tokens
 from serq_ao.quant.calibration import collect_statistics as collect_model_statistics
 from serq_ao.quant.config import SERQConfig, matches_pattern

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from serq_ao.quant.calibration import CalibrationStats
+from serq_ao.quant.statistics import CalibrationStats
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.linear_plan import LinearPlan
 from serq_ao.quant.methods import ResidualOrder

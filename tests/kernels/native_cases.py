@@ -17,6 +17,7 @@ from serq_ao.kernels import cpu_native
 from serq_ao.kernels.ops import int_row_weights, mxfp4_row_weights, padded_in_features
 from serq_ao.kernels.reference import apply_pre_op, linear_on_weights
 from serq_ao.quant.reconstruct import serq_reconstruct
+from serq_ao.tensor_subclass import pack_weight
 
 
 def available_kernels() -> list[str]:
@@ -42,7 +43,7 @@ def packed_weight(fmt: str, d_in: int, d_out: int, rank: int, *, preop: bool = T
     main, correction = serq_reconstruct(weight, rank, quant_format)
     scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
     perm = torch.randperm(d_in, generator=g) if preop else None
-    return quant_format.pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32,
+    return pack_weight(quant_format, main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32,
                              rotation=rotation)
 
 

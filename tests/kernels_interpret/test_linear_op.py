@@ -27,7 +27,7 @@ from serq_ao.quant.config import SERQConfig  # noqa: E402
 from serq_ao.kernels import ops  # noqa: E402
 from serq_ao.formats import MXFP4Format  # noqa: E402
 from serq_ao.quant.reconstruct import serq_reconstruct  # noqa: E402
-from serq_ao.tensor_subclass import serq_mxfp4_tensor  # noqa: E402
+from serq_ao.tensor_subclass import pack_weight, serq_mxfp4_tensor  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def packed(d_in, d_out, rank, preop, seed=0, rotation=0):
     main, correction = serq_reconstruct(torch.randn(d_out, d_in, generator=g) * 0.1, rank, MXFP4Format())
     scale_inv = torch.rand(d_in, generator=g) + 0.5 if preop else None
     perm = torch.randperm(d_in, generator=g) if preop else None
-    return MXFP4Format().pack(main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32,
+    return pack_weight(MXFP4Format(), main, correction, input_scale_inv=scale_inv, input_perm=perm, dtype=torch.float32,
                               rotation=rotation)
 
 

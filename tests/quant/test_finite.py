@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serq_ao.files import strict_json
-from serq_ao.quant.calibration import NonFiniteError
+from serq_ao.quant.input_checks import NonFiniteError
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.diagnostics import relative_error
 from serq_ao.quant.pipeline import quantize_model

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from serq_ao.quant.calibration import CalibrationStats, calibrate
+from serq_ao.quant.calibration import calibrate
+from serq_ao.quant.statistics import CalibrationStats
 from serq_ao.quant.config import SERQConfig
 from serq_ao.passes import ActivationProducer, AttentionProducer, GatedProducer, analyze
 from serq_ao.quant.pipeline import quantize_model, transform_model

@@ -6,6 +6,7 @@ from serq_ao.formats import get_format
 from serq_ao.quant.fake_quant import FakeQuantLinear
 from serq_ao.quant.packing import packed_linear
 from serq_ao.quant.reconstruct import serq_reconstruct
+from serq_ao.tensor_subclass import pack_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -23,7 +24,7 @@ def make_pair(fmt="w4a8", d_in=200, d_out=48, rank=32, preop=True, bias=True, se
     b = (torch.randn(d_out, generator=g)).to(dtype) if bias else None
     fake = FakeQuantLinear(main, correction, b, quant_format=quant_format, model_dtype=dtype,
                            input_scale_inv=scale_inv, input_perm=perm)
-    packed = packed_linear(quant_format.pack(main, correction, input_scale_inv=scale_inv, input_perm=perm,
+    packed = packed_linear(pack_weight(quant_format, main, correction, input_scale_inv=scale_inv, input_perm=perm,
                                              dtype=dtype), b)
     return fake, packed
 

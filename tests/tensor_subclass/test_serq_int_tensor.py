@@ -8,7 +8,7 @@ from torch import nn
 
 from serq_ao.formats import get_format
 from serq_ao.quant.gptq import gptq_quantize
-from serq_ao.tensor_subclass import SERQIntTensor, SERQMXFP4Tensor
+from serq_ao.tensor_subclass import SERQIntTensor, SERQMXFP4Tensor, pack_weight
 from tests.tensor_subclass.pairs import DTYPES, assert_native_within_bound, make_pair, random_input
 
 
@@ -41,7 +41,7 @@ def test_gptq_records_pack_with_their_own_scales():
     x = torch.randn(512, 256, generator=g)
     fmt = get_format("w4a8")
     record = gptq_quantize(weight, x.T @ x, fmt)
-    packed = fmt.pack(record, None, input_scale_inv=None, input_perm=None, dtype=torch.float32)
+    packed = pack_weight(fmt, record, None, input_scale_inv=None, input_perm=None, dtype=torch.float32)
     assert torch.equal(packed.scale, record.scale) and torch.equal(packed.qdata, record.qdata)
     assert torch.equal(packed.dequantize(), record.dequantize())
 
