@@ -50,6 +50,7 @@ CALIB = ["--calib-windows", "2", "--calib-seqlen", "32"]
      "--residual-order applies to method serq only"),
     (["compare", "{m}", "--methods", "fp,rtn", "--rank", "32"], "--rank applies to method serq only"),
     (["compare", "{m}", "--methods", "fp", "--gptq"], "--methods fp quantizes nothing"),
+    (["compare", "{m}", "--methods", "fp", "--embeddings", "int8"], "--quantize-lm-head and --embeddings"),
     (["quantize", "{m}", "--out", "{tmp}/o", "--calib-windows", "1", "--error-windows", "2"],
      "--error-windows (2) must be at most --calib-samples (1)"),
     (["quantize", "{m}", "--out", "{tmp}/o", "--calib-windows", "2", "--calib-seqlen", "600"],

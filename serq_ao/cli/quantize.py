@@ -28,6 +28,7 @@ from serq_ao.cli.common import (
     status,
 )
 from serq_ao.files import strict_json
+from serq_ao.options import EmbeddingFormat
 from serq_ao.quant.config import METHODS
 from serq_ao.quant.methods import TransformKind
 
@@ -288,9 +289,9 @@ def cmd_compare(args: argparse.Namespace, err: Console) -> int:
     quantized = [m for m in methods if m != "fp"]
     configs = {m: config_from_args(args, m, quantized) for m in quantized}
     if not quantized and (args.rank is not None or args.scale_mode is not None or args.residual_order is not None
-                          or args.gptq or args.quantize_lm_head):
-        raise UsageError("--methods fp quantizes nothing: drop --rank, --scale-mode, --residual-order, --gptq and "
-                         "--quantize-lm-head")
+                          or args.gptq or args.quantize_lm_head or args.embeddings != EmbeddingFormat.FLOAT.value):
+        raise UsageError("--methods fp quantizes nothing: drop --rank, --scale-mode, --residual-order, --gptq, "
+                         "--quantize-lm-head and --embeddings")
     first = next(iter(configs.values()), None)
     rows, stats = [], None
     with progress_bar(err, args.quiet) as progress:
