@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serq_ao  # noqa: E402,F401
+from cells import CELL_SETTINGS, cell_setting, is_default_cell, rank_sweep  # noqa: E402
 from serq_ao.bench import write_json, write_text  # noqa: E402
-from serq_ao.benchmark_cells import CELL_SETTINGS, cell_setting, is_default_cell  # noqa: E402
 from serq_ao.quant.calibration import calibrate  # noqa: E402
 from serq_ao.quant.statistics import CalibrationStats  # noqa: E402
 from serq_ao.quant.config import FORMATS, METHODS, SERQConfig  # noqa: E402
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_options(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="forget earlier cells")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run no cell: rebuild the .json and .md from the cells on file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 for corpus in (["wiki"] if method in ("fp", "rtn") else args.calib_corpora.split(",")):
                     for mode in (["floor"] if fmt != "mxfp4" else args.scale_modes.split(",")):
                         plan.append((method, fmt, rank, corpus, mode))
-    for index, cell_args in enumerate(plan, 1):
+    for index, cell_args in enumerate([] if args.tables_only else plan, 1):
         key = (*cell_args, *cell_settings(cell_args[0], cell_args[1], args).values())
         if key in done:
             continue
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": "docs/protocol.md: wiki evaluation split, 32 windows of 1024 + BOS, fp32",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "processor": platform.machine()},
         "cells": cells,
+        "rank_sweep": rank_sweep(cells),  # what `serq inspect --plot DIR --sweep THIS_FILE` plots
     }
     write_json(RESULTS / "accuracy_smollm2.json", summary)
     markdown = tables(cells)

@@ -12,8 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from cells import cell_setting, changed_settings  # benchmarks/cells.py (this script's folder)
 from serq_ao.bench import write_text
-from serq_ao.benchmark_cells import cell_setting, changed_settings
 from serq_ao.quant.recipes import Recipe, recipe_options
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serq_ao  # noqa: E402,F401
 from accuracy import MODEL, SETTINGS, add_settings_options, cell_settings, load_cells, quantized_model  # noqa: E402
 from serq_ao.bench import machine_info, write_json  # noqa: E402
-from serq_ao.benchmark_cells import cell_setting  # noqa: E402
+from cells import cell_setting  # noqa: E402
 from serq_ao.eval.tasks import SHIPPED_TASKS, evaluate_tasks  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -3,7 +3,7 @@
 - ``saliency.png``: cumulative share of the channel maxima held by the top-k channels, per
   linear group kind (mean over layers, min-max band), against the uniform share k / d_in.
 - ``layer_error.png``: each linear's relative output error, by layer, one line per kind.
-- ``rank_sweep.png``: perplexity against the SERQ rank, from the accuracy benchmark's results.
+- ``rank_sweep.png``: perplexity against the SERQ rank, from a rank sweep (:func:`check_rank_sweep`).
 - ``rank_allocation.png``: each linear's correction rank by layer, one line per kind, where
   the ranks differ (``rank_allocation="error"``).
 
@@ -19,7 +19,6 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from serq_ao.benchmark_cells import is_default_cell
 from serq_ao.quant.diagnostics import Diagnostics
 from serq_ao.extras import require
 from serq_ao.files import Output, atomic_path, claim_output
@@ -116,20 +115,25 @@ def plot_rank_allocation(diagnostics: Diagnostics, path: Path | Output, title: s
                           title or "Correction rank per linear")
 
 
-def rank_sweep(cells: list[dict], fmt: str = "mxfp4") -> dict:
-    """From benchmarks/accuracy.py cells: {"serq": [(rank, ppl)], "rtn": ppl or None, "fp": ppl or None}, of
-    the default settings only (one cell per rank)."""
-    default = [c for c in cells if c.get("calib_corpus") == "wiki" and c.get("scale_mode") == "floor"
-               and is_default_cell(c)]
-    sweep = sorted((c["rank"], c["ppl"]) for c in default if c["method"] == "serq" and c["format"] == fmt)
-    rtn = [c["ppl"] for c in default if c["method"] == "rtn" and c["format"] == fmt]
-    fp = [c["ppl"] for c in default if c["method"] == "fp"]
-    return {"serq": sweep, "rtn": rtn[0] if rtn else None, "fp": fp[0] if fp else None}
+def check_rank_sweep(sweep, source: str = "sweep") -> dict:
+    """A rank sweep, checked: {"serq": [[rank, perplexity], ...], "rtn": perplexity or None,
+    "fp": perplexity or None} (what benchmarks/accuracy.py writes under "rank_sweep"); a
+    ValueError naming ``source`` otherwise."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    points = sweep.get("serq") if isinstance(sweep, dict) else None
+    if (not isinstance(points, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(number, p))
+                                                for p in points)
+            or not all(sweep.get(k) is None or number(sweep.get(k)) for k in ("rtn", "fp"))):
+        raise ValueError(f"{source} must be a rank sweep: {{\"serq\": [[rank, perplexity], ...], "
+                         f"\"rtn\": perplexity or null, \"fp\": perplexity or null}}")
+    return {"serq": sorted((int(r), float(p)) for r, p in points), "rtn": sweep.get("rtn"), "fp": sweep.get("fp")}
 
 
-def plot_rank_sweep(cells: list[dict], path: Path | Output, fmt: str = "mxfp4", title: str = "") -> Path | None:
-    """None when the cells hold fewer than two SERQ ranks for ``fmt``."""
-    sweep = rank_sweep(cells, fmt)
+def plot_rank_sweep(sweep: dict, path: Path | Output, title: str = "") -> Path | None:
+    """None when the sweep holds fewer than two SERQ ranks."""
+    sweep = check_rank_sweep(sweep)
     if len(sweep["serq"]) < 2:
         return None
     plt = _pyplot()
@@ -141,7 +145,7 @@ def plot_rank_sweep(cells: list[dict], path: Path | Output, fmt: str = "mxfp4", 
         axes.axhline(sweep["fp"], color="C2", linestyle=":", label=f"FP ({sweep['fp']:.2f})")
     axes.set_xlabel("correction rank r")
     axes.set_ylabel("perplexity")
-    axes.set_title(title or f"Perplexity against rank, {fmt}")
+    axes.set_title(title or "Perplexity against rank")
     axes.legend()
     axes.grid(alpha=0.3)
     try:
@@ -150,12 +154,12 @@ def plot_rank_sweep(cells: list[dict], path: Path | Output, fmt: str = "mxfp4", 
         plt.close(figure)
 
 
-def plot_diagnostics(diagnostics: Diagnostics, folder: str | os.PathLike, *, sweep_cells: list[dict] | None = None,
+def plot_diagnostics(diagnostics: Diagnostics, folder: str | os.PathLike, *, sweep: dict | None = None,
                      title: str = "", overwrite: bool = False) -> list[Path]:
     """Write the figures into ``folder`` (made if needed); returns the files written. A figure
     that exists is replaced only with ``overwrite``; other files in ``folder`` are never touched."""
     folder = Path(folder)
-    names = [name for name in FIGURES if sweep_cells or name != "rank_sweep.png"]
+    names = [name for name in FIGURES if sweep or name != "rank_sweep.png"]
     with contextlib.ExitStack() as claims:
         outputs = {name: claims.enter_context(claim_output(folder / name, option="--plot", folder=False,
                                                            overwrite=overwrite))
@@ -168,7 +172,6 @@ def plot_diagnostics(diagnostics: Diagnostics, folder: str | os.PathLike, *, swe
             plot_rank_allocation(diagnostics, outputs["rank_allocation.png"],
                                  prefix + "correction rank per linear (rank allocation)"),
         ]
-        if sweep_cells:
-            title = prefix + "perplexity against the SERQ rank, MXFP4 (accuracy benchmark)"
-            figures.append(plot_rank_sweep(sweep_cells, outputs["rank_sweep.png"], title=title))
+        if sweep:
+            figures.append(plot_rank_sweep(sweep, outputs["rank_sweep.png"], title=prefix + "perplexity against the SERQ rank"))
     return [figure for figure in figures if figure is not None]

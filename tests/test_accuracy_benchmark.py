@@ -36,3 +36,15 @@ def test_default_cells_fill_the_main_table_and_the_rest_is_listed_once(accuracy)
     other = rest.partition("## Other settings")[2]
     assert other.count("21.49") == 1 and other.count("41.29") == 1
     assert "37.53" not in other and "81.86" not in other
+
+
+def test_rank_sweep_takes_the_default_settings_only():
+    with benchmark_script("cells") as cells_module:
+        cells = [
+            cell("serq", "mxfp4", 64, 37.5), cell("serq", "mxfp4", 0, 74.0), cell("serq", "w4a8", 32, 23.0),
+            cell("serq", "mxfp4", 64, 34.9, calib_corpus="bbc"), cell("serq", "mxfp4", 128, 36.5, folds="norms"),
+            cell("serq", "mxfp4", 64, 49.1, rotation=32), cell("serq", "mxfp4", 64, 35.0, rank_allocation="error"),
+            cell("rtn", "mxfp4", 0, 81.9), cell("rtn", "mxfp4", 0, 64.8, scale_mode="rceil"), cell("fp", "fp", 0, 18.56),
+        ]
+        assert cells_module.rank_sweep(cells) == {"serq": [[0, 74.0], [64, 37.5]], "rtn": 81.9, "fp": 18.56}
+        assert cells_module.rank_sweep(cells, "w4a8") == {"serq": [[32, 23.0]], "rtn": None, "fp": 18.56}

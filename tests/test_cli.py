@@ -198,11 +198,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_inspect_plot_writes_png_figures(quantized_tiny_dir, tmp_path, capsys):
-    sweep = tmp_path / "accuracy.json"  # the shape benchmarks/accuracy.py writes
-    cells = [{"method": "serq", "format": "mxfp4", "rank": r, "calib_corpus": "wiki", "scale_mode": "floor", "ppl": p}
-             for r, p in ((0, 70.0), (32, 40.0), (64, 38.0))]
-    cells.append({"method": "rtn", "format": "mxfp4", "rank": 0, "calib_corpus": "wiki", "scale_mode": "floor", "ppl": 80.0})
-    sweep.write_text(json.dumps({"model": "tiny-llama", "cells": cells}))
+    sweep = tmp_path / "accuracy.json"  # the shape benchmarks/accuracy.py writes: cells, and their sweep
+    sweep.write_text(json.dumps({"cells": [], "rank_sweep": {"serq": [[0, 70.0], [32, 40.0], [64, 38.0]], "rtn": 80.0,
+                                                             "fp": None}}))
     plots = tmp_path / "plots"
     argv = ["inspect", str(quantized_tiny_dir), "--plot", str(plots), "--sweep", str(sweep), "--json", "--quiet"]
     assert main(argv) == 0
@@ -231,6 +229,13 @@ def test_inspect_usage_errors(quantized_tiny_dir, tiny_model_dir, tmp_path, caps
     assert main(["inspect", str(quantized_tiny_dir), "--plot", str(tmp_path / "p"), "--sweep", str(tmp_path / "none.json"),
                  "--quiet"]) == 2
     assert "--sweep: no such file" in capsys.readouterr().err
+    not_a_sweep = tmp_path / "cells.json"
+    not_a_sweep.write_text(json.dumps({"cells": []}))
+    assert main(["inspect", str(quantized_tiny_dir), "--plot", str(tmp_path / "p"), "--sweep", str(not_a_sweep),
+                 "--quiet"]) == 2
+    assert "must be a rank sweep" in capsys.readouterr().err
+    assert main(["inspect", str(quantized_tiny_dir), "--sweep", str(not_a_sweep), "--quiet"]) == 2
+    assert "--sweep applies with --plot only" in capsys.readouterr().err
     argv = ["inspect", str(tiny_model_dir), "--stats", "--calib-windows", "2", "--error-windows", "3", "--quiet"]
     assert main(argv) == 2
     assert "--error-windows (3) must be at most --calib-samples (2)" in capsys.readouterr().err

@@ -3,9 +3,11 @@ the rotated-gptq recipe says what it changes from the recipe, at the recipe of i
 
 import pytest
 
-from serq_ao.benchmark_cells import CELL_SETTINGS
 from serq_ao.quant.recipes import recipe_options
 from tests.conftest import benchmark_script
+
+with benchmark_script("cells") as cells:  # benchmarks/cells.py
+    CELL_SETTINGS = dict(cells.CELL_SETTINGS)
 
 
 @pytest.fixture(scope="module")

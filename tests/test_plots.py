@@ -4,29 +4,16 @@ import torch
 
 from serq_ao.quant.config import SERQConfig
 from serq_ao.quant.diagnostics import quantize_with_diagnostics
-from serq_ao.plots import plot_diagnostics, rank_sweep
+import pytest
+
+from serq_ao.plots import check_rank_sweep, plot_diagnostics
 from tests.conftest import make_tiny_llama
-
-
-def cell(method, fmt, rank, ppl, **extra):
-    return {"method": method, "format": fmt, "rank": rank, "ppl": ppl, "calib_corpus": "wiki", "scale_mode": "floor",
-            **extra}
-
-
-def test_rank_sweep_takes_the_default_settings_only():
-    cells = [
-        cell("serq", "mxfp4", 64, 37.5), cell("serq", "mxfp4", 0, 74.0), cell("serq", "w4a8", 32, 23.0),
-        cell("serq", "mxfp4", 64, 34.9, calib_corpus="bbc"), cell("serq", "mxfp4", 128, 36.5, folds="norms"),
-        cell("rtn", "mxfp4", 0, 81.9), cell("rtn", "mxfp4", 0, 64.8, scale_mode="rceil"), cell("fp", "fp", 0, 18.56),
-    ]
-    assert rank_sweep(cells) == {"serq": [(0, 74.0), (64, 37.5)], "rtn": 81.9, "fp": 18.56}
-    assert rank_sweep(cells, "w4a8") == {"serq": [(32, 23.0)], "rtn": None, "fp": 18.56}
 
 
 def test_without_output_errors_or_sweep_only_the_saliency_figure(tmp_path):
     _, diagnostics = quantize_with_diagnostics(make_tiny_llama(), SERQConfig(method="serq", format="mxfp4", rank=32),
                                                torch.randint(0, 256, (2, 16)), error_windows=0)
-    written = plot_diagnostics(diagnostics, tmp_path / "new" / "folder", sweep_cells=[cell("serq", "mxfp4", 64, 37.5)])
+    written = plot_diagnostics(diagnostics, tmp_path / "new" / "folder", sweep={"serq": [[64, 37.5]], "rtn": None, "fp": None})
     assert [p.name for p in written] == ["saliency.png"]  # one rank is no sweep
     assert sorted(p.name for p in (tmp_path / "new" / "folder").iterdir()) == ["saliency.png"]
 
@@ -41,8 +28,9 @@ def test_allocated_ranks_get_their_figure(tmp_path):
     assert (tmp_path / "rank_allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_sweep_leaves_out_cells_of_other_options():
-    cells = [cell("serq", "mxfp4", 64, 37.5), cell("serq", "mxfp4", 64, 49.1, rotation=32),
-             cell("serq", "mxfp4", 64, 36.7, weight_scales="search"), cell("serq", "mxfp4", 64, 35.0,
-                                                                           rank_allocation="error")]
-    assert rank_sweep(cells)["serq"] == [(64, 37.5)]
+def test_a_rank_sweep_is_checked_and_its_points_sorted():
+    assert check_rank_sweep({"serq": [[64, 37.5], [0, 74]], "rtn": 81.9, "fp": None}) == \
+        {"serq": [(0, 74.0), (64, 37.5)], "rtn": 81.9, "fp": None}
+    for bad in ([[64, 37.5]], {"serq": [[64]]}, {"serq": [[64, "x"]]}, {"serq": [], "rtn": "81"}, {"rtn": 1.0}):
+        with pytest.raises(ValueError, match="--sweep: f.json must be a rank sweep"):
+            check_rank_sweep(bad, "--sweep: f.json")

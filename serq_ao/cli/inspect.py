@@ -32,10 +32,6 @@ from serq_ao.cli.common import (
 )
 from serq_ao.files import strict_json
 
-# Where benchmarks/accuracy.py leaves its rank sweep for the default model.
-DEFAULT_SWEEP = Path("benchmarks") / "results" / "accuracy_smollm2.json"
-
-
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -129,20 +125,25 @@ def _ranks_table(rows: list[dict], layer_limit: int | None) -> Table | None:
     return table
 
 
-def _sweep_cells(args: argparse.Namespace, source: str) -> list[dict] | None:
-    path = Path(args.sweep) if args.sweep else DEFAULT_SWEEP
-    if args.sweep and not path.is_file():
-        raise UsageError(f"--sweep: no such file: {args.sweep}")
-    if not path.is_file():
+def _rank_sweep(args: argparse.Namespace) -> dict | None:
+    """--sweep FILE's rank sweep: a JSON object with one under "rank_sweep" (as
+    benchmarks/accuracy.py's results have), or the sweep itself; None without --sweep."""
+    from serq_ao.plots import check_rank_sweep
+
+    if not args.sweep:
         return None
+    path = Path(args.sweep)
+    if not path.is_file():
+        raise UsageError(f"--sweep: no such file: {args.sweep}")
     try:
         record = json.loads(path.read_text())
-        cells = record["cells"]
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(f"--sweep: {path} is not a benchmarks/accuracy.py result (a JSON object with 'cells')") from None
-    if not args.sweep and Path(source).name != record.get("model"):
-        return None  # the default file belongs to another model
-    return cells
+    except ValueError as e:
+        raise UsageError(f"--sweep: {path} is not JSON: {e}") from None
+    try:
+        return check_rank_sweep(record.get("rank_sweep", record) if isinstance(record, dict) else record,
+                                f"--sweep: {path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _diagnose_float_model(model, tokenizer, args, err: Console):
@@ -168,6 +169,9 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
     from serq_ao.passes import analyze, plan_table
     from serq_ao.integrations.serialization import is_quantized_folder, read_report
 
+    if args.sweep and args.plot is None:
+        raise UsageError("--sweep applies with --plot only")
+    sweep = _rank_sweep(args)  # before any work
     if args.plot is not None:
         from serq_ao.files import check_destination
         from serq_ao.plots import FIGURES, require_matplotlib
@@ -236,7 +240,7 @@ def cmd_inspect(args: argparse.Namespace, err: Console) -> int:
         if diagnostics is None:
             raise UsageError(f"--plot: {args.model} has no diagnostics to plot; re-quantize it with --diagnostics")
         with status(err, f"plotting into {args.plot}", args.quiet):
-            written = plot_diagnostics(diagnostics, args.plot, sweep_cells=_sweep_cells(args, source),
+            written = plot_diagnostics(diagnostics, args.plot, sweep=sweep,
                                        title=Path(source).name, overwrite=args.overwrite)
         record["plots"] = [str(p) for p in written]
         if not args.quiet:

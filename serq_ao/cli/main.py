@@ -17,7 +17,6 @@ import sys
 # torch, transformers or torchao (seconds); each command imports what it needs when it runs.
 from serq_ao import __version__
 from serq_ao.cli.common import non_negative_float, non_negative_int, positive_int, unit_float
-from serq_ao.cli.inspect import DEFAULT_SWEEP
 from serq_ao.messages import user_error_status
 from serq_ao.options import (
     CONFIG_DEFAULTS,
@@ -312,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "and each linear's rank where --rank-allocation error chose them")
     inspect.add_argument("--overwrite", action="store_true", help="with --plot: replace figures that exist")
     inspect.add_argument("--sweep", metavar="FILE", default=None,
-                         help=f"benchmarks/accuracy.py results to plot the rank sweep from (default: {DEFAULT_SWEEP} "
-                              "when it exists and is for this model)")
+                         help="with --plot: a rank sweep to plot perplexity against the SERQ rank from (a JSON object "
+                              "with \"rank_sweep\", as benchmarks/accuracy.py's results have)")
     inspect.add_argument("--method", choices=METHODS, default="serq", help="with --stats: the method")
     _quantization_options(inspect)
     inspect.add_argument("--error-windows", type=non_negative_int, default=None,
